@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Installs the real DICOM peers the tests talk to, from Debian packages:
+# DCMTK (storescu, storescp, echoscu, dsrdump), dicom3tools (dciodvfy) and Orthanc.
+set -euo pipefail
+need=()
+command -v storescu >/dev/null || need+=(dcmtk)
+command -v dciodvfy >/dev/null || need+=(dicom3tools)
+command -v Orthanc >/dev/null || [ -x /usr/sbin/Orthanc ] || need+=(orthanc)
+if [ ${#need[@]} -eq 0 ]; then
+  echo "DICOM peers already installed"
+  exit 0
+fi
+SUDO=""
+[ "$(id -u)" -eq 0 ] || SUDO="sudo"
+$SUDO apt-get update -qq
+DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${need[@]}"
+# Orthanc's Debian package may start a system service; tests start their own instances.
+(command -v service >/dev/null && $SUDO service orthanc stop >/dev/null 2>&1) || true
+echo "installed: ${need[*]}"

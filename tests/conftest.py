@@ -1,0 +1,47 @@
+"""Shared fixtures: free loopback ports, fresh data folders, real DICOM peers."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+
+def free_port() -> int:
+    """Return a TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture
+def port() -> int:
+    return free_port()
+
+
+@pytest.fixture
+def data_dir(tmp_path: Path) -> Path:
+    """A fresh data folder (database and store) for one test."""
+    path = tmp_path / "var"
+    path.mkdir()
+    return path
+
+
+@pytest.fixture(scope="session")
+def require_tool() -> Callable[[str], str]:
+    """Return a function that gives a tool's path or skips the test with the reason.
+
+    ``.ci/run`` installs DCMTK, dicom3tools and Orthanc with ``scripts/install-peers.sh``,
+    so in CI nothing is skipped; locally, run that script once.
+    """
+
+    def _require(name: str) -> str:
+        path = shutil.which(name)
+        if path is None:
+            pytest.skip(f"{name} is not installed: run scripts/install-peers.sh (needs root)")
+        return path
+
+    return _require

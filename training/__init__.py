@@ -1,0 +1,3 @@
+"""Offline modules: sub-model training, fusion fitting and the test module."""
+
+__all__: list[str] = []
