@@ -1,0 +1,192 @@
+"""The ``mibi-node`` command line.
+
+Every command turns bad input into one readable sentence and a non-zero exit status; a
+traceback is a bug.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from mibi_node import __version__
+from mibi_node.config import DEFAULT_CONFIG_PATH, Config, load_config
+from mibi_node.errors import MibiNodeError
+
+__all__ = ["app", "main"]
+
+app = typer.Typer(
+    name="mibi-node",
+    help="DICOM node that classifies parathyroid MIBI scintigraphy and returns a DICOM SR.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+_out = Console()
+_err = Console(stderr=True)
+
+ConfigOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--config",
+        "-c",
+        help=f"TOML configuration file (default: {DEFAULT_CONFIG_PATH} when it exists).",
+    ),
+]
+DataDirOption = Annotated[
+    Path | None,
+    typer.Option("--data-dir", help="Folder of the database and stored files (default ./var)."),
+]
+
+
+def _fail(message: str, code: int = 1) -> typer.Exit:
+    _err.print(f"[bold red]error:[/] {message}", highlight=False)
+    return typer.Exit(code)
+
+
+def _load(config: Path | None, **overrides: dict[str, Any]) -> Config:
+    path = config
+    if path is None and DEFAULT_CONFIG_PATH.is_file():
+        path = DEFAULT_CONFIG_PATH
+    try:
+        return load_config(path, overrides=overrides)
+    except MibiNodeError as exc:
+        raise _fail(str(exc), 2) from None
+
+
+@app.command()
+def serve(
+    config: ConfigOption = None,
+    port: Annotated[int | None, typer.Option(help="Port of the DICOM listener.")] = None,
+    ae_title: Annotated[str | None, typer.Option(help="AE title of the node.")] = None,
+    data_dir: DataDirOption = None,
+    quiet_seconds: Annotated[
+        float | None, typer.Option(help="Seconds without an instance before a study is stable.")
+    ] = None,
+    host: Annotated[str | None, typer.Option(help="Address to listen on.")] = None,
+) -> None:
+    """Run the node: receive studies, assemble them, analyse them, send the results."""
+    from mibi_node.daemon import Node
+    from mibi_node.logs import configure_logging
+
+    resolved = _load(
+        config,
+        node={"port": port, "ae_title": ae_title, "data_dir": data_dir, "host": host},
+        assembly={"quiet_seconds": quiet_seconds},
+    )
+    configure_logging(resolved.logging.level)
+    try:
+        Node(resolved).serve_forever()
+    except MibiNodeError as exc:
+        raise _fail(str(exc)) from None
+    except OSError as exc:
+        raise _fail(f"cannot start the node: {exc.strerror or exc}") from None
+
+
+@app.command()
+def status(
+    config: ConfigOption = None,
+    data_dir: DataDirOption = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+    limit: Annotated[int, typer.Option(help="Most recent studies to show.")] = 200,
+) -> None:
+    """List studies with their state, instance counts and times."""
+    from mibi_node.storage.database import open_database
+    from mibi_node.storage.queries import list_studies
+
+    resolved = _load(config, node={"data_dir": data_dir})
+    database_file = resolved.node.data_dir / "mibi-node.sqlite3"
+    if not resolved.database.url.get_secret_value() and not database_file.is_file():
+        raise _fail(f"no mibi-node database in {resolved.node.data_dir} (has the node run?)")
+    database = open_database(resolved.database_url)
+    try:
+        studies = list_studies(database, limit=limit)
+    finally:
+        database.dispose()
+    if as_json:
+        sys.stdout.write(json.dumps({"studies": [s.as_json() for s in studies]}, indent=2) + "\n")
+        return
+    table = Table(title=f"mibi-node {__version__}: {len(studies)} studies")
+    for column in ("#", "state", "instances", "modality", "from AE", "first", "last", "reason"):
+        table.add_column(column)
+    for study in studies:
+        table.add_row(
+            str(study.id),
+            study.state,
+            str(study.instance_count),
+            study.modalities,
+            study.calling_ae_title,
+            study.first_received_at.strftime("%Y-%m-%d %H:%M:%S"),
+            study.last_received_at.strftime("%H:%M:%S"),
+            study.state_reason or "",
+        )
+    _out.print(table)
+
+
+@app.command("check-config")
+def check_config(
+    file: Annotated[Path, typer.Argument(help="The TOML file to check.")],
+) -> None:
+    """Validate a configuration file and print it resolved, with secrets masked."""
+    try:
+        resolved = load_config(file)
+    except MibiNodeError as exc:
+        raise _fail(str(exc), 2) from None
+    sys.stdout.write(json.dumps(resolved.masked(), indent=2) + "\n")
+
+
+_PEER = re.compile(r"^(?P<ae>[^@]{1,16})@(?P<host>[^:]+|\[[^\]]+\]):(?P<port>\d{1,5})$")
+
+
+def parse_peer(text: str) -> tuple[str, str, int]:
+    """Split ``AE@HOST:PORT`` into its parts, or raise ``typer.BadParameter``."""
+    match = _PEER.match(text.strip())
+    if match is None or not 0 < int(match["port"]) < 65536:
+        raise typer.BadParameter(f"{text!r} is not AE@HOST:PORT (e.g. PACS@10.0.0.5:104)")
+    return match["ae"], match["host"].strip("[]"), int(match["port"])
+
+
+@app.command()
+def echo(
+    peer: Annotated[str, typer.Argument(help="The peer as AE@HOST:PORT.")],
+    calling_ae_title: Annotated[
+        str, typer.Option("--calling-ae", help="Our AE title in the request.")
+    ] = "MIBI_NODE",
+    timeout: Annotated[float, typer.Option(help="Seconds to wait for the peer.")] = 10.0,
+) -> None:
+    """Send a C-ECHO (DICOM ping) to a peer and report its answer."""
+    from pynetdicom import AE
+
+    from mibi_node.reception.contexts import VERIFICATION
+
+    ae_title, host, port = parse_peer(peer)
+    ae = AE(ae_title=calling_ae_title)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
+    ae.add_requested_context(VERIFICATION)
+    assoc = ae.associate(host, port, ae_title=ae_title)
+    if not assoc.is_established:
+        raise _fail(f"{peer}: association refused or peer unreachable")
+    try:
+        result = assoc.send_c_echo()
+    finally:
+        assoc.release()
+    code = int(result.Status) if "Status" in result else None
+    if code != 0:
+        raise _fail(f"{peer}: C-ECHO answered {code!r}")
+    _out.print(f"{peer}: C-ECHO success")
+
+
+def main() -> None:
+    """Entry point of the ``mibi-node`` console script."""
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,5 @@
+"""DICOM reception: the Storage/Verification SCP, its contexts and its checks."""
+
+from mibi_node.reception.scp import StorageSCP
+
+__all__ = ["StorageSCP"]

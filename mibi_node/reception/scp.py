@@ -1,0 +1,287 @@
+"""The Storage and Verification SCP: who may associate, and what each C-STORE is answered.
+
+Handlers never raise (pynetdicom would turn an exception into 0xC211, which tells the
+sender nothing): every outcome is a precise DICOM status, logged once with its reason.
+"""
+
+from __future__ import annotations
+
+import logging
+import ssl
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pynetdicom import AE, _config, evt
+from pynetdicom.transport import ThreadedAssociationServer
+
+from mibi_node.config import Config
+from mibi_node.errors import ConfigError
+from mibi_node.reception.contexts import TRANSFER_SYNTAXES, VERIFICATION, storage_sop_classes
+from mibi_node.reception.validation import RejectedInstanceError, read_instance_meta
+from mibi_node.storage.instances import InstanceStore, StoreOutcome
+
+__all__ = ["StorageSCP", "STATUS_OUT_OF_RESOURCES", "STATUS_SUCCESS"]
+
+logger = logging.getLogger(__name__)
+
+STATUS_SUCCESS = 0x0000
+#: Refused: Out of Resources (PS3.4 B.2.3).
+STATUS_OUT_OF_RESOURCES = 0xA700
+
+# A-ASSOCIATE-RJ (result, source, diagnostic), PS3.8 9.3.4.
+_REJECT_CALLING_AE = (0x01, 0x01, 0x03)
+_REJECT_CALLED_AE = (0x01, 0x01, 0x07)
+_REJECT_CONGESTION = (0x02, 0x03, 0x01)
+
+# pynetdicom polls its sockets, sleeping this long between passes while a peer is idle.
+# Its default (1 ms) adds about a millisecond to every PDU exchange; 0.1 ms is what
+# benchmarks/bench_ingest.py measured as the better trade (see docs/performance.md).
+_DUL_LOOP_DELAY = 0.0001
+
+
+@dataclass
+class _AssociationTally:
+    calling_ae_title: str
+    address: str
+    started: float = field(default_factory=time.monotonic)
+    stored: int = 0
+    duplicates: int = 0
+    failed: int = 0
+
+
+class StorageSCP:
+    """The node's listening side.
+
+    Parameters
+    ----------
+    config
+        The node's configuration (AE title, port, allow-list, TLS, timeouts, disk margin).
+    store
+        Where acknowledged instances go.
+    """
+
+    def __init__(self, config: Config, store: InstanceStore) -> None:
+        self.config = config
+        self.store = store
+        self._server: ThreadedAssociationServer | None = None
+        self._tallies: dict[int, _AssociationTally] = {}
+        self._lock = threading.Lock()
+        self._allowed = {
+            peer.ae_title: frozenset(peer.hosts) for peer in config.reception.allowed_peers
+        }
+        self.ae = self._build_ae()
+
+    # -- set-up ---------------------------------------------------------------------------
+
+    def _build_ae(self) -> AE:
+        reception = self.config.reception
+        ae = AE(ae_title=self.config.node.ae_title)
+        ae.maximum_associations = reception.max_associations
+        ae.maximum_pdu_size = reception.max_pdu_size
+        ae.acse_timeout = reception.acse_timeout
+        ae.dimse_timeout = reception.dimse_timeout
+        ae.network_timeout = reception.network_timeout
+        # Called/calling AE checks happen in _on_requested so that each refusal is logged.
+        ae.require_called_aet = False
+        ae.require_calling_aet = []
+        ae.add_supported_context(VERIFICATION)
+        for uid in storage_sop_classes(reception.accept_all_storage):
+            ae.add_supported_context(uid, list(TRANSFER_SYNTAXES))
+        return ae
+
+    def _ssl_context(self) -> ssl.SSLContext | None:
+        tls = self.config.reception.tls
+        if not tls.enabled:
+            return None
+        if tls.certificate is None or tls.private_key is None:
+            raise ConfigError(
+                "reception.tls: certificate and private_key are required when TLS is enabled"
+            )
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        try:
+            context.load_cert_chain(tls.certificate, tls.private_key)
+            if tls.ca_certificates is not None:
+                context.load_verify_locations(cafile=str(tls.ca_certificates))
+        except (OSError, ssl.SSLError) as exc:
+            raise ConfigError(f"reception.tls: cannot load certificates: {exc}") from None
+        if tls.require_client_certificate:
+            if tls.ca_certificates is None:
+                raise ConfigError(
+                    "reception.tls.ca_certificates is required to verify client certificates"
+                )
+            context.verify_mode = ssl.CERT_REQUIRED
+        return context
+
+    def start(self) -> None:
+        """Listen on the configured address; returns once the socket accepts connections."""
+        _config.STORE_RECV_CHUNKED_DATASET = True
+        # pynetdicom writes each received data set to a NamedTemporaryFile; keep those on
+        # the store's filesystem so that storing one is a rename, not a copy.
+        tempfile.tempdir = str(self.store.files.incoming)
+        handlers: list[Any] = [
+            (evt.EVT_CONN_OPEN, self._on_conn_open),
+            (evt.EVT_REQUESTED, self._on_requested),
+            (evt.EVT_C_ECHO, self._on_c_echo),
+            (evt.EVT_C_STORE, self._on_c_store),
+            (evt.EVT_RELEASED, self._on_closed),
+            (evt.EVT_ABORTED, self._on_closed),
+            (evt.EVT_CONN_CLOSE, self._on_conn_close),
+        ]
+        address = (self.config.node.host, self.config.node.port)
+        self._server = self.ae.start_server(
+            address, block=False, evt_handlers=handlers, ssl_context=self._ssl_context()
+        )
+        logger.info(
+            "listening as %s on %s:%d%s",
+            self.config.node.ae_title,
+            address[0],
+            address[1],
+            " (TLS)" if self.config.reception.tls.enabled else "",
+        )
+        if not self._allowed:
+            logger.warning("reception.allowed_peers is empty: any calling AE title may send")
+
+    @property
+    def port(self) -> int:
+        """The port actually bound (useful when the configuration asked for port 0)."""
+        if self._server is None:
+            return self.config.node.port
+        return int(self._server.server_address[1])
+
+    def stop(self) -> None:
+        """Stop accepting associations and wait for the ones in progress to finish."""
+        if self._server is not None:
+            self._server.shutdown()
+            self._server = None
+        self.ae.shutdown()
+
+    # -- association events ---------------------------------------------------------------
+
+    def _on_conn_open(self, event: Any) -> None:
+        dul = getattr(event.assoc, "dul", None)
+        if dul is not None and hasattr(dul, "_run_loop_delay"):
+            dul._run_loop_delay = _DUL_LOOP_DELAY
+
+    def _reject(self, event: Any, rsd: tuple[int, int, int], why: str) -> None:
+        requestor = event.assoc.requestor
+        logger.info(
+            "association from %s (%s) rejected: %s",
+            requestor.primitive.calling_ae_title.strip(),
+            requestor.address,
+            why,
+        )
+        event.assoc.acse.send_reject(*rsd)
+        event.assoc.kill()
+
+    def _on_requested(self, event: Any) -> None:
+        try:
+            primitive = event.assoc.requestor.primitive
+            calling = primitive.calling_ae_title.strip()
+            called = primitive.called_ae_title.strip()
+            address = event.assoc.requestor.address
+            if self.config.reception.require_called_ae_title and (
+                called != self.config.node.ae_title
+            ):
+                self._reject(event, _REJECT_CALLED_AE, f"called AE title {called!r} is not ours")
+                return
+            if self._allowed:
+                hosts = self._allowed.get(calling)
+                if hosts is None:
+                    self._reject(event, _REJECT_CALLING_AE, "calling AE title not allowed")
+                    return
+                if hosts and address not in hosts:
+                    self._reject(
+                        event, _REJECT_CALLING_AE, "calling AE title not allowed from this host"
+                    )
+                    return
+            free = self.store.files.free_mb()
+            if free < self.config.storage.min_free_mb:
+                self._reject(
+                    event,
+                    _REJECT_CONGESTION,
+                    f"only {free:.0f} MiB free, storage.min_free_mb is "
+                    f"{self.config.storage.min_free_mb}",
+                )
+                return
+            with self._lock:
+                self._tallies[id(event.assoc)] = _AssociationTally(calling, address)
+        except Exception:  # never let a handler exception reach pynetdicom
+            logger.exception("association check failed; rejecting")
+            try:
+                event.assoc.acse.send_reject(*_REJECT_CONGESTION)
+                event.assoc.kill()
+            except Exception:  # pragma: no cover - the socket may already be gone
+                pass
+
+    def _on_closed(self, event: Any) -> None:
+        with self._lock:
+            tally = self._tallies.pop(id(event.assoc), None)
+        if tally is None:
+            return
+        how = "released" if event.event is evt.EVT_RELEASED else "aborted"
+        logger.info(
+            "association from %s (%s) %s after %.1f s: %d stored, %d duplicate, %d refused",
+            tally.calling_ae_title,
+            tally.address,
+            how,
+            time.monotonic() - tally.started,
+            tally.stored,
+            tally.duplicates,
+            tally.failed,
+        )
+
+    def _on_conn_close(self, event: Any) -> None:
+        # A connection that dropped without release or abort still gets its log line.
+        self._on_closed(event)
+
+    # -- DIMSE services -------------------------------------------------------------------
+
+    def _on_c_echo(self, event: Any) -> int:
+        return STATUS_SUCCESS
+
+    def _tally(self, event: Any) -> _AssociationTally:
+        with self._lock:
+            tally = self._tallies.get(id(event.assoc))
+            if tally is None:  # pragma: no cover - association checks always register one
+                tally = _AssociationTally(event.assoc.requestor.ae_title.strip(), "")
+                self._tallies[id(event.assoc)] = tally
+            return tally
+
+    def _on_c_store(self, event: Any) -> int:
+        tally = self._tally(event)
+        try:
+            status = self._store(event, tally)
+        except Exception:
+            logger.exception("unexpected error while storing an instance; answered 0xA700")
+            status = STATUS_OUT_OF_RESOURCES
+        if status != STATUS_SUCCESS:
+            tally.failed += 1
+        return status
+
+    def _store(self, event: Any, tally: _AssociationTally) -> int:
+        free = self.store.files.free_mb()
+        if free < self.config.storage.min_free_mb:
+            logger.warning("refused an instance: %.0f MiB free, below storage.min_free_mb", free)
+            return STATUS_OUT_OF_RESOURCES
+        request = event.request
+        path = Path(event.dataset_path)
+        try:
+            meta = read_instance_meta(
+                path,
+                sop_class_uid=str(event.context.abstract_syntax),
+                sop_instance_uid=str(request.AffectedSOPInstanceUID),
+            )
+        except RejectedInstanceError as exc:
+            logger.warning("refused an instance from %s: %s", tally.calling_ae_title, exc.reason)
+            return exc.status
+        outcome = self.store.store(path, meta, tally.calling_ae_title)
+        if outcome is StoreOutcome.DUPLICATE:
+            tally.duplicates += 1
+        else:
+            tally.stored += 1
+        return STATUS_SUCCESS
