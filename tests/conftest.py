@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 import socket
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -45,3 +46,26 @@ def require_tool() -> Callable[[str], str]:
         return path
 
     return _require
+
+
+@pytest.fixture
+def node_factory(tmp_path: Path):
+    """Start ``mibi-node serve`` subprocesses; every one is stopped after the test."""
+    from node import NodeProcess
+
+    started: list[NodeProcess] = []
+
+    def _start(config: dict | None = None, data_dir: Path | None = None, port: int | None = None):
+        folder = data_dir or tmp_path / f"var{len(started)}"
+        folder.mkdir(parents=True, exist_ok=True)
+        node = NodeProcess(folder, port or free_port(), config).start()
+        started.append(node)
+        return node
+
+    yield _start
+    for node in started:
+        node.stop()
+
+
+# tests/ holds helper modules (factory, node) imported by name.
+sys.path.insert(0, str(Path(__file__).parent))

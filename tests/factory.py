@@ -67,6 +67,6 @@ def nm_files(folder: Path, count: int, *, studies: int = 1, **kwargs: object) ->
     """``count`` NM files spread over ``studies`` studies, written to ``folder``."""
     study_uids = [generate_uid() for _ in range(studies)]
     return [
-        write(nm_dataset(study_uids[i % studies], seed=i, **kwargs), folder / f"nm{i:05d}.dcm")  # type: ignore[arg-type]
+        write(nm_dataset(study_uids[i % studies], seed=i, **kwargs), folder / f"nm{i:05d}.dcm")
         for i in range(count)
     ]
