@@ -35,7 +35,9 @@ logger = logging.getLogger(__name__)
 
 def _check_smax(smax: object) -> int:
     if isinstance(smax, bool) or not isinstance(smax, int | np.integer):
-        raise TypeError(f'Argument "smax" should be an odd integer >= 3, not {type(smax).__name__}.')
+        raise TypeError(
+            f'Argument "smax" should be an odd integer >= 3, not {type(smax).__name__}.'
+        )
     if smax < 3 or smax % 2 == 0:
         raise ValueError(f'Argument "smax" should be an odd integer >= 3, got {smax}.')
     return int(smax)
