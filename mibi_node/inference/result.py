@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Literal
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
 
 from mibi_node.imaging.study import PhaseImage
 
@@ -80,3 +80,31 @@ class StudyResult:
     bundle_name: str = ""
     bundle_version: str = ""
     intended_use: str = "demonstration"
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict: the figures, the focus and the source instances (no pixels)."""
+        return {
+            "study_instance_uid": self.study_instance_uid,
+            "predicted": self.predicted,
+            "probabilities": dict(self.probabilities),
+            "agreement": self.agreement,
+            "normalised_entropy": self.normalised_entropy,
+            "focus": None if self.focus is None else asdict(self.focus),
+            "member_probabilities": {k: dict(v) for k, v in self.member_probabilities.items()},
+            "source_images": {
+                name: {
+                    "sop_instance_uid": image.sop_instance_uid,
+                    "sop_class_uid": image.sop_class_uid,
+                    "series_instance_uid": image.series_instance_uid,
+                    "frame_number": image.frame_number,
+                }
+                for name, image in self.source_images.items()
+            },
+            "timings": dict(self.timings),
+            "warnings": list(self.warnings),
+            "bundle": {
+                "name": self.bundle_name,
+                "version": self.bundle_version,
+                "intended_use": self.intended_use,
+            },
+        }
