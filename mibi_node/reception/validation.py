@@ -103,9 +103,6 @@ def read_instance_meta(path: Path, sop_class_uid: str, sop_instance_uid: str) ->
     try:
         dataset = dcmread(path)
         transfer_syntax = UID(dataset.file_meta.TransferSyntaxUID)
-        # Touch every element so that a truncated or garbled value fails here, not later.
-        for _element in dataset.iterall():
-            pass
         sop_class = _uid(dataset, "SOPClassUID")
         sop_instance = _uid(dataset, "SOPInstanceUID")
         study = _uid(dataset, "StudyInstanceUID")

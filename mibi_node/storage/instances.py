@@ -7,16 +7,17 @@ new, re-sent unchanged (idempotent), or re-sent with different content (replaced
 from __future__ import annotations
 
 import enum
+import filecmp
 import logging
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-from sqlalchemy import select
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy import Table, insert, select, update
 
 from mibi_node.storage.database import Database
 from mibi_node.storage.filestore import FileStore, sha256_file
-from mibi_node.storage.models import Instance, Study, StudyState, utcnow
+from mibi_node.storage.models import Instance, Study, StudyState, check_transition, utcnow
 
 __all__ = ["InstanceMeta", "InstanceStore", "StoreOutcome"]
 
@@ -44,6 +45,9 @@ class StoreOutcome(enum.StrEnum):
     REPLACED = "replaced"
 
 
+_STUDY: Table = Study.__table__  # type: ignore[assignment]
+_INSTANCE: Table = Instance.__table__  # type: ignore[assignment]
+
 _REOPEN_STATES = {
     StudyState.STABLE,
     StudyState.IGNORED,
@@ -57,6 +61,11 @@ _REOPEN_STATES = {
 class InstanceStore:
     """Files plus rows: the durable record of every acknowledged instance.
 
+    Writes go through SQLAlchemy Core (not the ORM): this is the node's hot path, and one
+    C-STORE costs one short ``BEGIN IMMEDIATE`` transaction. Within a process, writers
+    queue on a lock rather than on SQLite's busy handler, whose back-off sleeps would
+    stall parallel associations.
+
     Parameters
     ----------
     database
@@ -68,6 +77,7 @@ class InstanceStore:
     def __init__(self, database: Database, files: FileStore) -> None:
         self.database = database
         self.files = files
+        self._write_lock = threading.Lock()
 
     def store(self, temporary: Path, meta: InstanceMeta, calling_ae_title: str) -> StoreOutcome:
         """Make ``temporary`` a stored instance; returns only once it is durable.
@@ -78,93 +88,14 @@ class InstanceStore:
         digest = sha256_file(temporary)
         size = temporary.stat().st_size
         relative = self.files.relative_path(meta.study_instance_uid, meta.sop_instance_uid)
-        with self.database.session() as session:
-            existing = session.scalar(
-                select(Instance).where(Instance.sop_instance_uid == meta.sop_instance_uid)
-            )
-            # Re-sent unchanged (and the file is really there): nothing to do.
-            if (
-                existing is not None
-                and existing.sha256 == digest
-                and self.files.absolute(existing.path).is_file()
-            ):
-                return StoreOutcome.DUPLICATE
+        # The path is a function of the UIDs, so a file already there is the only way this
+        # can be a re-send; new instances (the common case) cost no extra query.
+        target = self.files.absolute(relative)
+        if target.is_file() and filecmp.cmp(temporary, target, shallow=False):
+            return StoreOutcome.DUPLICATE
         self.files.place(temporary, relative)
-        try:
-            return self._commit(meta, relative, digest, size, calling_ae_title)
-        except IntegrityError:
-            # Two associations raced with the same new SOP Instance UID: the other one won
-            # the insert, so this one is now a re-send of it.
-            return self._commit(meta, relative, digest, size, calling_ae_title)
-
-    def _commit(
-        self, meta: InstanceMeta, relative: str, digest: str, size: int, calling_ae_title: str
-    ) -> StoreOutcome:
-        now = utcnow()
-        with self.database.session() as session, session.begin():
-            study = session.scalar(
-                select(Study).where(Study.study_instance_uid == meta.study_instance_uid)
-            )
-            if study is None:
-                study = Study(
-                    study_instance_uid=meta.study_instance_uid,
-                    state=StudyState.RECEIVING,
-                    calling_ae_title=calling_ae_title,
-                    study_description=meta.study_description,
-                    first_received_at=now,
-                    last_received_at=now,
-                    state_changed_at=now,
-                    instance_count=0,
-                    modalities="",
-                )
-                session.add(study)
-                session.flush()
-            elif study.state in _REOPEN_STATES:
-                study.transition(StudyState.RECEIVING, "new instance received")
-            existing = session.scalar(
-                select(Instance).where(Instance.sop_instance_uid == meta.sop_instance_uid)
-            )
-            outcome = StoreOutcome.STORED
-            old_path = None
-            if existing is None:
-                session.add(
-                    Instance(
-                        sop_instance_uid=meta.sop_instance_uid,
-                        sop_class_uid=meta.sop_class_uid,
-                        series_instance_uid=meta.series_instance_uid,
-                        study_id=study.id,
-                        modality=meta.modality,
-                        transfer_syntax_uid=meta.transfer_syntax_uid,
-                        path=relative,
-                        sha256=digest,
-                        size=size,
-                        calling_ae_title=calling_ae_title,
-                        received_at=now,
-                    )
-                )
-                study.instance_count += 1
-            else:
-                outcome = (
-                    StoreOutcome.DUPLICATE if existing.sha256 == digest else StoreOutcome.REPLACED
-                )
-                if existing.path != relative:
-                    old_path = existing.path
-                if existing.study_id != study.id:
-                    existing.study.instance_count -= 1
-                    study.instance_count += 1
-                existing.study_id = study.id
-                existing.sop_class_uid = meta.sop_class_uid
-                existing.series_instance_uid = meta.series_instance_uid
-                existing.modality = meta.modality
-                existing.transfer_syntax_uid = meta.transfer_syntax_uid
-                existing.path = relative
-                existing.sha256 = digest
-                existing.size = size
-                existing.calling_ae_title = calling_ae_title
-                existing.received_at = now
-            if meta.modality and meta.modality not in study.modalities.split("\\"):
-                study.modalities = "\\".join(filter(None, [study.modalities, meta.modality]))
-            study.last_received_at = now
+        with self._write_lock:
+            outcome, old_path = self._commit(meta, relative, digest, size, calling_ae_title)
         if old_path is not None:
             self.files.remove(old_path)
         if outcome is StoreOutcome.REPLACED:
@@ -173,3 +104,83 @@ class InstanceStore:
                 relative,
             )
         return outcome
+
+    def _commit(
+        self, meta: InstanceMeta, relative: str, digest: str, size: int, calling_ae_title: str
+    ) -> tuple[StoreOutcome, str | None]:
+        now = utcnow()
+        with self.database.engine.begin() as connection:
+            study = connection.execute(
+                select(_STUDY.c.id, _STUDY.c.state, _STUDY.c.modalities).where(
+                    _STUDY.c.study_instance_uid == meta.study_instance_uid
+                )
+            ).first()
+            if study is None:
+                inserted = connection.execute(
+                    insert(_STUDY).values(
+                        study_instance_uid=meta.study_instance_uid,
+                        state=StudyState.RECEIVING.value,
+                        calling_ae_title=calling_ae_title,
+                        study_description=meta.study_description,
+                        first_received_at=now,
+                        last_received_at=now,
+                        state_changed_at=now,
+                        instance_count=0,
+                        modalities="",
+                    )
+                ).inserted_primary_key
+                assert inserted is not None  # an INSERT always has a primary key
+                study_id = inserted[0]
+                state, modalities = StudyState.RECEIVING, ""
+            else:
+                study_id, state, modalities = study.id, StudyState(study.state), study.modalities
+            changes: dict[str, object] = {"last_received_at": now}
+            if state in _REOPEN_STATES:
+                check_transition(state, StudyState.RECEIVING)
+                changes.update(
+                    state=StudyState.RECEIVING.value,
+                    state_reason="new instance received",
+                    state_changed_at=now,
+                )
+            if meta.modality and meta.modality not in modalities.split("\\"):
+                changes["modalities"] = "\\".join(filter(None, [modalities, meta.modality]))
+            existing = connection.execute(
+                select(
+                    _INSTANCE.c.id, _INSTANCE.c.sha256, _INSTANCE.c.path, _INSTANCE.c.study_id
+                ).where(_INSTANCE.c.sop_instance_uid == meta.sop_instance_uid)
+            ).first()
+            values = {
+                "sop_class_uid": meta.sop_class_uid,
+                "series_instance_uid": meta.series_instance_uid,
+                "study_id": study_id,
+                "modality": meta.modality,
+                "transfer_syntax_uid": meta.transfer_syntax_uid,
+                "path": relative,
+                "sha256": digest,
+                "size": size,
+                "calling_ae_title": calling_ae_title,
+                "received_at": now,
+            }
+            outcome, old_path = StoreOutcome.STORED, None
+            if existing is None:
+                connection.execute(
+                    insert(_INSTANCE).values(sop_instance_uid=meta.sop_instance_uid, **values)
+                )
+                changes["instance_count"] = _STUDY.c.instance_count + 1
+            else:
+                same = existing.sha256 == digest
+                outcome = StoreOutcome.DUPLICATE if same else StoreOutcome.REPLACED
+                if existing.path != relative:
+                    old_path = existing.path
+                if existing.study_id != study_id:
+                    connection.execute(
+                        update(_STUDY)
+                        .where(_STUDY.c.id == existing.study_id)
+                        .values(instance_count=_STUDY.c.instance_count - 1)
+                    )
+                    changes["instance_count"] = _STUDY.c.instance_count + 1
+                connection.execute(
+                    update(_INSTANCE).where(_INSTANCE.c.id == existing.id).values(**values)
+                )
+            connection.execute(update(_STUDY).where(_STUDY.c.id == study_id).values(**changes))
+        return outcome, old_path

@@ -31,6 +31,7 @@ __all__ = [
     "InvalidTransitionError",
     "Study",
     "StudyState",
+    "check_transition",
     "utcnow",
 ]
 
@@ -95,6 +96,18 @@ class InvalidTransitionError(MibiNodeError):
     """A study was asked to move to a state that its current state does not lead to."""
 
 
+def check_transition(current: StudyState, new: StudyState) -> None:
+    """The one place that says which study state may follow which.
+
+    Raises
+    ------
+    InvalidTransitionError
+        ``new`` is not reachable from ``current``.
+    """
+    if new not in _ALLOWED[current]:
+        raise InvalidTransitionError(f"a study cannot go from {current.value} to {new.value}")
+
+
 class Base(DeclarativeBase):
     """Declarative base of every mibi-node table."""
 
@@ -130,9 +143,7 @@ class Study(Base):
         InvalidTransitionError
             ``new`` is not reachable from the current state.
         """
-        current = StudyState(self.state)
-        if new not in _ALLOWED[current]:
-            raise InvalidTransitionError(f"a study cannot go from {current.value} to {new.value}")
+        check_transition(StudyState(self.state), new)
         self.state = new
         self.state_reason = reason
         self.state_changed_at = utcnow()
