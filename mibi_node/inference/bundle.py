@@ -139,7 +139,6 @@ class BundleManifest(_Section):
             raise ValueError(f"members: names should be distinct, got {names}")
         if self.fusion.weights is None or len(self.fusion.weights) != len(self.members):
             raise ValueError("fusion.weights should hold one weight per member")
-        Fusion(self.fusion.method, self.fusion.weights, self.fusion.temperature)
         return self
 
 
@@ -439,7 +438,9 @@ def write_bundle(
         state = {
             key: value.detach().contiguous().cpu() for key, value in module.state_dict().items()
         }
-        save_file(state, str(path), metadata={"arch": module.config.arch, "member": name})
+        # one metadata key only: safetensors writes several in random order, and the same
+        # weights must give the same bytes (and sha256)
+        save_file(state, str(path), metadata={"format": "pt"})
         path.chmod(0o666 & ~_umask())
         entries.append(
             {

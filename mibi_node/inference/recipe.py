@@ -129,6 +129,14 @@ class FusionSection(_Section):
     weights: tuple[float, ...] | None = None
     temperature: float = Field(default=1.0, gt=0)
 
+    @model_validator(mode="after")
+    def _simplex(self) -> FusionSection:
+        if self.weights is not None:
+            from mibi_node.inference.ensemble import Fusion
+
+            Fusion(self.method, self.weights, self.temperature)
+        return self
+
 
 class Recipe(_Section):
     """A parsed ``config/ensemble-*.toml``."""
@@ -151,14 +159,10 @@ class Recipe(_Section):
         if len(set(names)) != len(names):
             raise ValueError(f"members: names should be distinct, got {names}")
         weights = self.fusion.weights
-        if weights is not None:
-            from mibi_node.inference.ensemble import Fusion
-
-            if len(weights) != len(self.members):
-                raise ValueError(
-                    f"fusion.weights has {len(weights)} entries for {len(self.members)} members"
-                )
-            Fusion(self.fusion.method, weights, self.fusion.temperature)
+        if weights is not None and len(weights) != len(self.members):
+            raise ValueError(
+                f"fusion.weights has {len(weights)} entries for {len(self.members)} members"
+            )
         if len(self.normalisation.mean) not in (1, len(self.input.channels)):
             raise ValueError("normalisation.mean/std should have 1 entry or one per channel")
         return self
