@@ -183,6 +183,17 @@ def echo(
     _out.print(f"{peer}: C-ECHO success")
 
 
+def _register_stage_commands() -> None:
+    """Commands whose modules live with their stage (light imports only at module level)."""
+    from mibi_node.inference.command import init_bundle, predict
+
+    app.command("predict")(predict)
+    app.command("init-bundle")(init_bundle)
+
+
+_register_stage_commands()
+
+
 def main() -> None:
     """Entry point of the ``mibi-node`` console script."""
     app()
