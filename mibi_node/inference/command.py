@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 if TYPE_CHECKING:
@@ -37,7 +38,7 @@ _BATCH = 8
 
 
 def _fail(message: str, code: int) -> typer.Exit:
-    _err.print(f"[bold red]error:[/] {message}", highlight=False, markup=True)
+    _err.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     return typer.Exit(code)
 
 
@@ -99,9 +100,10 @@ def _print_result(result: StudyResult) -> None:
         f"prediction: [bold]{result.predicted}[/]  agreement: {result.agreement:.2f}  "
         f"normalised entropy: {result.normalised_entropy:.2f}  focus: {_focus_text(result)}",
         highlight=False,
+        soft_wrap=True,
     )
     for warning in result.warnings:
-        _out.print(f"[yellow]warning:[/] {warning}", highlight=False)
+        _out.print(f"[yellow]warning:[/] {escape(warning)}", highlight=False, soft_wrap=True)
 
 
 def predict(
@@ -132,7 +134,7 @@ def predict(
     groups, problems = _group_by_study(_files(paths))
     if not groups:
         for problem in problems:
-            _err.print(problem, highlight=False)
+            _err.print(escape(problem), highlight=False, soft_wrap=True)
         raise _fail("no DICOM study among the given paths", 2)
 
     errors: list[dict[str, str]] = []
@@ -169,16 +171,17 @@ def predict(
             "errors": errors,
             "skipped": problems,
         }
-        _out.print_json(json.dumps(document))
+        typer.echo(json.dumps(document, indent=2))
     else:
         for result in results:
             _print_result(result)
         for problem in problems:
-            _err.print(f"[yellow]{problem}[/]", highlight=False)
+            _err.print(f"[yellow]{escape(problem)}[/]", highlight=False, soft_wrap=True)
         for error in errors:
             _err.print(
-                f"[bold red]study {error['study_instance_uid']}:[/] {error['error']}",
+                f"[bold red]study {error['study_instance_uid']}:[/] {escape(error['error'])}",
                 highlight=False,
+                soft_wrap=True,
             )
     if errors:
         raise typer.Exit(1)
@@ -207,4 +210,5 @@ def init_bundle(
         f"wrote demonstration bundle [bold]{bundle.name} {bundle.version}[/] to {out}: "
         f"{len(bundle.manifest.members)} members: {members}",
         highlight=False,
+        soft_wrap=True,
     )
