@@ -11,19 +11,19 @@ median and maximum of the current window:
   output ``zmed``.
 
 Borders are mirrored without repeating the edge pixel (NumPy ``np.pad(mode="reflect")``,
-SciPy ``mode="mirror"``). Both implementations compute whole-image order statistics per
-window size and combine them with masks, so there is no per-pixel Python loop; they give
-bit-identical output. The comparisons are written as ``a < b`` rather than ``a - b < 0`` so
-that unsigned integer images cannot wrap around.
+SciPy ``mode="mirror"``). Both implementations compute the 3 x 3 order statistics for the
+whole image at once (a median-of-9 sorting network over shifted views) and then the larger
+windows only for the pixels still undecided, gathered into one array per window size; there
+is no per-pixel Python loop, and they give bit-identical output. The comparisons are
+written as ``a < b`` rather than ``a - b < 0`` so that unsigned integers cannot wrap around.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from scipy import ndimage
 
 if TYPE_CHECKING:
     import torch
@@ -75,23 +75,66 @@ def adaptive_median(image: np.ndarray, smax: int = 7) -> np.ndarray:
     if image.dtype.kind == "f" and not np.isfinite(image).all():
         raise ValueError('Argument "image" holds NaN or infinite values.')
 
-    zxy = image
-    out = np.empty_like(image)
-    undecided = np.ones(image.shape, dtype=bool)
-    zmed = image
-    for size in range(3, smax + 1, 2):
-        zmin = ndimage.minimum_filter(image, size=size, mode="mirror")
-        zmax = ndimage.maximum_filter(image, size=size, mode="mirror")
-        zmed = ndimage.median_filter(image, size=size, mode="mirror")
-        stage_b = undecided & (zmin < zmed) & (zmed < zmax)
-        keep = (zmin < zxy) & (zxy < zmax)
-        out[stage_b] = np.where(keep, zxy, zmed)[stage_b]
-        undecided &= ~stage_b
-        if not undecided.any():
+    pad = smax // 2
+    padded = np.pad(image, pad, mode="reflect")
+    rows, cols = image.shape
+    # window size 3 for every pixel, from the nine shifted views of the padded image
+    neighbours = [
+        padded[pad + dr : pad + dr + rows, pad + dc : pad + dc + cols]
+        for dr in (-1, 0, 1)
+        for dc in (-1, 0, 1)
+    ]
+    zmin = np.minimum.reduce(neighbours)
+    zmax = np.maximum.reduce(neighbours)
+    zmed = _median9(neighbours)
+    stage_b = (zmin < zmed) & (zmed < zmax)
+    keep = (zmin < image) & (image < zmax)
+    out = np.where(keep, image, zmed)
+    # larger windows only where stage A has not yet passed (few pixels in a real image)
+    pending_r, pending_c = np.nonzero(~stage_b)
+    pending_med = zmed[pending_r, pending_c]
+    for size in range(5, smax + 1, 2):
+        if pending_r.size == 0:
             break
-    else:
-        out[undecided] = zmed[undecided]
+        h = size // 2
+        offsets = np.arange(-h, h + 1)
+        windows = padded[
+            (pending_r + pad)[:, None, None] + offsets[None, :, None],
+            (pending_c + pad)[:, None, None] + offsets[None, None, :],
+        ].reshape(pending_r.size, size * size)
+        wmin, wmax = windows.min(axis=1), windows.max(axis=1)
+        wmed = np.partition(windows, size * size // 2, axis=1)[:, size * size // 2]
+        passed = (wmin < wmed) & (wmed < wmax)
+        zxy = image[pending_r, pending_c]
+        value = np.where((wmin < zxy) & (zxy < wmax), zxy, wmed)
+        out[pending_r[passed], pending_c[passed]] = value[passed]
+        pending_r, pending_c, pending_med = pending_r[~passed], pending_c[~passed], wmed[~passed]
+    # past smax: the median of the largest window
+    out[pending_r, pending_c] = pending_med
     return out
+
+
+_MEDIAN9_NETWORK = (
+    (1, 2), (4, 5), (7, 8), (0, 1), (3, 4), (6, 7), (1, 2), (4, 5), (7, 8),
+    (0, 3), (5, 8), (4, 7), (3, 6), (1, 4), (2, 5), (4, 7), (4, 2), (6, 4), (4, 2),
+)  # fmt: skip
+
+
+def _median9(values: list[Any]) -> Any:
+    """Median of nine equally shaped arrays or tensors, by a 19-exchange sorting network.
+
+    Works for NumPy arrays and torch tensors alike (``minimum``/``maximum`` by duck typing).
+    """
+    p = list(values)
+    if isinstance(p[0], np.ndarray):
+        lo, hi = np.minimum, np.maximum
+    else:
+        import torch
+
+        lo, hi = torch.minimum, torch.maximum
+    for a, b in _MEDIAN9_NETWORK:
+        p[a], p[b] = lo(p[a], p[b]), hi(p[a], p[b])
+    return p[4]
 
 
 def _mirror_index(n: int, pad: int, device: torch.device) -> torch.Tensor:
@@ -157,23 +200,36 @@ def adaptive_median_torch(images: torch.Tensor, smax: int = 7) -> torch.Tensor:
         x = x.float()
     pad = smax // 2
     padded = x[:, _mirror_index(rows, pad, x.device)][:, :, _mirror_index(cols, pad, x.device)]
-
-    out = torch.empty_like(x)
-    undecided = torch.ones_like(x, dtype=torch.bool)
-    zmed = x
-    for size in range(3, smax + 1, 2):
-        start = pad - size // 2
-        window = padded[:, start : start + rows + size - 1, start : start + cols + size - 1]
-        patches = window.unfold(1, size, 1).unfold(2, size, 1).reshape(*x.shape, size * size)
-        zmin = patches.amin(dim=-1)
-        zmax = patches.amax(dim=-1)
-        zmed = patches.median(dim=-1).values
-        stage_b = undecided & (zmin < zmed) & (zmed < zmax)
-        keep = (zmin < x) & (x < zmax)
-        out = torch.where(stage_b, torch.where(keep, x, zmed), out)
-        undecided &= ~stage_b
-        if not bool(undecided.any()):
+    neighbours = [
+        padded[:, pad + dr : pad + dr + rows, pad + dc : pad + dc + cols]
+        for dr in (-1, 0, 1)
+        for dc in (-1, 0, 1)
+    ]
+    zmin = torch.stack(neighbours).amin(dim=0)
+    zmax = torch.stack(neighbours).amax(dim=0)
+    zmed = _median9(neighbours)
+    stage_b = (zmin < zmed) & (zmed < zmax)
+    out = torch.where((zmin < x) & (x < zmax), x, zmed)
+    pending = torch.nonzero(~stage_b, as_tuple=True)
+    pending_med = zmed[pending]
+    for size in range(5, smax + 1, 2):
+        if pending[0].numel() == 0:
             break
-    else:
-        out = torch.where(undecided, zmed, out)
+        h = size // 2
+        offsets = torch.arange(-h, h + 1, device=x.device)
+        b, r, c = pending
+        windows = padded[
+            b[:, None, None],
+            (r + pad)[:, None, None] + offsets[None, :, None],
+            (c + pad)[:, None, None] + offsets[None, None, :],
+        ].reshape(b.numel(), size * size)
+        wmin, wmax = windows.amin(dim=1), windows.amax(dim=1)
+        wmed = windows.kthvalue(size * size // 2 + 1, dim=1).values
+        passed = (wmin < wmed) & (wmed < wmax)
+        zxy = x[pending]
+        value = torch.where((wmin < zxy) & (zxy < wmax), zxy, wmed)
+        out[b[passed], r[passed], c[passed]] = value[passed]
+        pending = (b[~passed], r[~passed], c[~passed])
+        pending_med = wmed[~passed]
+    out[pending] = pending_med
     return out.to(dtype).reshape(shape)
