@@ -126,6 +126,8 @@ def _median9(values: list[Any]) -> Any:
     Works for NumPy arrays and torch tensors alike (``minimum``/``maximum`` by duck typing).
     """
     p = list(values)
+    lo: Any
+    hi: Any
     if isinstance(p[0], np.ndarray):
         lo, hi = np.minimum, np.maximum
     else:
