@@ -29,7 +29,8 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-_out = Console()
+# Piped output (logs, CI) has no terminal width; give tables room instead of 80 columns.
+_out = Console(width=None if sys.stdout.isatty() else 160)
 _err = Console(stderr=True)
 
 ConfigOption = Annotated[
