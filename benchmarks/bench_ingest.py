@@ -65,7 +65,9 @@ class StoreSCP(Receiver):
     def _spawn(self) -> subprocess.Popen[bytes]:
         return subprocess.Popen(
             ["storescp", "-aet", self.called, "+xa", "-od", str(self.out), "-uf", str(self.port)],
-            env=DCMTK_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            env=DCMTK_ENV,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
         )
 
 
@@ -76,7 +78,8 @@ class PlainPynetdicom(Receiver):
     def _spawn(self) -> subprocess.Popen[bytes]:
         return subprocess.Popen(
             [sys.executable, str(HERE / "plain_scp.py"), str(self.port), str(self.out)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
         )
 
 
@@ -88,12 +91,23 @@ class MibiNode(Receiver):
         config = self.work / "node.toml"
         config.write_text(
             '[node]\nhost = "127.0.0.1"\n[storage]\nmin_free_mb = 0\n'
-            "[assembly]\nquiet_seconds = 3600\n[logging]\nlevel = \"WARNING\"\n"
+            '[assembly]\nquiet_seconds = 3600\n[logging]\nlevel = "WARNING"\n'
         )
         return subprocess.Popen(
-            [sys.executable, "-m", "mibi_node.cli", "serve", "--config", str(config),
-             "--port", str(self.port), "--data-dir", str(self.out)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            [
+                sys.executable,
+                "-m",
+                "mibi_node.cli",
+                "serve",
+                "--config",
+                str(config),
+                "--port",
+                str(self.port),
+                "--data-dir",
+                str(self.out),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
         )
 
     def count(self) -> int:
@@ -107,8 +121,17 @@ def send(receiver: Receiver, files: list[Path], parallel: int) -> float:
     started = time.perf_counter()
     processes = [
         subprocess.Popen(
-            ["storescu", "-aec", receiver.called, "127.0.0.1", str(receiver.port), *map(str, batch)],
-            env=DCMTK_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+            [
+                "storescu",
+                "-aec",
+                receiver.called,
+                "127.0.0.1",
+                str(receiver.port),
+                *map(str, batch),
+            ],
+            env=DCMTK_ENV,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
         )
         for batch in batches
     ]
@@ -137,7 +160,9 @@ def main() -> None:
     try:
         files = nm_files(work / "in", args.instances, studies=10, rows=128, columns=128, frames=2)
         receivers: list[Receiver] = [
-            StoreSCP(work / "storescp"), PlainPynetdicom(work / "plain"), MibiNode(work / "mibi")
+            StoreSCP(work / "storescp"),
+            PlainPynetdicom(work / "plain"),
+            MibiNode(work / "mibi"),
         ]
         rates: dict[str, dict[int, list[float]]] = {r.name: {1: [], 4: []} for r in receivers}
         for round_ in range(args.rounds):
@@ -154,14 +179,22 @@ def main() -> None:
 
     table = {name: {str(p): summary(v) for p, v in by.items()} for name, by in rates.items()}
     mibi = table["mibi-node"]
-    print(f"\nC-STORE ingest, {args.instances} NM instances (128x128x2, 16-bit), "
-          f"median of {args.rounds} interleaved rounds, TCP_NODELAY=1 on DCMTK")
-    print(f"{'receiver':<20}{'1 assoc /s':>14}{'4 assoc /s':>14}{'mibi/x (1)':>12}{'mibi/x (4)':>12}")
+    print(
+        f"\nC-STORE ingest, {args.instances} NM instances (128x128x2, 16-bit), "
+        f"median of {args.rounds} interleaved rounds, TCP_NODELAY=1 on DCMTK"
+    )
+    print(
+        f"{'receiver':<20}{'1 assoc /s':>14}{'4 assoc /s':>14}{'mibi/x (1)':>12}{'mibi/x (4)':>12}"
+    )
     for name, by in table.items():
         r1, r4 = by["1"]["median"], by["4"]["median"]
-        print(f"{name:<20}{r1:>14.0f}{r4:>14.0f}"
-              f"{mibi['1']['median'] / r1:>12.2f}{mibi['4']['median'] / r4:>12.2f}")
-    path = write_result("ingest", {"instances": args.instances, "rounds": args.rounds, "rates": table})
+        print(
+            f"{name:<20}{r1:>14.0f}{r4:>14.0f}"
+            f"{mibi['1']['median'] / r1:>12.2f}{mibi['4']['median'] / r4:>12.2f}"
+        )
+    path = write_result(
+        "ingest", {"instances": args.instances, "rounds": args.rounds, "rates": table}
+    )
     print(f"\nwritten to {path}")
 
 

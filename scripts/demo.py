@@ -61,25 +61,47 @@ def main() -> None:
     print("1. generating 10 synthetic dual-phase MIBI studies (phantoms, not patients)")
     subprocess.run(
         [*NODE, "synth", "--out", str(STUDIES), "--studies", "10", "--seed", "7"],
-        check=True, stdout=subprocess.DEVNULL,
+        check=True,
+        stdout=subprocess.DEVNULL,
     )
     files = sorted(p for p in STUDIES.rglob("*.dcm"))
     port = _free_port(11112)
     print(f"2. starting the node: AE MIBI_NODE on 127.0.0.1:{port}, data in {DATA}")
     log = open(DATA / "node.log", "wb")  # noqa: SIM115 - handed to the subprocess
     node = subprocess.Popen(
-        [*NODE, "serve", "--host", "127.0.0.1", "--port", str(port), "--data-dir", str(DATA),
-         "--quiet-seconds", "2"],
-        stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
+        [
+            *NODE,
+            "serve",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--data-dir",
+            str(DATA),
+            "--quiet-seconds",
+            "2",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        cwd=ROOT,
     )
     try:
         _wait_for(port, node)
         print(f"3. sending {len(files)} NM instances with DCMTK storescu, as a gamma camera would")
         started = time.perf_counter()
         subprocess.run(
-            ["storescu", "-aet", "GAMMA_CAM1", "-aec", "MIBI_NODE", "127.0.0.1", str(port),
-             *map(str, files)],
-            check=True, env={**os.environ, "TCP_NODELAY": "1"},
+            [
+                "storescu",
+                "-aet",
+                "GAMMA_CAM1",
+                "-aec",
+                "MIBI_NODE",
+                "127.0.0.1",
+                str(port),
+                *map(str, files),
+            ],
+            check=True,
+            env={**os.environ, "TCP_NODELAY": "1"},
         )
         print(f"   every instance acknowledged in {time.perf_counter() - started:.2f} s")
         print("4. waiting for the studies to become stable (2 s quiet period)")
