@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
 from mibi_node.inference.ensemble import fuse
 from training.fusion import fit_fusion, fit_temperature, fit_weights
 
@@ -55,7 +54,9 @@ def test_temperature_undoes_overconfidence() -> None:
 
 def test_fit_fusion_compares_and_keeps_what_the_recipe_asks() -> None:
     members, labels = _mixture([0.7, 0.3, 0.0], 5_000, seed=5)
-    fitted = fit_fusion(members, labels, choice="fitted", shrinkage=0.0, member_names=("a", "b", "c"))
+    fitted = fit_fusion(
+        members, labels, choice="fitted", shrinkage=0.0, member_names=("a", "b", "c")
+    )
     assert fitted.fusion.method == "soft"
     assert fitted.fusion.weights == pytest.approx(fitted.fitted_weights)
     assert set(fitted.scores) == {"fitted", "equal", "vote", "chosen"}

@@ -7,7 +7,6 @@ import math
 import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
-
 from training.metrics import (
     MetricValue,
     bootstrap_intervals,
@@ -36,7 +35,9 @@ def test_hand_computed_case() -> None:
     assert m["macro_f1"] == pytest.approx(7 / 9)
     # p_o = 3/4; p_e = (1*2 + 1*1 + 2*1) / 16 = 5/16
     assert m["kappa"] == pytest.approx((0.75 - 5 / 16) / (1 - 5 / 16))
-    assert m["nll"] == pytest.approx(-(math.log(0.7) + math.log(0.8) + math.log(0.5) + math.log(0.1)) / 4)
+    assert m["nll"] == pytest.approx(
+        -(math.log(0.7) + math.log(0.8) + math.log(0.5) + math.log(0.1)) / 4
+    )
     # sum of squared errors per study: 0.14, 0.06, 0.38, 1.26
     assert m["brier"] == pytest.approx(1.84 / 4)
     # every study in its own bin: (0.3 + 0.2 + 0.5 + 0.6) / 4
