@@ -92,6 +92,7 @@ class ReceptionConfig(_Section):
     require_called_ae_title: bool = True
     accept_all_storage: bool = False
     max_associations: int = Field(default=16, ge=1, le=1000)
+    acceptors: int = Field(default=2, ge=1, le=64)
     max_pdu_size: int = Field(default=262144, ge=0)
     acse_timeout: float = Field(default=30.0, gt=0)
     dimse_timeout: float = Field(default=60.0, gt=0)

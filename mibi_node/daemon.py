@@ -2,21 +2,32 @@
 
 This module and ``cli`` are the only ones that know every stage. A node starts from the
 database: partial files of a crash are removed, and every committed state is resumed.
+
+Reception runs in ``reception.acceptors`` processes that share one listening socket (bound
+here, before they are forked): pynetdicom holds one process to about one core, so parallel
+associations scale only across processes. Each acceptor commits every instance itself
+before it answers Success; the parent runs the scheduler and restarts an acceptor that dies.
 """
 
 from __future__ import annotations
 
+import ctypes
 import logging
+import multiprocessing
+import os
 import signal
+import socket
 import threading
+import time
+from multiprocessing.process import BaseProcess
 from types import FrameType
 
 from apscheduler.schedulers.background import BackgroundScheduler
 
 from mibi_node.assembly.stability import mark_stable_studies
 from mibi_node.config import Config
-from mibi_node.reception.scp import StorageSCP
-from mibi_node.storage.database import open_database
+from mibi_node.reception.scp import StorageSCP, bind_listener
+from mibi_node.storage.database import Database, open_database
 from mibi_node.storage.filestore import FileStore
 from mibi_node.storage.instances import InstanceStore
 
@@ -24,9 +35,42 @@ __all__ = ["Node"]
 
 logger = logging.getLogger(__name__)
 
+_PR_SET_PDEATHSIG = 1
+_BIND_RETRY_SECONDS = 15.0
+
+
+def _die_with_parent() -> None:
+    """Ask Linux to send SIGTERM to this process when its parent dies (best effort)."""
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):  # pragma: no cover - not Linux
+        pass
+
+
+def _acceptor_main(config: Config, listener: socket.socket, index: int, parent: int) -> None:
+    """Body of one acceptor process: serve C-ECHO/C-STORE on the shared socket until told."""
+    _die_with_parent()
+    stop = threading.Event()
+
+    def _on_signal(_signum: int, _frame: FrameType | None) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGTERM, _on_signal)
+    signal.signal(signal.SIGINT, _on_signal)
+    database = Database(config.database_url)
+    scp = StorageSCP(config, InstanceStore(database, FileStore(config.store_dir)), listener)
+    scp.start()
+    while not stop.wait(0.2):
+        if os.getppid() != parent:  # the parent died before PDEATHSIG was armed
+            break
+    scp.stop()
+    database.dispose()
+    logger.debug("acceptor %d stopped", index)
+
 
 class Node:
-    """One mibi-node process.
+    """One mibi-node: the parent process and its acceptor processes.
 
     Parameters
     ----------
@@ -36,19 +80,48 @@ class Node:
 
     def __init__(self, config: Config) -> None:
         self.config = config
-        config.node.data_dir.mkdir(parents=True, exist_ok=True)
-        self.database = open_database(config.database_url)
         self.files = FileStore(config.store_dir)
-        self.store = InstanceStore(self.database, self.files)
-        self.scp = StorageSCP(config, self.store)
         self.scheduler = BackgroundScheduler(timezone="UTC")
+        self.database: Database | None = None
+        self.listener: socket.socket | None = None
+        self.scp: StorageSCP | None = None
+        self._acceptors: list[BaseProcess] = []
         self._stop = threading.Event()
+        self._stopping = False
+
+    # -- life cycle -----------------------------------------------------------------------
 
     def start(self) -> None:
-        """Recover from any crash, then start listening and sweeping."""
+        """Recover from any crash, bind the port, start acceptors and the sweep."""
+        self.config.node.data_dir.mkdir(parents=True, exist_ok=True)
         removed = self.files.clean_incoming()
         if removed:
             logger.info("removed %d partial file(s) left by an earlier stop", removed)
+        # Create the schema once, before any acceptor opens the database.
+        open_database(self.config.database_url).dispose()
+        self.listener = self._bind()
+        count = self.config.reception.acceptors
+        if count == 1:
+            self.database = Database(self.config.database_url)
+            self.scp = StorageSCP(
+                self.config, InstanceStore(self.database, self.files), self.listener
+            )
+            self.scp.start()
+        else:
+            # Fork before this process starts any thread or opens a connection.
+            self._acceptors = [self._spawn(index) for index in range(count)]
+            self.database = Database(self.config.database_url)
+        node = self.config.node
+        logger.info(
+            "listening as %s on %s:%d with %d acceptor process(es)%s",
+            node.ae_title,
+            node.host,
+            self.port,
+            count,
+            " (TLS)" if self.config.reception.tls.enabled else "",
+        )
+        if not self.config.reception.allowed_peers:
+            logger.warning("reception.allowed_peers is empty: any calling AE title may send")
         self.scheduler.add_job(
             self._sweep,
             "interval",
@@ -58,19 +131,71 @@ class Node:
             coalesce=True,
         )
         self.scheduler.start()
-        self.scp.start()
+
+    @property
+    def port(self) -> int:
+        """The TCP port the node listens on."""
+        if self.listener is None:
+            return self.config.node.port
+        return int(self.listener.getsockname()[1])
+
+    def _bind(self) -> socket.socket:
+        host, port = self.config.node.host, self.config.node.port
+        deadline = time.monotonic() + _BIND_RETRY_SECONDS
+        while True:
+            try:
+                return bind_listener(host, port)
+            except OSError as exc:
+                if exc.errno != 98 or time.monotonic() > deadline:  # EADDRINUSE
+                    raise
+                logger.info("port %d still in use (a previous node stopping?); retrying", port)
+                time.sleep(0.5)
+
+    def _spawn(self, index: int) -> BaseProcess:
+        context = multiprocessing.get_context("fork")
+        process = context.Process(
+            target=_acceptor_main,
+            args=(self.config, self.listener, index, os.getpid()),
+            name=f"mibi-node-acceptor-{index}",
+            daemon=False,
+        )
+        process.start()
+        return process
+
+    def _watch_acceptors(self) -> None:
+        for index, process in enumerate(self._acceptors):
+            if not process.is_alive() and not self._stopping:
+                logger.warning(
+                    "acceptor %d exited with status %s; starting a new one", index, process.exitcode
+                )
+                self._acceptors[index] = self._spawn(index)
 
     def _sweep(self) -> None:
         try:
-            mark_stable_studies(self.database, self.config.assembly.quiet_seconds)
+            if self.database is not None:
+                mark_stable_studies(self.database, self.config.assembly.quiet_seconds)
         except Exception:
             logger.exception("assembly sweep failed; it runs again on schedule")
 
     def stop(self) -> None:
-        """Stop accepting associations, let in-flight ones finish, stop the scheduler."""
-        self.scp.stop()
-        self.scheduler.shutdown(wait=True)
-        self.database.dispose()
+        """Stop accepting, let in-flight associations finish, stop the scheduler."""
+        self._stopping = True
+        for process in self._acceptors:
+            if process.is_alive() and process.pid is not None:
+                os.kill(process.pid, signal.SIGTERM)
+        if self.scp is not None:
+            self.scp.stop()
+        for process in self._acceptors:
+            process.join(40)
+            if process.is_alive():
+                process.kill()
+        if self.listener is not None:
+            self.listener.close()
+            self.listener = None
+        if self.scheduler.running:
+            self.scheduler.shutdown(wait=True)
+        if self.database is not None:
+            self.database.dispose()
         logger.info("stopped")
 
     def request_stop(self, signum: int | None = None, _frame: FrameType | None = None) -> None:
@@ -86,6 +211,6 @@ class Node:
         self.start()
         try:
             while not self._stop.wait(1.0):
-                pass
+                self._watch_acceptors()
         finally:
             self.stop()

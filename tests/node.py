@@ -80,6 +80,7 @@ class NodeProcess:
             stdout=log,
             stderr=subprocess.STDOUT,
             env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            start_new_session=True,  # its own process group: kill() takes the acceptors too
         )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -106,7 +107,18 @@ class NodeProcess:
             return self.process.wait(5)
 
     def kill(self) -> None:
-        self.stop(signal.SIGKILL)
+        """SIGKILL the node and every acceptor process at once, as a power cut would."""
+        if self.process is not None and self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait(10)
+
+    def acceptor_pids(self) -> list[int]:
+        """Process ids of the node's acceptor children."""
+        assert self.process is not None
+        out = subprocess.run(
+            ["pgrep", "-P", str(self.process.pid)], capture_output=True, text=True, check=False
+        )
+        return [int(pid) for pid in out.stdout.split()]
 
     def query(self, sql: str) -> list[tuple[Any, ...]]:
         """Run a read-only SQL query on the node's database."""

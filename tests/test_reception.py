@@ -169,9 +169,12 @@ def test_sigkill_after_success_loses_nothing(node_factory, tmp_path: Path) -> No
     assert restarted.query("PRAGMA integrity_check") == [("ok",)]
 
 
-def test_eight_parallel_associations_store_each_instance_once(node_factory, tmp_path: Path) -> None:
+@pytest.mark.parametrize("acceptors", [1, 2])
+def test_eight_parallel_associations_store_each_instance_once(
+    node_factory, tmp_path: Path, acceptors: int
+) -> None:
     files = nm_files(tmp_path / "in", 400, studies=8, rows=32, columns=32, frames=1)
-    node = node_factory()
+    node = node_factory({"reception": {"acceptors": acceptors}})
     batches = [files[i::8] for i in range(8)]
     results: list[subprocess.CompletedProcess[str]] = []
     threads = [
@@ -294,3 +297,25 @@ def test_uid_with_path_characters_is_stored_inside_the_store(node_factory, tmp_p
     assert (node.data_dir / "store").resolve() in stored.resolve().parents
     assert pydicom.dcmread(stored).SOPInstanceUID == "../../../../tmp/evil"
     assert not Path("/tmp/evil").exists()
+
+
+def test_a_killed_acceptor_is_replaced_and_reception_goes_on(node_factory, tmp_path: Path) -> None:
+    import os
+    import signal
+
+    node = node_factory({"reception": {"acceptors": 2}})
+    pids = node.acceptor_pids()
+    assert len(pids) == 2
+    os.kill(pids[0], signal.SIGKILL)
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        current = node.acceptor_pids()
+        if len(current) == 2 and pids[0] not in current:
+            break
+        time.sleep(0.2)
+    assert len(node.acceptor_pids()) == 2 and pids[0] not in node.acceptor_pids()
+    files = nm_files(tmp_path / "in", 20)
+    for batch in (files[:10], files[10:]):
+        assert storescu(node.port, batch).returncode == 0
+    assert node.query("SELECT count(*) FROM instance") == [(20,)]
+    assert "starting a new one" in node.log()

@@ -7,6 +7,9 @@ sender nothing): every outcome is a precise DICOM status, logged once with its r
 from __future__ import annotations
 
 import logging
+import math
+import socket
+import socketserver
 import ssl
 import tempfile
 import threading
@@ -24,7 +27,7 @@ from mibi_node.reception.contexts import TRANSFER_SYNTAXES, VERIFICATION, storag
 from mibi_node.reception.validation import RejectedInstanceError, read_instance_meta
 from mibi_node.storage.instances import InstanceStore, StoreOutcome
 
-__all__ = ["StorageSCP", "STATUS_OUT_OF_RESOURCES", "STATUS_SUCCESS"]
+__all__ = ["STATUS_OUT_OF_RESOURCES", "STATUS_SUCCESS", "StorageSCP", "bind_listener"]
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +44,54 @@ _REJECT_CONGESTION = (0x02, 0x03, 0x01)
 # Its default (1 ms) adds about a millisecond to every PDU exchange; 0.1 ms is what
 # benchmarks/bench_ingest.py measured as the better trade (see docs/performance.md).
 _DUL_LOOP_DELAY = 0.0001
+
+
+def bind_listener(host: str, port: int, backlog: int = 128) -> socket.socket:
+    """Bind and listen on ``host:port``; the socket can be shared by forked acceptors.
+
+    Binding once, in the parent, keeps "address already in use" an error (unlike
+    SO_REUSEPORT, which would let a second node silently share the port).
+    """
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    listener = socket.socket(family, socket.SOCK_STREAM)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    listener.bind((host, port))
+    listener.listen(backlog)
+    # Several processes may wait on this socket: the ones that lose the race for a
+    # connection must get EAGAIN, not block in accept().
+    listener.setblocking(False)
+    return listener
+
+
+class _SharedListenerServer(ThreadedAssociationServer):
+    """pynetdicom's threaded server, accepting on a listening socket made elsewhere."""
+
+    def __init__(self, *args: Any, listener: socket.socket, **kwargs: Any) -> None:
+        self._listener = listener
+        super().__init__(*args, **kwargs)
+
+    def server_bind(self) -> None:
+        if self.socket is not None:
+            self.socket.close()
+        self.socket = self._listener
+        self.server_address = self._listener.getsockname()
+
+    def server_activate(self) -> None:
+        """Already listening (see :func:`bind_listener`)."""
+
+    def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
+        client, address = self._listener.accept()  # BlockingIOError when another won
+        client.setblocking(True)
+        if self.ssl_context:
+            client = self.ssl_context.wrap_socket(client, server_side=True)
+        return client, address
+
+    def server_close(self) -> None:
+        """Leave the shared listening socket open for the other acceptors."""
+
+    def shutdown(self) -> None:
+        """Stop the accept loop (associations in progress go on; see StorageSCP.stop)."""
+        socketserver.BaseServer.shutdown(self)
 
 
 @dataclass
@@ -64,10 +115,14 @@ class StorageSCP:
         Where acknowledged instances go.
     """
 
-    def __init__(self, config: Config, store: InstanceStore) -> None:
+    def __init__(
+        self, config: Config, store: InstanceStore, listener: socket.socket | None = None
+    ) -> None:
         self.config = config
         self.store = store
+        self._listener = listener
         self._server: ThreadedAssociationServer | None = None
+        self._thread: threading.Thread | None = None
         self._tallies: dict[int, _AssociationTally] = {}
         self._lock = threading.Lock()
         self._allowed = {
@@ -80,7 +135,10 @@ class StorageSCP:
     def _build_ae(self) -> AE:
         reception = self.config.reception
         ae = AE(ae_title=self.config.node.ae_title)
-        ae.maximum_associations = reception.max_associations
+        # Each acceptor process takes its share of the association limit.
+        ae.maximum_associations = max(
+            1, math.ceil(reception.max_associations / reception.acceptors)
+        )
         ae.maximum_pdu_size = reception.max_pdu_size
         ae.acse_timeout = reception.acse_timeout
         ae.dimse_timeout = reception.dimse_timeout
@@ -133,32 +191,49 @@ class StorageSCP:
             (evt.EVT_CONN_CLOSE, self._on_conn_close),
         ]
         address = (self.config.node.host, self.config.node.port)
-        self._server = self.ae.start_server(
-            address, block=False, evt_handlers=handlers, ssl_context=self._ssl_context()
+        if self._listener is None:
+            self._listener = bind_listener(*address)
+        server = self.ae.make_server(
+            address,
+            ssl_context=self._ssl_context(),
+            evt_handlers=handlers,
+            server_class=_SharedListenerServer,
+            listener=self._listener,
         )
-        logger.info(
-            "listening as %s on %s:%d%s",
-            self.config.node.ae_title,
-            address[0],
-            address[1],
-            " (TLS)" if self.config.reception.tls.enabled else "",
+        self._thread = threading.Thread(
+            target=server.serve_forever,
+            kwargs={"poll_interval": 0.2},
+            daemon=True,
+            name="storage-scp",
         )
-        if not self._allowed:
-            logger.warning("reception.allowed_peers is empty: any calling AE title may send")
+        self._thread.start()
+        self._server = server
 
     @property
     def port(self) -> int:
         """The port actually bound (useful when the configuration asked for port 0)."""
-        if self._server is None:
+        if self._listener is None:
             return self.config.node.port
-        return int(self._server.server_address[1])
+        return int(self._listener.getsockname()[1])
 
-    def stop(self) -> None:
-        """Stop accepting associations and wait for the ones in progress to finish."""
+    def stop(self, timeout: float = 30.0) -> None:
+        """Stop accepting associations and let the ones in progress finish (up to ``timeout``)."""
         if self._server is not None:
             self._server.shutdown()
             self._server = None
+        deadline = time.monotonic() + timeout
+        # Established associations finish their C-STOREs; connections still waiting for
+        # an A-ASSOCIATE-RQ (a port probe, a stalled peer) are aborted by ae.shutdown().
+        while time.monotonic() < deadline and any(
+            assoc.is_established for assoc in self.ae.active_associations
+        ):
+            time.sleep(0.05)
         self.ae.shutdown()
+        if self._listener is not None:
+            # Close this process's copy of the listening socket: once every acceptor has,
+            # the port is free for the next node.
+            self._listener.close()
+            self._listener = None
 
     # -- association events ---------------------------------------------------------------
 
