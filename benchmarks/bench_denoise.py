@@ -94,7 +94,7 @@ def main() -> None:
 
     variants: dict[str, Callable[[np.ndarray], np.ndarray]] = {
         "reference (per pixel)": lambda im: reference(im, args.smax),
-        "numpy/scipy vectorised": lambda im: adaptive_median(im, smax=args.smax),
+        "numpy vectorised": lambda im: adaptive_median(im, smax=args.smax),
         "torch cpu": lambda im: adaptive_median_torch(torch.from_numpy(im), smax=args.smax).numpy(),
     }
 
