@@ -1,0 +1,81 @@
+"""Storage and assembly in-process: rows, idempotency, state machine, stability sweep."""
+
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+from mibi_node.assembly.stability import mark_stable_studies
+from mibi_node.storage import (
+    FileStore,
+    InstanceMeta,
+    InstanceStore,
+    StoreOutcome,
+    StudyState,
+    open_database,
+)
+from mibi_node.storage.models import InvalidTransitionError, check_transition
+from mibi_node.storage.queries import list_studies
+
+from factory import nm_dataset, write
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> InstanceStore:
+    database = open_database(f"sqlite:///{tmp_path / 'db.sqlite3'}")
+    return InstanceStore(database, FileStore(tmp_path / "store"))
+
+
+def _receive(store: InstanceStore, tmp_path: Path, ds, name: str) -> StoreOutcome:  # type: ignore[no-untyped-def]
+    source = write(ds, tmp_path / f"{name}.dcm")
+    incoming = store.files.incoming / f"{name}.part"
+    shutil.copy(source, incoming)
+    meta = InstanceMeta(
+        study_instance_uid=ds.StudyInstanceUID,
+        series_instance_uid=ds.SeriesInstanceUID,
+        sop_instance_uid=ds.SOPInstanceUID,
+        sop_class_uid=ds.SOPClassUID,
+        transfer_syntax_uid=ds.file_meta.TransferSyntaxUID,
+        modality="NM",
+    )
+    return store.store(incoming, meta, "GAMMA1")
+
+
+def test_store_duplicate_replace_and_counts(store: InstanceStore, tmp_path: Path) -> None:
+    first = nm_dataset(seed=1)
+    assert _receive(store, tmp_path, first, "a") is StoreOutcome.STORED
+    assert _receive(store, tmp_path, first, "b") is StoreOutcome.DUPLICATE
+    changed = nm_dataset(first.StudyInstanceUID, seed=2, sop_instance_uid=first.SOPInstanceUID)
+    assert _receive(store, tmp_path, changed, "c") is StoreOutcome.REPLACED
+    other = nm_dataset(first.StudyInstanceUID, seed=3)
+    assert _receive(store, tmp_path, other, "d") is StoreOutcome.STORED
+    [study] = list_studies(store.database)
+    assert study.instance_count == 2
+    assert study.modalities == "NM"
+    assert study.calling_ae_title == "GAMMA1"
+    # Nothing is left in .incoming except the duplicate's temporary file (pynetdicom deletes it).
+    assert sorted(p.name for p in store.files.incoming.iterdir()) == ["b.part"]
+
+
+def test_stability_sweep_and_reopening(store: InstanceStore, tmp_path: Path) -> None:
+    ds = nm_dataset(seed=5)
+    _receive(store, tmp_path, ds, "a")
+    assert mark_stable_studies(store.database, quiet_seconds=60) == []
+    time.sleep(0.3)
+    assert len(mark_stable_studies(store.database, quiet_seconds=0.2)) == 1
+    assert list_studies(store.database)[0].state == "STABLE"
+    # A late instance reopens the study.
+    _receive(store, tmp_path, nm_dataset(ds.StudyInstanceUID, seed=6), "b")
+    [study] = list_studies(store.database)
+    assert study.state == "RECEIVING" and study.instance_count == 2
+
+
+def test_state_machine_refuses_invalid_transitions() -> None:
+    check_transition(StudyState.RECEIVING, StudyState.STABLE)
+    check_transition(StudyState.RUNNING, StudyState.DONE)
+    with pytest.raises(InvalidTransitionError, match="RECEIVING to DONE"):
+        check_transition(StudyState.RECEIVING, StudyState.DONE)
+    with pytest.raises(InvalidTransitionError):
+        check_transition(StudyState.IGNORED, StudyState.QUEUED)
