@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 import torch
+
 from mibi_node.imaging.denoise import adaptive_median, adaptive_median_torch
 
 RESULTS = Path(__file__).parent / "results"

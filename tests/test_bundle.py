@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from mibi_node.errors import BundleError, ConfigError
 from mibi_node.inference.bundle import (
     MIBI_CLASSES,

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from mibi_node.config import load_config
 from mibi_node.errors import ConfigError
 from mibi_node.storage.filestore import FileStore

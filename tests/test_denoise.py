@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+
 from mibi_node.imaging.denoise import adaptive_median, adaptive_median_torch
 
 

@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+
 from mibi_node.errors import UnusableStudyError
 from mibi_node.imaging.preprocess import Normalisation, resize_square, to_model_input
 from mibi_node.imaging.study import PhaseImage, StudyInput

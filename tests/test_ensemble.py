@@ -6,6 +6,7 @@ import math
 
 import numpy as np
 import pytest
+
 from mibi_node.inference.ensemble import Fusion, fuse, normalised_entropy
 
 

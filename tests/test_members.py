@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from mibi_node.inference.members import (
     PATENT_ARCHS,
     Member,

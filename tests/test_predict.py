@@ -12,12 +12,13 @@ import numpy as np
 import pydicom
 import pytest
 import typer
-from mibi_node.errors import UnusableStudyError
-from mibi_node.imaging.study import PhaseImage, StudyInput
-from mibi_node.inference.command import init_bundle, predict
 from pydicom.dataset import FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian
 from typer.testing import CliRunner
+
+from mibi_node.errors import UnusableStudyError
+from mibi_node.imaging.study import PhaseImage, StudyInput
+from mibi_node.inference.command import init_bundle, predict
 
 DEMO = Path(__file__).resolve().parents[1] / "config" / "ensemble-demo.toml"
 

@@ -7,6 +7,8 @@ import time
 from pathlib import Path
 
 import pytest
+
+from factory import nm_dataset, write
 from mibi_node.assembly.stability import mark_stable_studies
 from mibi_node.storage import (
     FileStore,
@@ -18,8 +20,6 @@ from mibi_node.storage import (
 )
 from mibi_node.storage.models import InvalidTransitionError, check_transition
 from mibi_node.storage.queries import list_studies
-
-from factory import nm_dataset, write
 
 
 @pytest.fixture
