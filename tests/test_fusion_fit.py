@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+
 from mibi_node.inference.ensemble import fuse
 from training.fusion import fit_fusion, fit_temperature, fit_weights
 

@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
+
 from training.metrics import (
     MetricValue,
     bootstrap_intervals,

@@ -22,8 +22,8 @@ import math
 
 import torch
 import torch.nn.functional as F  # noqa: N812
-from mibi_node.imaging.preprocess import Normalisation
 
+from mibi_node.imaging.preprocess import Normalisation
 from training.config import AugmentConfig
 
 __all__ = ["Augmenter"]

@@ -170,7 +170,6 @@ def train(
 ) -> None:
     """Train the members of a recipe, fit the fusion, and write and evaluate a model bundle."""
     from mibi_node.errors import MibiNodeError
-
     from training.pipeline import train_bundle
 
     changes: dict[str, Any] = {} if epochs is None else {"epochs": epochs}
@@ -248,7 +247,6 @@ def evaluate(
 ) -> None:
     """Evaluate a bundle on labelled studies: the patent's table, plots and reports."""
     from mibi_node.errors import MibiNodeError
-
     from training.evaluate import evaluate_bundle
 
     try:

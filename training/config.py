@@ -24,9 +24,10 @@ from __future__ import annotations
 import logging
 from typing import Any, Literal
 
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
 from mibi_node.errors import ConfigError
 from mibi_node.inference.recipe import Recipe
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 __all__ = [
     "AugmentConfig",

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
+
 from mibi_node.errors import MibiNodeError, UnusableStudyError
 from mibi_node.imaging.preprocess import Normalisation, to_model_input
 from mibi_node.imaging.study import PhaseImage, StudyInput

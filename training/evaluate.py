@@ -22,10 +22,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
 from mibi_node.errors import MibiNodeError
 from mibi_node.imaging.study import StudyInput
 from mibi_node.inference.result import StudyResult
-
 from training.data import CLASS_KEYS, DataError, DataSource, Sample, discover, read_sample
 from training.metrics import SCALAR_METRICS, metrics_to_dict, summarise
 from training.plots import plot_confusion, plot_roc

@@ -22,8 +22,8 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import numpy as np
-from mibi_node.inference.ensemble import Fusion, fuse
 
+from mibi_node.inference.ensemble import Fusion, fuse
 from training.metrics import expected_calibration_error
 
 __all__ = ["FusionFit", "fit_fusion", "fit_temperature", "fit_weights"]

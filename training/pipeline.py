@@ -24,11 +24,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import mibi_node
 import numpy as np
+
+import mibi_node
 from mibi_node.errors import MibiNodeError
 from mibi_node.inference.recipe import Recipe, load_recipe
-
 from training.config import TrainingConfig, training_config
 from training.data import (
     CLASS_KEYS,
@@ -200,9 +200,9 @@ def train_bundle(
         With one sentence saying what is wrong.
     """
     import torch
+
     from mibi_node.inference.bundle import write_bundle
     from mibi_node.inference.engine import resolve_device
-
     from training.trainer import predict_probabilities, train_member
 
     started = time.perf_counter()

@@ -32,11 +32,11 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F  # noqa: N812
+
 from mibi_node.errors import MibiNodeError
 from mibi_node.imaging.tta import TTAView, apply_views, average_views, parse_views
 from mibi_node.inference.members import Member, create_member
 from mibi_node.inference.recipe import MemberSection, Recipe
-
 from training.augment import Augmenter
 from training.config import TrainingConfig
 from training.data import CLASS_KEYS, TrainingArrays
