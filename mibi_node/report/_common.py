@@ -1,0 +1,227 @@
+"""Checks and helpers shared by the SR and the key image: validate at the boundary."""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterable, Mapping, Sequence
+
+from pydicom.charset import python_encoding
+from pydicom.dataset import Dataset
+from pydicom.uid import UID
+
+from mibi_node.inference.result import StudyResult
+from mibi_node.report import codes as mibi_codes
+
+__all__ = [
+    "DEMONSTRATION_DISCLAIMER",
+    "character_set",
+    "check_positive",
+    "check_predecessor",
+    "check_result",
+    "check_sources",
+    "check_uid",
+    "intended_use_text",
+]
+
+logger = logging.getLogger(__name__)
+
+#: The words every SR of a demonstration bundle carries, exactly.
+DEMONSTRATION_DISCLAIMER = (
+    "Demonstration model trained on synthetic phantoms. Not for diagnostic use."
+)
+
+_CLINICAL_USE = (
+    "Computer-assisted classification of parathyroid 99mTc-sestamibi scintigraphy "
+    "(normal, adenoma, hyperplasia, carcinoma, cyst). The result supports, and does not "
+    "replace, the reading physician."
+)
+
+# Patient and study attributes highdicom reads from the first evidence dataset without a
+# default; absent Type 2 attributes are given empty values (in a copy) so that a source
+# missing one still yields an SR.
+_TYPE2_HEADER = (
+    "PatientName",
+    "PatientID",
+    "PatientBirthDate",
+    "PatientSex",
+    "AccessionNumber",
+    "StudyID",
+    "StudyDate",
+    "StudyTime",
+    "ReferringPhysicianName",
+)
+
+_PROBABILITY_TOLERANCE = 1e-4
+
+
+def intended_use_text(intended_use: str) -> str:
+    """Return the sentence the SR states for a bundle's intended use.
+
+    Parameters
+    ----------
+    intended_use
+        ``"demonstration"`` or ``"clinical"``, as in the bundle manifest.
+    """
+    if intended_use == "demonstration":
+        return DEMONSTRATION_DISCLAIMER
+    if intended_use == "clinical":
+        return _CLINICAL_USE
+    raise ValueError(
+        f'Argument "intended_use" should be "demonstration" or "clinical", not {intended_use!r}.'
+    )
+
+
+def check_result(result: StudyResult) -> None:
+    """Raise unless ``result`` is a consistent StudyResult the report can encode."""
+    if not isinstance(result, StudyResult):
+        raise TypeError('Argument "result" should be a StudyResult.')
+    unknown = [key for key in result.probabilities if key not in mibi_codes.CLASS_CODES]
+    if unknown:
+        raise ValueError(f'Argument "result" has probabilities for unknown classes: {unknown}.')
+    if not result.probabilities:
+        raise ValueError('Argument "result" has no probabilities.')
+    values = list(result.probabilities.values())
+    if not all(math.isfinite(p) and 0.0 <= p <= 1.0 for p in values):
+        raise ValueError('Argument "result" has a probability outside [0, 1].')
+    if abs(math.fsum(values) - 1.0) > _PROBABILITY_TOLERANCE:
+        raise ValueError(
+            f'Argument "result" has probabilities that sum to {math.fsum(values):.6f}, not 1.'
+        )
+    if result.predicted not in result.probabilities:
+        raise ValueError(
+            f'Argument "result" predicts "{result.predicted}", which has no probability.'
+        )
+    for name, value in (
+        ("agreement", result.agreement),
+        ("normalised_entropy", result.normalised_entropy),
+    ):
+        if not (math.isfinite(value) and 0.0 <= value <= 1.0):
+            raise ValueError(f'Argument "result" has {name} {value} outside [0, 1].')
+    if not result.bundle_name or not result.bundle_version:
+        raise ValueError('Argument "result" should name its bundle (name and version).')
+    if not result.source_images:
+        raise ValueError('Argument "result" has no source images.')
+    if result.focus is not None:
+        if result.focus.phase not in result.source_images:
+            raise ValueError(
+                f'Argument "result" has a focus on the {result.focus.phase} image, '
+                "which is not among its source images."
+            )
+        if result.focus.side not in mibi_codes.LATERALITY:
+            raise ValueError(f'Argument "result" has a focus on side "{result.focus.side}".')
+        if result.focus.pole not in ("upper", "lower", "ectopic"):
+            raise ValueError(f'Argument "result" has a focus at pole "{result.focus.pole}".')
+    intended_use_text(result.intended_use)
+
+
+def check_sources(sources: Sequence[Dataset], result: StudyResult) -> list[Dataset]:
+    """Check the source headers against ``result``; return them as evidence.
+
+    The first header is copied with empty values for absent Type 2 patient/study
+    attributes, which highdicom reads without a default.
+    """
+    if isinstance(sources, Dataset) or not isinstance(sources, Sequence):
+        raise TypeError('Argument "sources" should be a sequence of pydicom Datasets.')
+    if not sources:
+        raise ValueError('Argument "sources" should hold at least one dataset.')
+    for index, ds in enumerate(sources):
+        if not isinstance(ds, Dataset):
+            raise TypeError(f'Item {index} of argument "sources" is not a pydicom Dataset.')
+        for keyword in ("SOPClassUID", "SOPInstanceUID", "SeriesInstanceUID", "StudyInstanceUID"):
+            if not ds.get(keyword):
+                raise ValueError(f'Item {index} of argument "sources" has no {keyword}.')
+        if ds.StudyInstanceUID != result.study_instance_uid:
+            raise ValueError(
+                f'Item {index} of argument "sources" belongs to study {ds.StudyInstanceUID}, '
+                f"not to the result's study {result.study_instance_uid}."
+            )
+    by_uid: Mapping[str, Dataset] = {ds.SOPInstanceUID: ds for ds in sources}
+    if len(by_uid) != len(sources):
+        raise ValueError('Argument "sources" holds an instance twice.')
+    for name, image in result.source_images.items():
+        header = by_uid.get(image.sop_instance_uid)
+        if header is None:
+            raise ValueError(
+                f'Argument "sources" lacks the {name} image {image.sop_instance_uid} '
+                "the result was computed from."
+            )
+        frames = int(header.get("NumberOfFrames") or 1)
+        if image.frame_number is not None and not 1 <= image.frame_number <= frames:
+            raise ValueError(
+                f'Argument "result" uses frame {image.frame_number} of the {name} image, '
+                f"which has {frames} frame(s)."
+            )
+    focus = result.focus
+    if focus is not None:
+        header = by_uid[result.source_images[focus.phase].sop_instance_uid]
+        rows, columns = int(header.Rows), int(header.Columns)
+        if not (-0.5 <= focus.row <= rows - 0.5 and -0.5 <= focus.col <= columns - 0.5):
+            raise ValueError(
+                f'Argument "result" has a focus at row {focus.row}, column {focus.col}, '
+                f"outside the {rows} x {columns} {focus.phase} image."
+            )
+    return [with_type2_header(sources[0]), *sources[1:]]
+
+
+def with_type2_header(ds: Dataset) -> Dataset:
+    """Return ``ds``, or a pixel-less copy with absent Type 2 header attributes empty."""
+    missing = [keyword for keyword in _TYPE2_HEADER if keyword not in ds]
+    if not missing:
+        return ds
+    header = Dataset()
+    for element in ds:
+        if element.tag.group != 0x7FE0:
+            header.add(element)
+    for keyword in missing:
+        setattr(header, keyword, None)
+    logger.debug("source %s lacks %s; the SR leaves them empty", ds.SOPInstanceUID, missing)
+    return header
+
+
+def check_predecessor(predecessor: Dataset, result: StudyResult) -> None:
+    """Raise unless ``predecessor`` identifies an instance of the result's study."""
+    if not isinstance(predecessor, Dataset):
+        raise TypeError('Argument "predecessor" should be a pydicom Dataset.')
+    for keyword in ("SOPClassUID", "SOPInstanceUID", "SeriesInstanceUID", "StudyInstanceUID"):
+        if not predecessor.get(keyword):
+            raise ValueError(f'Argument "predecessor" has no {keyword}.')
+    if predecessor.StudyInstanceUID != result.study_instance_uid:
+        raise ValueError(
+            f'Argument "predecessor" belongs to study {predecessor.StudyInstanceUID}, '
+            f"not to the result's study {result.study_instance_uid}."
+        )
+
+
+def check_uid(value: object, name: str) -> None:
+    """Raise unless ``value`` is a valid UID (``name`` is the argument's name)."""
+    if not isinstance(value, str) or not UID(value).is_valid:
+        raise ValueError(f'Argument "{name}" should be a valid DICOM UID, not {value!r}.')
+
+
+def character_set(source: object, texts: Iterable[str]) -> str | list[str] | None:
+    """Return the Specific Character Set to write: the source's, unless our text needs more.
+
+    Text the node adds (manufacturer, bundle name, comments) may hold characters the source's
+    character set cannot encode; then the instance is written in UTF-8 (``ISO_IR 192``), and
+    pydicom re-encodes the copied patient and study attributes.
+    """
+    text = "".join(texts)
+    if text.isascii():
+        return source  # type: ignore[return-value]
+    if isinstance(source, str) and source:
+        codec = python_encoding.get(source)
+        if codec is not None:
+            try:
+                text.encode(codec)
+            except UnicodeEncodeError:
+                pass
+            else:
+                return source
+    return "ISO_IR 192"
+
+
+def check_positive(value: object, name: str) -> None:
+    """Raise unless ``value`` is a positive integer (``name`` is the argument's name)."""
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f'Argument "{name}" should be a positive integer.')

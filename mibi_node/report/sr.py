@@ -1,0 +1,377 @@
+"""The MIBI result as a Comprehensive 3D SR: TID 1500 Measurement Report in the original study.
+
+Content tree (every CONTAINER has Continuity of Content SEPARATE, so that renderers such as
+DCMTK's ``dsr2html`` show each item with its concept name)::
+
+    Imaging Measurement Report (TID 1500)
+      Language, Observer Context (device "mibi-node"), Procedure Reported
+      Image Library (TID 1600): every source instance
+      Imaging Measurements
+        Measurement Group (TID 1501) x one per class
+          Tracking Identifier/UID, Finding = class code, Finding Site = Parathyroid,
+          Algorithm Identification, Source images,
+          Probability (DCM 122157, UCUM "1")
+          [predicted class: Ensemble member agreement, Normalised entropy]
+        Measurement Group (TID 1410), predicted non-normal class with a focus only:
+          Finding, Finding Site Parathyroid + Laterality + Superior/Inferior,
+          Algorithm Identification, Image Region (SCOORD on the delayed frame), Probability
+      Qualitative Evaluations (TID 1500 row 12)
+        Intended use (TEXT), Comment (TEXT) x supersession note and engine warnings
+
+:func:`read_probabilities` reads the class probabilities back from such a document.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Sequence
+from os import PathLike
+from typing import Any, BinaryIO
+
+import highdicom as hd
+import numpy as np
+from highdicom.sr import (
+    AlgorithmIdentification,
+    Comprehensive3DSR,
+    ContainerContentItem,
+    ContentSequence,
+    DeviceObserverIdentifyingAttributes,
+    FindingSite,
+    GraphicTypeValues,
+    ImageRegion,
+    Measurement,
+    MeasurementReport,
+    MeasurementsAndQualitativeEvaluations,
+    ObservationContext,
+    ObserverContext,
+    PlanarROIMeasurementsAndQualitativeEvaluations,
+    RelationshipTypeValues,
+    SourceImageForMeasurementGroup,
+    SourceImageForRegion,
+    TextContentItem,
+    TrackingIdentifier,
+)
+from pydicom.dataset import Dataset
+from pydicom.sr.codedict import codes
+from pydicom.uid import generate_uid
+
+import mibi_node
+from mibi_node.inference.result import Focus, StudyResult
+from mibi_node.report import codes as mibi_codes
+from mibi_node.report._common import (
+    DEMONSTRATION_DISCLAIMER,
+    character_set,
+    check_positive,
+    check_predecessor,
+    check_result,
+    check_sources,
+    check_uid,
+    intended_use_text,
+)
+
+__all__ = [
+    "DEFAULT_SERIES_NUMBER",
+    "DEMONSTRATION_DISCLAIMER",
+    "build_sr",
+    "intended_use_text",
+    "read_probabilities",
+]
+
+logger = logging.getLogger(__name__)
+
+#: Series Number of the result series unless the caller chooses one.
+DEFAULT_SERIES_NUMBER = 9901
+
+
+def build_sr(
+    result: StudyResult,
+    sources: Sequence[Dataset],
+    *,
+    device_uid: str,
+    series_number: int = DEFAULT_SERIES_NUMBER,
+    instance_number: int = 1,
+    manufacturer: str = mibi_codes.DEVICE_NAME,
+    series_instance_uid: str | None = None,
+    sop_instance_uid: str | None = None,
+    predecessor: Dataset | None = None,
+    institution_name: str | None = None,
+) -> Comprehensive3DSR:
+    """Build the Structured Report that returns ``result`` to PACS.
+
+    The SR joins the original study in a new series ("MIBI-NODE AI RESULT"), copies the
+    patient and study attributes from ``sources`` and lists every source instance in its
+    image library and evidence.
+
+    Parameters
+    ----------
+    result
+        The engine's answer for one study.
+    sources
+        Headers of the study's source instances (read with ``stop_before_pixels=True``);
+        they must include every image in ``result.source_images``.
+    device_uid
+        Device Observer UID: a UID that stays the same for this node installation.
+    series_number, instance_number
+        Positive integers for the new series and instance.
+    manufacturer
+        Manufacturer of the device (Equipment module and observer context).
+    series_instance_uid, sop_instance_uid
+        UIDs to use (e.g. to keep them stable across retries); new ones by default.
+    predecessor
+        Header of an earlier SR this one supersedes: it is listed in the Predecessor
+        Documents Sequence and the report says so in a comment.
+    institution_name
+        Institution Name of the creating site, if known.
+
+    Returns
+    -------
+    highdicom.sr.Comprehensive3DSR
+        The document, ready for ``save_as`` or a C-STORE.
+
+    Raises
+    ------
+    TypeError
+        When an argument has the wrong type.
+    ValueError
+        When the result is inconsistent (probabilities, classes, focus) or the sources do
+        not belong to the result's study or lack one of its images.
+    """
+    check_result(result)
+    headers = check_sources(sources, result)
+    check_positive(series_number, "series_number")
+    check_positive(instance_number, "instance_number")
+    check_uid(device_uid, "device_uid")
+    if not isinstance(manufacturer, str) or not manufacturer:
+        raise ValueError('Argument "manufacturer" should be a non-empty string.')
+    if series_instance_uid is not None:
+        check_uid(series_instance_uid, "series_instance_uid")
+    if sop_instance_uid is not None:
+        check_uid(sop_instance_uid, "sop_instance_uid")
+    if predecessor is not None:
+        check_predecessor(predecessor, result)
+
+    comments = []
+    if predecessor is not None:
+        comments.append(
+            "This report supersedes the earlier mibi-node report "
+            f"{predecessor.SOPInstanceUID}, which should no longer be used."
+        )
+    comments.extend(result.warnings)
+    texts = [intended_use_text(result.intended_use), *comments]
+
+    content = _measurement_report(result, headers, device_uid, manufacturer, texts[0], comments)
+    charset = character_set(
+        headers[0].get("SpecificCharacterSet"),
+        [manufacturer, result.bundle_name, result.bundle_version, institution_name or "", *texts],
+    )
+    sr = Comprehensive3DSR(
+        evidence=headers,
+        content=content,
+        series_instance_uid=series_instance_uid or generate_uid(),
+        series_number=series_number,
+        sop_instance_uid=sop_instance_uid or generate_uid(),
+        instance_number=instance_number,
+        manufacturer=manufacturer,
+        is_complete=True,
+        is_final=False,
+        is_verified=False,
+        institution_name=institution_name,
+        previous_versions=None if predecessor is None else [predecessor],
+        series_description=mibi_codes.SERIES_DESCRIPTION,
+        manufacturer_model_name=mibi_codes.DEVICE_NAME,
+        software_versions=mibi_node.__version__,
+        coding_schemes=[mibi_codes.coding_scheme_identification()],
+        specific_character_set=charset,
+    )
+    logger.info(
+        "SR %s for study %s: %s (%.3f)",
+        sr.SOPInstanceUID,
+        result.study_instance_uid,
+        result.predicted,
+        result.probabilities[result.predicted],
+    )
+    return sr
+
+
+def read_probabilities(
+    sr: Dataset | str | PathLike[str] | bytes | BinaryIO,
+) -> dict[str, float]:
+    """Read the class probabilities back from an SR written by :func:`build_sr`.
+
+    Parameters
+    ----------
+    sr
+        The SR as a dataset (a highdicom SR or a plain ``pydicom`` dataset) or as a file
+        (path, bytes or binary file object), read with :func:`highdicom.sr.srread`.
+
+    Returns
+    -------
+    dict[str, float]
+        Class key -> probability, in document order; only the TID 1501 groups count (the
+        TID 1410 focus group repeats the predicted class's probability).
+
+    Raises
+    ------
+    ValueError
+        When the document is no TID 1500 report or a class appears twice.
+    """
+    document: Any
+    if isinstance(sr, hd.sr.sop._SR):
+        document = sr
+    elif isinstance(sr, Dataset):
+        document = Comprehensive3DSR.from_dataset(sr)
+    else:
+        document = hd.sr.srread(sr)
+    content = document.content
+    if not isinstance(content, MeasurementReport):
+        raise ValueError('Argument "sr" is not a TID 1500 Measurement Report.')
+    probabilities: dict[str, float] = {}
+    for group in content.get_image_measurement_groups():
+        finding = group.finding_type
+        key = None if finding is None else mibi_codes.class_key(finding)
+        if key is None:
+            continue
+        measurements = group.get_measurements(name=mibi_codes.PROBABILITY)
+        if not measurements:
+            continue
+        if key in probabilities:
+            raise ValueError(f'Argument "sr" has two probabilities for class "{key}".')
+        probabilities[key] = float(measurements[0].value)
+    return probabilities
+
+
+def _measurement_report(
+    result: StudyResult,
+    headers: Sequence[Dataset],
+    device_uid: str,
+    manufacturer: str,
+    intended_use: str,
+    comments: Sequence[str],
+) -> MeasurementReport:
+    observer = ObserverContext(
+        observer_type=codes.DCM.Device,
+        observer_identifying_attributes=DeviceObserverIdentifyingAttributes(
+            uid=device_uid,
+            name=mibi_codes.DEVICE_NAME,
+            manufacturer_name=manufacturer,
+            model_name=result.bundle_name,
+            serial_number=result.bundle_version,
+        ),
+    )
+    groups: list[
+        MeasurementsAndQualitativeEvaluations | PlanarROIMeasurementsAndQualitativeEvaluations
+    ] = [_class_group(result, key) for key in result.probabilities]
+    if result.predicted != "normal" and result.focus is not None:
+        groups.append(_focus_group(result, result.focus))
+    report = MeasurementReport(
+        observation_context=ObservationContext(observer_device_context=observer),
+        procedure_reported=mibi_codes.PROCEDURE_REPORTED,
+        imaging_measurements=groups,
+        referenced_images=list(headers),
+    )
+    report[0].ContentSequence.append(_qualitative_evaluations(intended_use, comments))
+    for item in _walk(report):
+        if item.ValueType == "CONTAINER":
+            item.ContinuityOfContent = "SEPARATE"
+    return report
+
+
+def _class_group(result: StudyResult, key: str) -> MeasurementsAndQualitativeEvaluations:
+    measurements = [_fraction(mibi_codes.PROBABILITY, result.probabilities[key])]
+    if key == result.predicted:
+        measurements.append(_fraction(mibi_codes.AGREEMENT, result.agreement))
+        measurements.append(_fraction(mibi_codes.NORMALISED_ENTROPY, result.normalised_entropy))
+    return MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=TrackingIdentifier(
+            uid=generate_uid(), identifier=f"{mibi_codes.DEVICE_NAME} {key} probability"
+        ),
+        finding_type=mibi_codes.CLASS_CODES[key],
+        finding_sites=[FindingSite(anatomic_location=mibi_codes.FINDING_SITE)],
+        algorithm_id=_algorithm(result),
+        measurements=measurements,
+        source_images=[
+            SourceImageForMeasurementGroup(
+                referenced_sop_class_uid=image.sop_class_uid,
+                referenced_sop_instance_uid=image.sop_instance_uid,
+                referenced_frame_numbers=(
+                    None if image.frame_number is None else [image.frame_number]
+                ),
+            )
+            for image in result.source_images.values()
+        ],
+    )
+
+
+def _focus_group(
+    result: StudyResult, focus: Focus
+) -> PlanarROIMeasurementsAndQualitativeEvaluations:
+    image = result.source_images[focus.phase]
+    source_image = SourceImageForRegion(
+        referenced_sop_class_uid=image.sop_class_uid,
+        referenced_sop_instance_uid=image.sop_instance_uid,
+        referenced_frame_numbers=None if image.frame_number is None else [image.frame_number],
+    )
+    # SCOORD pixel coordinates put (0, 0) at the top left corner of the top left pixel, so
+    # the centre of pixel (row, col) is (col + 0.5, row + 0.5) as (column, row).
+    region = ImageRegion(
+        graphic_type=GraphicTypeValues.POINT,
+        graphic_data=np.array([[focus.col + 0.5, focus.row + 0.5]]),
+        source_image=source_image,
+    )
+    key = result.predicted
+    return PlanarROIMeasurementsAndQualitativeEvaluations(
+        tracking_identifier=TrackingIdentifier(
+            uid=generate_uid(), identifier=f"{mibi_codes.DEVICE_NAME} {key} focus"
+        ),
+        referenced_region=region,
+        finding_type=mibi_codes.CLASS_CODES[key],
+        finding_sites=[
+            FindingSite(
+                anatomic_location=mibi_codes.FINDING_SITE,
+                laterality=mibi_codes.LATERALITY[focus.side],
+                topographical_modifier=mibi_codes.POLE.get(focus.pole),
+            )
+        ],
+        algorithm_id=_algorithm(result),
+        measurements=[_fraction(mibi_codes.PROBABILITY, result.probabilities[key])],
+    )
+
+
+def _qualitative_evaluations(intended_use: str, comments: Sequence[str]) -> ContainerContentItem:
+    container = ContainerContentItem(
+        name=mibi_codes.QUALITATIVE_EVALUATIONS,
+        relationship_type=RelationshipTypeValues.CONTAINS,
+        is_content_continuous=False,
+    )
+    container.ContentSequence = ContentSequence(
+        [
+            TextContentItem(
+                name=mibi_codes.INTENDED_USE,
+                value=intended_use,
+                relationship_type=RelationshipTypeValues.CONTAINS,
+            ),
+            *(
+                TextContentItem(
+                    name=mibi_codes.COMMENT,
+                    value=comment,
+                    relationship_type=RelationshipTypeValues.CONTAINS,
+                )
+                for comment in comments
+            ),
+        ]
+    )
+    return container
+
+
+def _algorithm(result: StudyResult) -> AlgorithmIdentification:
+    return AlgorithmIdentification(name=result.bundle_name, version=result.bundle_version)
+
+
+def _fraction(name: Any, value: float) -> Measurement:
+    return Measurement(name=name, value=float(value), unit=mibi_codes.NO_UNITS)
+
+
+def _walk(items: Iterable[Dataset]) -> Iterable[Dataset]:
+    for item in items:
+        yield item
+        yield from _walk(item.get("ContentSequence", []))
