@@ -7,6 +7,7 @@ the delayed image with the focus and the probabilities as a Secondary Capture fo
 that do not render SR. See ``docs/report.md``.
 """
 
+from mibi_node.report.keyimage import build_key_image
 from mibi_node.report.sr import DEMONSTRATION_DISCLAIMER, build_sr, read_probabilities
 
-__all__ = ["DEMONSTRATION_DISCLAIMER", "build_sr", "read_probabilities"]
+__all__ = ["DEMONSTRATION_DISCLAIMER", "build_key_image", "build_sr", "read_probabilities"]
