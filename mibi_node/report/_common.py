@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 from collections.abc import Iterable, Mapping, Sequence
 
 from pydicom.charset import python_encoding
+from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
-from pydicom.uid import UID
+from pydicom.multival import MultiValue
 
 from mibi_node.inference.result import StudyResult
 from mibi_node.report import codes as mibi_codes
@@ -21,6 +23,7 @@ __all__ = [
     "check_result",
     "check_sources",
     "check_uid",
+    "detach_person_names",
     "intended_use_text",
 ]
 
@@ -53,6 +56,9 @@ _TYPE2_HEADER = (
 )
 
 _PROBABILITY_TOLERANCE = 1e-4
+
+# PS3.5 9.1: dot-separated numbers without leading zeros, at most 64 characters.
+_UID = re.compile(r"(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*")
 
 
 def intended_use_text(intended_use: str) -> str:
@@ -195,7 +201,7 @@ def check_predecessor(predecessor: Dataset, result: StudyResult) -> None:
 
 def check_uid(value: object, name: str) -> None:
     """Raise unless ``value`` is a valid UID (``name`` is the argument's name)."""
-    if not isinstance(value, str) or not UID(value).is_valid:
+    if not isinstance(value, str) or len(value) > 64 or not _UID.fullmatch(value):
         raise ValueError(f'Argument "{name}" should be a valid DICOM UID, not {value!r}.')
 
 
@@ -225,3 +231,20 @@ def check_positive(value: object, name: str) -> None:
     """Raise unless ``value`` is a positive integer (``name`` is the argument's name)."""
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
         raise ValueError(f'Argument "{name}" should be a positive integer.')
+
+
+def detach_person_names(ds: Dataset) -> None:
+    """Give ``ds`` its own copies of the top-level person names copied from a source.
+
+    pydicom caches a name's encoded bytes on the ``PersonName`` object the first time it is
+    written; a name object shared with the source (or with another instance written in a
+    different character set) would then be written with the wrong bytes.
+    """
+    for element in list(ds):
+        if element.VR != "PN" or element.value is None:
+            continue
+        if isinstance(element.value, MultiValue | list):
+            value: object = [str(name) for name in element.value]
+        else:
+            value = str(element.value)
+        ds[element.tag] = DataElement(element.tag, "PN", value)

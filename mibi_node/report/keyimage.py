@@ -28,6 +28,7 @@ from mibi_node.report._common import (
     check_result,
     check_sources,
     check_uid,
+    detach_person_names,
     intended_use_text,
 )
 
@@ -138,6 +139,7 @@ def build_key_image(
         ),
     )
     sc.copy_patient_and_study_information(header)
+    detach_person_names(sc)
     sc.ConversionType = "WSD"  # workstation: drawn by software, not digitised film
     sc.BurnedInAnnotation = "YES"
     sc.ImageLaterality = "B"  # the anterior neck view shows both sides

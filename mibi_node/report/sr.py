@@ -66,6 +66,7 @@ from mibi_node.report._common import (
     check_result,
     check_sources,
     check_uid,
+    detach_person_names,
     intended_use_text,
 )
 
@@ -183,6 +184,7 @@ def build_sr(
         coding_schemes=[mibi_codes.coding_scheme_identification()],
         specific_character_set=charset,
     )
+    detach_person_names(sr)
     logger.info(
         "SR %s for study %s: %s (%.3f)",
         sr.SOPInstanceUID,
@@ -215,14 +217,14 @@ def read_probabilities(
     ValueError
         When the document is no TID 1500 report or a class appears twice.
     """
-    document: Any
-    if isinstance(sr, hd.sr.sop._SR):
-        document = sr
-    elif isinstance(sr, Dataset):
-        document = Comprehensive3DSR.from_dataset(sr)
+    if isinstance(sr, Dataset):
+        content = getattr(sr, "content", None)
+        if not isinstance(content, MeasurementReport):
+            # A plain dataset, or a document built here (highdicom keeps its content as a
+            # generic tree): parse the content tree as TID 1500.
+            content = Comprehensive3DSR.from_dataset(sr).content
     else:
-        document = hd.sr.srread(sr)
-    content = document.content
+        content = hd.sr.srread(sr).content
     if not isinstance(content, MeasurementReport):
         raise ValueError('Argument "sr" is not a TID 1500 Measurement Report.')
     probabilities: dict[str, float] = {}
