@@ -317,6 +317,11 @@ def test_invalid_arguments_are_named() -> None:
         (dict(sources=[*sources, other_study]), ValueError, '"sources"'),
         (dict(sources=sources[2:]), ValueError, '"sources"'),
         (dict(sources=sources[0]), TypeError, '"sources"'),
+        (
+            dict(sources=[*sources, _without(nm_dataset(result.study_instance_uid), "Rows")]),
+            ValueError,
+            "not an image",
+        ),
         (dict(series_number=0), ValueError, '"series_number"'),
         (dict(instance_number=True), ValueError, '"instance_number"'),
         (dict(device_uid="not a uid"), ValueError, '"device_uid"'),
@@ -331,6 +336,11 @@ def test_invalid_arguments_are_named() -> None:
         kwargs = {"result": result, "sources": sources, "device_uid": DEVICE_UID, **overrides}
         with pytest.raises(error, match=name):
             build_sr(**kwargs)
+
+
+def _without(ds: Dataset, keyword: str) -> Dataset:
+    delattr(ds, keyword)
+    return ds
 
 
 def test_report_package_imports_neither_torch_nor_sqlalchemy() -> None:

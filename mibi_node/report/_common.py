@@ -137,6 +137,11 @@ def check_sources(sources: Sequence[Dataset], result: StudyResult) -> list[Datas
         for keyword in ("SOPClassUID", "SOPInstanceUID", "SeriesInstanceUID", "StudyInstanceUID"):
             if not ds.get(keyword):
                 raise ValueError(f'Item {index} of argument "sources" has no {keyword}.')
+        if not all(keyword in ds for keyword in ("Modality", "Rows", "Columns")):
+            raise ValueError(
+                f'Item {index} of argument "sources" is not an image '
+                "(the image library needs its Modality, Rows and Columns)."
+            )
         if ds.StudyInstanceUID != result.study_instance_uid:
             raise ValueError(
                 f'Item {index} of argument "sources" belongs to study {ds.StudyInstanceUID}, '
