@@ -190,6 +190,12 @@ def _register_stage_commands() -> None:
 
     app.command("predict")(predict)
     app.command("init-bundle")(init_bundle)
+    # The offline modules live in the top-level ``training`` package; only the CLI reaches
+    # them (the daemon never imports training code). Their command module is light.
+    from training.command import evaluate, train
+
+    app.command("train")(train)
+    app.command("evaluate")(evaluate)
 
 
 _register_stage_commands()
