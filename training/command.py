@@ -59,11 +59,14 @@ class _Display:
 
     def __call__(self, event: str, *args: Any) -> None:
         p = self.progress
-        if event == "read":
+        if event in ("read", "classify"):
             done, total = args
-            if "read" not in self.tasks:
-                self.tasks["read"] = p.add_task("reading studies", total=total)
-            p.update(self.tasks["read"], completed=done, total=total)
+            if event not in self.tasks:
+                label = (
+                    "reading studies" if event == "read" else "classifying (with and without TTA)"
+                )
+                self.tasks[event] = p.add_task(label, total=total)
+            p.update(self.tasks[event], completed=done, total=total)
         elif event == "stage":
             if "read" in self.tasks:
                 p.remove_task(self.tasks.pop("read"))
@@ -259,7 +262,7 @@ def evaluate(
                 device=device,
                 n_resamples=bootstrap,
                 out_dir=out,
-                progress=lambda stage, done, total: display("read", done, total),
+                progress=lambda stage, done, total: display(stage, done, total),
             )
     except (MibiNodeError, ValueError, TypeError, OSError) as exc:
         raise _fail(str(exc), 2) from None

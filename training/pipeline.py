@@ -47,8 +47,9 @@ __all__ = ["TrainingError", "TrainingResult", "train_bundle"]
 
 logger = logging.getLogger(__name__)
 
-#: Called with (event, details): ``"stage"`` (name), ``"read"`` (done, total), ``"step"``
-#: (member, epoch, step, steps, loss), ``"epoch"`` (member, row), ``"member"`` (name, epochs).
+#: Called with (event, details): ``"stage"`` (name), ``"read"``/``"classify"`` (done, total),
+#: ``"step"`` (member, epoch, step, steps, loss), ``"epoch"`` (member, row), ``"member"``
+#: (name, epochs).
 ProgressCallback = Callable[..., None]
 
 
@@ -407,7 +408,9 @@ def train_bundle(
                 device=device,
                 n_resamples=config.bootstrap,
                 seed=config.seed,
-                progress=lambda stage, done, total: notify("read", done, total),
+                progress=lambda stage, done, total: notify(
+                    "read" if stage == "read" else "classify", done, total
+                ),
             )
             seconds["evaluation"] = time.perf_counter() - evaluation_started
         seconds["total"] = time.perf_counter() - started
