@@ -29,7 +29,7 @@ def mark_stable_studies(database: Database, quiet_seconds: float) -> list[int]:
         Database ids of the studies that became stable.
     """
     cutoff = utcnow() - timedelta(seconds=quiet_seconds)
-    with database.session() as session, session.begin():
+    with database.write_lock(), database.session() as session, session.begin():
         studies = session.scalars(
             select(Study)
             .where(Study.state == StudyState.RECEIVING, Study.last_received_at <= cutoff)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import enum
 import filecmp
 import logging
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -62,9 +61,8 @@ class InstanceStore:
     """Files plus rows: the durable record of every acknowledged instance.
 
     Writes go through SQLAlchemy Core (not the ORM): this is the node's hot path, and one
-    C-STORE costs one short ``BEGIN IMMEDIATE`` transaction. Within a process, writers
-    queue on a lock rather than on SQLite's busy handler, whose back-off sleeps would
-    stall parallel associations.
+    C-STORE costs one short ``BEGIN IMMEDIATE`` transaction, taken under the database's
+    writer lock (see :meth:`Database.write_lock`).
 
     Parameters
     ----------
@@ -77,7 +75,6 @@ class InstanceStore:
     def __init__(self, database: Database, files: FileStore) -> None:
         self.database = database
         self.files = files
-        self._write_lock = threading.Lock()
 
     def store(self, temporary: Path, meta: InstanceMeta, calling_ae_title: str) -> StoreOutcome:
         """Make ``temporary`` a stored instance; returns only once it is durable.
@@ -94,7 +91,7 @@ class InstanceStore:
         if target.is_file() and filecmp.cmp(temporary, target, shallow=False):
             return StoreOutcome.DUPLICATE
         self.files.place(temporary, relative)
-        with self._write_lock:
+        with self.database.write_lock():
             outcome, old_path = self._commit(meta, relative, digest, size, calling_ae_title)
         if old_path is not None:
             self.files.remove(old_path)
