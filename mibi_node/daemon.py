@@ -17,7 +17,6 @@ import multiprocessing
 import os
 import signal
 import socket
-import threading
 import time
 from multiprocessing.process import BaseProcess
 from types import FrameType
@@ -51,19 +50,20 @@ def _die_with_parent() -> None:
 def _acceptor_main(config: Config, listener: socket.socket, index: int, parent: int) -> None:
     """Body of one acceptor process: serve C-ECHO/C-STORE on the shared socket until told."""
     _die_with_parent()
-    stop = threading.Event()
+    # A signal handler must not take locks (threading.Event.set does: a second signal
+    # arriving inside it deadlocks), so it only flips a flag that the loop polls.
+    stopping: list[int] = []
 
-    def _on_signal(_signum: int, _frame: FrameType | None) -> None:
-        stop.set()
+    def _on_signal(signum: int, _frame: FrameType | None) -> None:
+        stopping.append(signum)
 
     signal.signal(signal.SIGTERM, _on_signal)
     signal.signal(signal.SIGINT, _on_signal)
     database = Database(config.database_url)
     scp = StorageSCP(config, InstanceStore(database, FileStore(config.store_dir)), listener)
     scp.start()
-    while not stop.wait(0.2):
-        if os.getppid() != parent:  # the parent died before PDEATHSIG was armed
-            break
+    while not stopping and os.getppid() == parent:  # ppid changes if the parent died
+        time.sleep(0.2)
     scp.stop()
     database.dispose()
     logger.debug("acceptor %d stopped", index)
@@ -86,7 +86,7 @@ class Node:
         self.listener: socket.socket | None = None
         self.scp: StorageSCP | None = None
         self._acceptors: list[BaseProcess] = []
-        self._stop = threading.Event()
+        self._stop_signal: int | None = None
         self._stopping = False
 
     # -- life cycle -----------------------------------------------------------------------
@@ -199,10 +199,8 @@ class Node:
         logger.info("stopped")
 
     def request_stop(self, signum: int | None = None, _frame: FrameType | None = None) -> None:
-        """Signal handler: ask :meth:`serve_forever` to return."""
-        if signum is not None:
-            logger.info("received %s, stopping", signal.Signals(signum).name)
-        self._stop.set()
+        """Signal handler: ask :meth:`serve_forever` to return (only sets a flag)."""
+        self._stop_signal = signum if signum is not None else 0
 
     def serve_forever(self) -> None:
         """Start, run until SIGTERM/SIGINT, then stop cleanly."""
@@ -210,7 +208,13 @@ class Node:
         signal.signal(signal.SIGINT, self.request_stop)
         self.start()
         try:
-            while not self._stop.wait(1.0):
-                self._watch_acceptors()
+            ticks = 0
+            while self._stop_signal is None:
+                time.sleep(0.2)
+                ticks += 1
+                if ticks % 5 == 0:
+                    self._watch_acceptors()
+            if self._stop_signal:
+                logger.info("received %s, stopping", signal.Signals(self._stop_signal).name)
         finally:
             self.stop()

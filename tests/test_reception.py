@@ -319,3 +319,22 @@ def test_a_killed_acceptor_is_replaced_and_reception_goes_on(node_factory, tmp_p
         assert storescu(node.port, batch).returncode == 0
     assert node.query("SELECT count(*) FROM instance") == [(20,)]
     assert "starting a new one" in node.log()
+
+
+def test_repeated_sigterm_stops_the_node_and_every_acceptor(node_factory) -> None:
+    import os
+    import signal
+
+    node = node_factory({"reception": {"acceptors": 2}})
+    children = node.acceptor_pids()
+    assert len(children) == 2
+    for _ in range(3):  # an impatient operator (or systemd plus a user) signalling repeatedly
+        node.process.send_signal(signal.SIGTERM)
+        for pid in children:
+            os.kill(pid, signal.SIGTERM)
+    assert node.process.wait(15) == 0
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and any(Path(f"/proc/{pid}").exists() for pid in children):
+        time.sleep(0.1)
+    assert not any(Path(f"/proc/{pid}").exists() for pid in children)
+    assert "stopped" in node.log()
