@@ -190,6 +190,9 @@ def _register_stage_commands() -> None:
 
     app.command("predict")(predict)
     app.command("init-bundle")(init_bundle)
+    from mibi_node.phantom.command import synth
+
+    app.command("synth")(synth)
     # The offline modules live in the top-level ``training`` package; only the CLI reaches
     # them (the daemon never imports training code). Their command module is light.
     from training.command import evaluate, train

@@ -1,0 +1,136 @@
+"""The synthetic MIBI phantom: determinism, class balance, truth, DICOM validity, physics."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from mibi_node.phantom import CLASSES, LAYOUTS, generate_studies, make_study
+from mibi_node.phantom.physics import decay_factor
+
+
+def _digest(folder: Path) -> str:
+    digest = hashlib.sha256()
+    for path in sorted(folder.rglob("*")):
+        if path.is_file():
+            digest.update(path.relative_to(folder).as_posix().encode())
+            digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+def test_same_seed_same_bytes_other_seed_other_bytes(tmp_path: Path) -> None:
+    generate_studies(tmp_path / "a", 4, seed=9)
+    generate_studies(tmp_path / "b", 4, seed=9)
+    generate_studies(tmp_path / "c", 4, seed=10)
+    assert _digest(tmp_path / "a") == _digest(tmp_path / "b")
+    assert _digest(tmp_path / "a") != _digest(tmp_path / "c")
+
+
+def test_class_mix_and_labels_match_the_lesions(tmp_path: Path) -> None:
+    studies = generate_studies(tmp_path, 20, seed=3, mix=[0.3, 0.4, 0.15, 0.05, 0.1])
+    counts = {name: sum(s.label == name for s in studies) for name in CLASSES}
+    assert counts == {"normal": 6, "adenoma": 8, "hyperplasia": 3, "carcinoma": 1, "cyst": 2}
+    with open(tmp_path / "labels.csv", newline="") as handle:
+        rows = {row["study_instance_uid"]: row for row in csv.DictReader(handle)}
+    for study in studies:
+        row = rows[study.study_instance_uid]
+        assert row["label"] == study.label
+        lesions = study.parameters.lesions
+        if study.label == "normal":
+            assert lesions == () and row["foci"] == ""
+        elif study.label == "hyperplasia":
+            assert 2 <= len(lesions) <= 4
+        elif study.label in {"adenoma", "carcinoma"}:
+            assert len(lesions) == 1
+            r, c = float(row["lesion_row"]), float(row["lesion_col"])
+            # The truth points at real extra delayed uptake: the lesion component peaks there.
+            lesion = study.components["lesion"]
+            assert lesion[int(round(r)), int(round(c))] > 0.5 * lesion.max()
+
+
+def test_retention_ratios_fall_in_the_physical_ranges() -> None:
+    thyroid, lesion = [], []
+    for index in range(12):
+        study = make_study("adenoma", seed=21, index=index)
+        p = study.parameters
+        later = decay_factor(p.delayed_minutes - p.early_minutes)
+        thyroid.append(p.retention["thyroid"] * later)
+        lesion.append(p.retention["lesion"] * later)
+        # Counts follow: delayed/early of the noise-free thyroid component.
+        assert 0.2 < p.retention["thyroid"] * later < 0.5
+    assert np.mean(lesion) > np.mean(thyroid)
+    assert all(0.5 * decay_factor(150 - 20) <= r <= 0.8 for r in lesion)
+
+
+def test_images_are_counts_with_impulse_noise() -> None:
+    study = make_study("hyperplasia", seed=4, index=0)
+    early = study.images["early"]
+    assert early.dtype == np.uint16 and early.shape == (128, 128)
+    total = float(early.sum())
+    assert 4.5e5 < total < 1.1e6
+    assert study.images["delayed"].sum() < total
+
+
+@pytest.mark.peers
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_every_layout_passes_dciodvfy(tmp_path: Path, layout: str, require_tool) -> None:
+    dciodvfy = require_tool("dciodvfy")
+    generate_studies(tmp_path, 2, seed=1, layout=layout, with_thyroid_scan=True)
+    files = sorted(tmp_path.rglob("*.dcm"))
+    assert files
+    for path in files:
+        result = subprocess.run([dciodvfy, str(path)], capture_output=True, text=True, check=False)
+        errors = [
+            line
+            for line in (result.stdout + result.stderr).splitlines()
+            if line.startswith("Error")
+        ]
+        assert errors == [], f"{path.name}: {errors}"
+
+
+def test_synth_command_writes_files_labels_and_preview(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mibi_node.cli",
+            "synth",
+            "--out",
+            str(tmp_path),
+            "--studies",
+            "3",
+            "--preview",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "labels.csv").is_file() and (
+        tmp_path / "preview.png"
+    ).stat().st_size > 10_000
+    assert len(list(tmp_path.rglob("*.dcm"))) == 6
+    bad = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mibi_node.cli",
+            "synth",
+            "--out",
+            str(tmp_path / "x"),
+            "--mix",
+            "a,b",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert bad.returncode == 2 and "--mix" in bad.stderr and "Traceback" not in bad.stderr
