@@ -11,10 +11,7 @@ reference. Prints megapixels/s and the speed-up over the reference, and writes J
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
-import os
-import platform
 import statistics
 import time
 from collections.abc import Callable
@@ -25,29 +22,15 @@ from typing import Any
 import numpy as np
 import torch
 
+import common  # benchmarks/ is on sys.path when run as a script
 from mibi_node.imaging.denoise import adaptive_median, adaptive_median_torch
 
 RESULTS = Path(__file__).parent / "results"
 
 
 def machine() -> dict[str, Any]:
-    """CPU model, cores, torch threads and versions, for the results file."""
-    cpu = ""
-    with contextlib.suppress(OSError, StopIteration):
-        cpu = next(
-            line.split(":", 1)[1].strip()
-            for line in Path("/proc/cpuinfo").read_text().splitlines()
-            if line.startswith("model name")
-        )
-    return {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "platform": platform.platform(),
-    }
+    """CPU, cores, memory, torch threads and versions, for the results file."""
+    return common.machine(torch_info=True)
 
 
 def reference(image: np.ndarray, smax: int) -> np.ndarray:

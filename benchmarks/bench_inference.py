@@ -17,10 +17,8 @@ on the same random-weight bundle and the same synthetic 128 x 128 dual-phase stu
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -34,31 +32,15 @@ from typing import Any
 import numpy as np
 import torch
 
+import common  # benchmarks/ is on sys.path when run as a script
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).parent / "results"
 
 
 def machine() -> dict[str, Any]:
-    """CPU model, cores, bf16 support, torch threads and versions, for the results file."""
-    from mibi_node.inference.engine import cpu_has_native_bf16
-
-    cpu = ""
-    with contextlib.suppress(OSError, StopIteration):
-        cpu = next(
-            line.split(":", 1)[1].strip()
-            for line in Path("/proc/cpuinfo").read_text().splitlines()
-            if line.startswith("model name")
-        )
-    return {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "cpu_native_bf16": cpu_has_native_bf16(),
-        "torch_threads": torch.get_num_threads(),
-        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "platform": platform.platform(),
-    }
+    """CPU, cores, memory, torch threads and versions, for the results file."""
+    return common.machine(torch_info=True)
 
 
 def synthetic_studies(n: int, size: int = 128) -> list[Any]:

@@ -16,8 +16,8 @@ from typing import Any
 RESULTS = Path(__file__).parent / "results"
 
 
-def machine() -> dict[str, Any]:
-    """What the figures were measured on."""
+def machine(torch_info: bool = False) -> dict[str, Any]:
+    """What the figures were measured on (with torch's threads, version and GPU if asked)."""
     cpu = ""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -32,7 +32,7 @@ def machine() -> dict[str, Any]:
         memory_gib = round(pages / (1 << 30), 1)
     except (ValueError, OSError):
         pass
-    return {
+    description: dict[str, Any] = {
         "hostname_hash": hex(hash(socket.gethostname()) & 0xFFFF),
         "cpu": cpu,
         "cores": os.cpu_count(),
@@ -40,6 +40,15 @@ def machine() -> dict[str, Any]:
         "python": platform.python_version(),
         "platform": platform.platform(),
     }
+    if torch_info:
+        import torch
+
+        description.update(
+            torch=torch.__version__,
+            torch_threads=torch.get_num_threads(),
+            cuda=torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        )
+    return description
 
 
 def write_result(name: str, data: dict[str, Any]) -> Path:
