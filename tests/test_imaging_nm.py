@@ -51,12 +51,23 @@ def test_pydicom_compressed_nm_files_decode(name: str) -> None:
     assert pixels.ndim == 2 and pixels.max() > 0
 
 
-def test_a_corrupt_jpeg_gives_a_readable_error() -> None:
-    # pydicom ships JPEG-lossy.dcm with a misplaced JPEG marker (JPGExtended.dcm is the fix).
-    path = get_testdata_file("JPEG-lossy.dcm")
+def test_the_jpeg_with_a_bad_start_of_scan_is_repaired() -> None:
+    # pydicom ships JPEG-lossy.dcm with Se=0 in its start-of-scan (JPGExtended.dcm is the
+    # same image written correctly); the reader corrects the byte and decodes it.
+    lossy, fixed = get_testdata_file("JPEG-lossy.dcm"), get_testdata_file("JPGExtended.dcm")
+    assert lossy is not None and fixed is not None
+    repaired = read_study([lossy], required=("early",)).images["early"]
+    reference = read_study([fixed], required=("early",)).images["early"]
+    assert repaired.pixels.shape == (1024, 256)
+    np.testing.assert_array_equal(repaired.pixels, reference.pixels)
+
+
+def test_compressed_screen_captures_carry_the_screen_capture_warning() -> None:
+    path = get_testdata_file("JPEG2000.dcm")
     assert path is not None
-    with pytest.raises(UnusableStudyError, match="cannot be decoded"):
-        read_study([path], required=("early",))
+    result = read_study([path], required=("early",))
+    assert any("screen capture" in warning for warning in result.warnings)
+    assert result.images["early"].frame_number == 1  # it has Number of Frames
 
 
 def _phase_dataset(study_uid: str, description: str, seed: int, **changes: object) -> Dataset:
@@ -150,10 +161,13 @@ def test_mismatched_sizes_are_resampled_keeping_counts() -> None:
 
 def test_unusable_studies_explain_themselves(tmp_path: Path) -> None:
     uid = generate_uid()
-    with pytest.raises(UnusableStudyError, match="needs the delayed image"):
+    with pytest.raises(UnusableStudyError, match="Only the early image.*delayed image is missing"):
         read_datasets([_phase_dataset(uid, "EARLY 10MIN", 1)])
+    with pytest.raises(UnusableStudyError, match="the early image is missing"):
+        read_datasets([_phase_dataset(uid, "DELAYED 2H", 1)])
     ct = nm_dataset(uid, seed=3, sop_class_uid="1.2.840.10008.5.1.4.1.1.2")
-    with pytest.raises(UnusableStudyError, match="no NM or Secondary Capture image"):
+    ct.Modality = "CT"
+    with pytest.raises(UnusableStudyError, match="no NM or Secondary Capture images.*CT"):
         read_datasets([ct])
     with pytest.raises(UnusableStudyError, match="2 different studies"):
         read_datasets(
@@ -161,21 +175,112 @@ def test_unusable_studies_explain_themselves(tmp_path: Path) -> None:
         )
     zero = _phase_dataset(uid, "DELAYED", 2)
     zero.PixelData = bytes(len(zero.PixelData))
-    with pytest.raises(UnusableStudyError, match="delayed image is empty"):
+    with pytest.raises(UnusableStudyError, match="delayed image .* is empty"):
         read_datasets([_phase_dataset(uid, "EARLY", 1), zero])
+    saturated = _phase_dataset(uid, "DELAYED", 2)
+    pixels = np.frombuffer(saturated.PixelData, np.uint16).copy()
+    pixels[: pixels.size // 10] = 65535
+    saturated.PixelData = pixels.tobytes()
+    with pytest.raises(UnusableStudyError, match="delayed image .* is saturated: 10%"):
+        read_datasets([_phase_dataset(uid, "EARLY", 1), saturated])
     small = nm_dataset(uid, seed=4, frames=1, rows=32, columns=32)
     small.SeriesDescription = "DELAYED"
-    with pytest.raises(UnusableStudyError, match="different matrix sizes"):
+    with pytest.raises(UnusableStudyError, match="do not give the pixel spacing"):
         read_datasets([_phase_dataset(uid, "EARLY", 1), small])
-    iodine = _phase_dataset(uid, "DELAYED", 2)
+    with pytest.raises(UnusableStudyError, match="99mTc energy window.*143-175 keV"):
+        read_datasets([_iodine(_phase_dataset(uid, "EARLY", 1))])
+    with pytest.raises(UnusableStudyError, match="delayed image is missing"):
+        read_datasets([_phase_dataset(uid, "EARLY", 1), _iodine(_phase_dataset(uid, "LATE", 2))])
+    (tmp_path / "junk.dcm").write_bytes(b"not dicom at all")
+    with pytest.raises(UnusableStudyError, match="No DICOM files were found"):
+        read_study([tmp_path / "junk.dcm"])
+    with pytest.raises(UnusableStudyError, match="does not exist"):
+        read_study([tmp_path / "missing"])
+
+
+def test_bad_arguments_name_the_argument() -> None:
+    with pytest.raises(ValueError, match='"required"'):
+        read_datasets([], required=("early", "late"))
+    with pytest.raises(TypeError, match='"paths"'):
+        read_study("study-0001")  # type: ignore[arg-type]
+
+
+def _iodine(ds: Dataset) -> Dataset:
     window, limits = Dataset(), Dataset()
     limits.EnergyWindowLowerLimit, limits.EnergyWindowUpperLimit = "143", "175"
     window.EnergyWindowRangeSequence = [limits]
-    iodine.EnergyWindowInformationSequence = [window]
-    with pytest.raises(UnusableStudyError, match="needs the delayed image"):
-        read_datasets([_phase_dataset(uid, "EARLY", 1), iodine])
-    (tmp_path / "junk.dcm").write_bytes(b"not dicom at all")
-    with pytest.raises(UnusableStudyError, match="none of the files is a readable DICOM"):
-        read_study([tmp_path / "junk.dcm"])
-    with pytest.raises(UnusableStudyError, match="no such file"):
-        read_study([tmp_path / "missing"])
+    ds.EnergyWindowInformationSequence = [window]
+    return ds
+
+
+def _multiframe() -> tuple[Dataset, dict[str, np.ndarray]]:
+    study = make_study("carcinoma", seed=8, index=2, layout="multiframe")
+    [ds] = study.datasets
+    return copy.deepcopy(ds), study.images
+
+
+def test_the_tc99m_window_is_picked_among_several() -> None:
+    ds, images = _multiframe()
+    frames = np.frombuffer(ds.PixelData, np.uint16).reshape(4, 128, 128)
+    scatter = (frames // 3).astype(np.uint16)
+    ds.PixelData = np.concatenate([scatter, frames]).tobytes()  # window 1 = scatter
+    ds.NumberOfFrames = 8
+    ds.EnergyWindowVector = [1] * 4 + [2] * 4
+    ds.DetectorVector = list(ds.DetectorVector) * 2
+    ds.PhaseVector = list(ds.PhaseVector) * 2
+    ds.TimeSliceVector = [1] * 8
+    ds.NumberOfEnergyWindows = 2
+    low, limits = Dataset(), Dataset()
+    limits.EnergyWindowLowerLimit, limits.EnergyWindowUpperLimit = "105", "125"
+    low.EnergyWindowRangeSequence = [limits]
+    ds.EnergyWindowInformationSequence = [low, ds.EnergyWindowInformationSequence[0]]
+    result = read_datasets([ds])
+    assert result.images["early"].frame_number == 5
+    assert result.images["delayed"].frame_number == 6
+    np.testing.assert_array_equal(result.images["delayed"].pixels, images["delayed"])
+
+
+def test_the_anterior_head_is_picked_by_view_code_else_detector_one() -> None:
+    ds, images = _multiframe()
+    heads = ds.DetectorInformationSequence
+    heads[0].ViewCodeSequence, heads[1].ViewCodeSequence = (
+        heads[1].ViewCodeSequence,
+        heads[0].ViewCodeSequence,
+    )  # head 2 is now the anterior one
+    result = read_datasets([ds])
+    assert (result.images["early"].frame_number, result.images["delayed"].frame_number) == (3, 4)
+    for item in heads:
+        del item.ViewCodeSequence
+    result = read_datasets([ds])
+    assert (result.images["early"].frame_number, result.images["delayed"].frame_number) == (1, 2)
+    np.testing.assert_array_equal(result.images["early"].pixels, images["early"])
+
+
+def test_time_slices_of_one_phase_are_summed() -> None:
+    uid = generate_uid()
+    early = nm_dataset(uid, seed=6, frames=4)
+    early.SeriesDescription = "EARLY 10MIN ANT"
+    early.FrameIncrementPointer = [0x00540010, 0x00540020, 0x00540030, 0x00540100]
+    early.EnergyWindowVector = early.DetectorVector = early.PhaseVector = [1] * 4
+    early.TimeSliceVector = [1, 2, 3, 4]
+    result = read_datasets([early, _phase_dataset(uid, "DELAYED 2H ANT", 2)])
+    frames = np.frombuffer(early.PixelData, np.uint16).reshape(4, 64, 64)
+    np.testing.assert_array_equal(result.images["early"].pixels, frames.sum(axis=0))
+    assert result.images["early"].frame_number == 1
+    assert any("sum of 4 frames" in warning for warning in result.warnings)
+
+
+def test_a_multiframe_grayscale_screen_capture_splits_by_frame_order() -> None:
+    uid = generate_uid()
+    ds = _screen_capture(uid, "", 3)
+    ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.7.2"  # multi-frame grayscale byte SC
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    del ds.PlanarConfiguration
+    ds.NumberOfFrames = 2
+    frames = np.random.default_rng(3).integers(1, 200, size=(2, 64, 64), dtype=np.uint8)
+    ds.PixelData = frames.tobytes()
+    result = read_datasets([ds])
+    assert (result.images["early"].frame_number, result.images["delayed"].frame_number) == (1, 2)
+    np.testing.assert_array_equal(result.images["delayed"].pixels, frames[1])
+    assert any("screen capture" in warning for warning in result.warnings)
+    assert any("series order" in warning for warning in result.warnings)

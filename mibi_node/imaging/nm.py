@@ -1,463 +1,599 @@
-"""Reading a MIBI study's instances into named phase images (early, delayed, thyroid).
+"""Reading the NM and Secondary Capture instances of a MIBI study into named phase images.
 
-Gamma cameras store dual-phase parathyroid studies in many ways: one instance per phase in
-separate series, both phases in one series, both as frames of one multi-frame instance
-with detector and phase vectors, or as screen captures from older consoles. This module
-turns any of them into :class:`~mibi_node.imaging.study.StudyInput`, and says in one
-sentence a technologist understands why a study cannot be used.
+The rules, applied in this order:
 
-The rules, in order:
+1. Files are read (folders recursively); they must belong to one study.
+2. Each NM instance is split into frames by its Frame Increment Pointer vectors: energy
+   window, detector, phase and R-R interval separate images, time slices and time slots of
+   one of them are summed. Frames outside the 99mTc window (140 keV) are dropped, and of the
+   views the anterior one is kept (View Code Sequence, else the description, else detector 1).
+3. Secondary Capture images (screen captures from older consoles; 8-bit, RGB or palette)
+   become grayscale, and the result carries a warning that they are not original counts.
+4. Phase: from the instance's and series' descriptions and comments, else from the
+   acquisition time after the radiopharmaceutical start, else from series order (with a
+   warning). A 99mTc-pertechnetate image is the ``thyroid`` phase.
+5. The chosen images must hold counts (not all zero, not saturated); images of different
+   matrix sizes are resampled onto the early image's grid when their pixel spacing is known.
 
-1. Instances are grouped by study; NM images and Secondary Captures are kept.
-2. Multi-frame NM is split by its Frame Increment Pointer vectors: the Energy Window,
-   Detector and Phase vectors give each frame's window, head and phase.
-3. Frames seen by a head whose View Code Sequence says posterior are dropped when an
-   anterior one exists; frames whose energy window misses 140 keV are dropped.
-4. A frame's phase comes from its text (Series Description, Image Comments, Series/Study
-   descriptions; English and common German, French, Spanish and Italian words), else from
-   its time after injection (Radiopharmaceutical Start Time), else from series order.
+Everything that makes a study unusable raises :class:`~mibi_node.errors.UnusableStudyError`
+with a sentence a technologist can act on.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
-import re
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
-from datetime import datetime
+from dataclasses import dataclass, replace
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import numpy as np
-from pydicom import Dataset, dcmread
+import pydicom
+from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
-from pydicom.multival import MultiValue
-from scipy import ndimage
+from pydicom.uid import JPEGBaseline8Bit, JPEGExtended12Bit
 
 from mibi_node.errors import UnusableStudyError
+from mibi_node.imaging.phase import (
+    acquisition_start,
+    injection_time,
+    is_pertechnetate,
+    phase_from_minutes,
+    phase_from_text,
+    view_from_code,
+    view_from_text,
+)
 from mibi_node.imaging.study import PHASES, PhaseImage, StudyInput
 
 __all__ = ["read_datasets", "read_study"]
 
 logger = logging.getLogger(__name__)
 
-_NM = "1.2.840.10008.5.1.4.1.1.20"
-_SC_PREFIX = "1.2.840.10008.5.1.4.1.1.7"
-_TC99M_KEV = 140.5
-_DELAYED_AFTER_MINUTES = 60.0
-
-_PHASE_WORDS: dict[str, re.Pattern[str]] = {
-    "thyroid": re.compile(
-        r"thyroid|schilddr|thyro[iï]d|tiroid|pertechnet|tco4|99m?tc-?o4|na99mtco4", re.I
-    ),
-    "delayed": re.compile(
-        r"delay|late\b|later|washout|wash-out|\b[2-4](\.\d)?\s*h|\b[2-4]\s*hr|\b[2-4]\s*hours?"
-        r"|\b(9\d|1\d\d|2[0-4]\d)\s*min|sp[aä]t|tardi|retard|ritard|\bdel\b|\blate\b",
-        re.I,
-    ),
-    "early": re.compile(
-        r"early|\b(5|10|15|20|30)\s*min|\bfr[uü]h|pr[eé]coce|precoz|tempran|precoce|\bearly\b",
-        re.I,
-    ),
+_NM_CLASSES = {"1.2.840.10008.5.1.4.1.1.20", "1.2.840.10008.5.1.4.1.1.5"}
+_SC_CLASSES = {
+    "1.2.840.10008.5.1.4.1.1.7",
+    "1.2.840.10008.5.1.4.1.1.7.1",
+    "1.2.840.10008.5.1.4.1.1.7.2",
+    "1.2.840.10008.5.1.4.1.1.7.3",
+    "1.2.840.10008.5.1.4.1.1.7.4",
 }
+_TC99M_KEV = 140.5
+#: Share of pixels at the largest storable value from which an image counts as saturated.
+_SATURATED_SHARE = 0.05
+#: Vectors that separate frames into different images; the others are summed over.
+_SEPARATING = ("EnergyWindowVector", "DetectorVector", "PhaseVector", "RRIntervalVector")
 
 
-@dataclass
-class _Frame:
+@dataclass(frozen=True)
+class _Candidate:
+    """One planar image that could serve as a phase, with what is known about it."""
+
     pixels: np.ndarray
     spacing: tuple[float, float] | None
-    dataset: Dataset
+    sop_instance_uid: str
+    sop_class_uid: str
+    series_instance_uid: str
     frame_number: int | None
-    view: str | None
-    phase_index: int | None
-    phase_count: int
+    where: str
+    hint: str | None
     minutes: float | None
+    start: datetime | None
     order: tuple[int, int, int]
     screen_capture: bool
+    view: str | None
+    saturated: float
+    summed: int
 
 
 def read_study(
-    paths: Sequence[str | Path] | str | Path, required: Sequence[str] = ("early", "delayed")
+    paths: Sequence[str | Path], required: Sequence[str] = ("early", "delayed")
 ) -> StudyInput:
-    """Read one study's files (folders are searched recursively) into phase images.
+    """Read the files of one study into model input.
 
     Parameters
     ----------
     paths
-        Files or folders holding the instances of one study.
+        Files and folders (read recursively); files that are not DICOM are skipped.
     required
-        Phases the caller needs, from ``early``, ``delayed`` and ``thyroid``.
+        Phases the caller needs (names from :data:`~mibi_node.imaging.study.PHASES`).
+
+    Returns
+    -------
+    StudyInput
 
     Raises
     ------
     UnusableStudyError
-        No readable image, several studies, a required phase missing, or an image that
-        cannot be used (all zero, saturated, wrong isotope window, mismatched sizes).
+        The files hold no usable study; the message says why in a technologist's words.
     """
     if isinstance(paths, str | Path):
-        paths = [paths]
+        raise TypeError('Argument "paths" should be a sequence of paths, not a single path.')
     files = list(_expand(Path(p) for p in paths))
-    if not files:
-        raise UnusableStudyError("no files were given")
     datasets = []
-    unreadable = []
-    for path in files:
+    for file in files:
         try:
-            datasets.append(dcmread(path))
-        except (InvalidDicomError, OSError, EOFError, ValueError) as exc:
-            unreadable.append(f"{path.name} ({type(exc).__name__})")
+            datasets.append(pydicom.dcmread(file))
+        except (InvalidDicomError, OSError, EOFError) as error:
+            logger.info("skipping %s: not a readable DICOM file (%s)", file, error)
     if not datasets:
         raise UnusableStudyError(
-            "none of the files is a readable DICOM instance: " + ", ".join(unreadable[:5])
+            f"No DICOM files were found in {', '.join(str(p) for p in paths) or 'nothing'}."
         )
-    if unreadable:
-        logger.warning("skipped %d unreadable file(s)", len(unreadable))
     return read_datasets(datasets, required)
-
-
-def _expand(paths: Iterable[Path]) -> Iterable[Path]:
-    for path in paths:
-        if path.is_dir():
-            yield from sorted(p for p in path.rglob("*") if p.is_file() and p.name != "labels.csv")
-        elif path.is_file():
-            yield path
-        else:
-            raise UnusableStudyError(f"{path}: no such file or folder")
 
 
 def read_datasets(
     datasets: Sequence[Dataset], required: Sequence[str] = ("early", "delayed")
 ) -> StudyInput:
-    """The same as :func:`read_study`, for instances already in memory."""
-    unknown = [name for name in required if name not in PHASES]
-    if unknown:
-        raise ValueError(f'Argument "required" names unknown phases: {", ".join(unknown)}.')
-    studies = {str(ds.get("StudyInstanceUID", "")) for ds in datasets}
+    """Turn the instances of one study, already in memory, into model input.
+
+    Parameters
+    ----------
+    datasets
+        The study's instances (non-image instances such as SR are ignored).
+    required
+        Phases the caller needs (names from :data:`~mibi_node.imaging.study.PHASES`).
+
+    Returns
+    -------
+    StudyInput
+        Holds every phase found, at least the required ones, on one pixel grid.
+
+    Raises
+    ------
+    UnusableStudyError
+        The instances hold no usable study; the message says why.
+    """
+    required = _check_required(required)
+    if not datasets:
+        raise UnusableStudyError("The study holds no instances.")
+    studies = sorted({str(ds.get("StudyInstanceUID", "")) for ds in datasets})
     if len(studies) > 1:
         raise UnusableStudyError(
-            f"the files belong to {len(studies)} different studies; give one study at a time"
+            f"The files belong to {len(studies)} different studies ({', '.join(studies)}); "
+            "send the images of one study at a time."
         )
     images = [ds for ds in datasets if _is_image(ds)]
     if not images:
-        raise UnusableStudyError("the study holds no NM or Secondary Capture image")
+        found = sorted({str(ds.get("Modality", "?")) for ds in datasets})
+        raise UnusableStudyError(
+            "The study holds no NM or Secondary Capture images "
+            f"(found modality {', '.join(found)})."
+        )
     warnings: list[str] = []
-    frames: list[_Frame] = []
+    rejected_windows: list[str] = []
+    candidates: list[_Candidate] = []
     for ds in images:
-        frames.extend(_frames(ds, warnings))
-    if not frames:
+        candidates.extend(_candidates(ds, warnings, rejected_windows))
+    if not candidates:
+        windows = ", ".join(sorted(set(rejected_windows))) or "unknown"
         raise UnusableStudyError(
-            "no image of the study was acquired in a 99mTc energy window (140 keV)"
+            "No image of this study was acquired in the 99mTc energy window (140 keV); "
+            f"found {windows}. MIBI images need the 99mTc window."
         )
-    chosen = _assign_phases(frames, warnings)
-    missing = [name for name in required if name not in chosen]
+    candidates = _keep_anterior(candidates, warnings)
+    chosen = _assign_phases(candidates, warnings)
+    missing = [phase for phase in required if phase not in chosen]
     if missing:
-        present = ", ".join(sorted(chosen)) or "none"
-        raise UnusableStudyError(
-            f"the model needs the {' and '.join(missing)} image(s) but the study has only: "
-            f"{present}"
-        )
-    selected = {name: chosen[name] for name in PHASES if name in chosen}
-    _check_counts(selected)
-    selected = _match_sizes(selected, warnings)
-    if any(frame.screen_capture for frame in selected.values()):
-        warnings.append(
-            "screen capture (Secondary Capture): grey levels from a console display, not counts"
-        )
-    study_uid = next(iter(studies))
-    return StudyInput(
-        study_instance_uid=study_uid,
-        images={
-            name: PhaseImage(
-                name=name,
-                pixels=frame.pixels.astype(np.float32, copy=False),
-                pixel_spacing=frame.spacing,
-                sop_instance_uid=str(frame.dataset.SOPInstanceUID),
-                sop_class_uid=str(frame.dataset.SOPClassUID),
-                series_instance_uid=str(frame.dataset.get("SeriesInstanceUID", "")),
-                frame_number=frame.frame_number,
+        raise UnusableStudyError(_missing_message(missing, chosen))
+    for phase, candidate in chosen.items():
+        _check_counts(phase, candidate)
+        if candidate.screen_capture:
+            warnings.append(
+                f"The {phase} image ({candidate.where}) is a screen capture (Secondary "
+                "Capture), not the camera's original counts; the result is less reliable."
             )
-            for name, frame in selected.items()
-        },
-        warnings=tuple(dict.fromkeys(warnings)),
-    )
+        if candidate.summed > 1:
+            warnings.append(
+                f"The {phase} image is the sum of {candidate.summed} frames of "
+                f"{candidate.where}, starting at frame {candidate.frame_number}."
+            )
+    chosen = _match_grids(chosen, warnings)
+    study_uid = studies[0]
+    result = {
+        phase: PhaseImage(
+            name=phase,
+            pixels=c.pixels.astype(np.float32, copy=False),
+            pixel_spacing=c.spacing,
+            sop_instance_uid=c.sop_instance_uid,
+            sop_class_uid=c.sop_class_uid,
+            series_instance_uid=c.series_instance_uid,
+            frame_number=c.frame_number,
+        )
+        for phase, c in sorted(chosen.items(), key=lambda item: PHASES.index(item[0]))
+    }
+    for warning in warnings:
+        logger.warning("study %s: %s", study_uid, warning)
+    return StudyInput(study_instance_uid=study_uid, images=result, warnings=tuple(warnings))
+
+
+def _check_required(required: object) -> tuple[str, ...]:
+    if isinstance(required, str) or not isinstance(required, Sequence):
+        raise TypeError('Argument "required" should be a sequence of phase names.')
+    unknown = [name for name in required if name not in PHASES]
+    if unknown:
+        raise ValueError(
+            f'Argument "required" should hold names from {", ".join(PHASES)}, got {unknown}.'
+        )
+    return tuple(required)
+
+
+def _expand(paths: Iterable[Path]) -> Iterable[Path]:
+    for path in paths:
+        if path.is_dir():
+            for child in sorted(path.rglob("*")):
+                if child.is_file() and not child.name.startswith("."):
+                    if child.name.upper() == "DICOMDIR":
+                        continue
+                    yield child
+        elif path.is_file():
+            yield path
+        else:
+            raise UnusableStudyError(f"{path} does not exist.")
 
 
 def _is_image(ds: Dataset) -> bool:
     sop_class = str(ds.get("SOPClassUID", ""))
-    return "PixelData" in ds and (sop_class == _NM or sop_class.startswith(_SC_PREFIX))
+    if "PixelData" not in ds:
+        return False
+    return sop_class in _NM_CLASSES or sop_class in _SC_CLASSES or ds.get("Modality") == "NM"
 
 
-def _pixels(ds: Dataset) -> np.ndarray:
+def _missing_message(missing: list[str], found: dict[str, _Candidate]) -> str:
+    have = [phase for phase in PHASES if phase in found]
+    if not have:
+        return f"No {' or '.join(missing)} image could be identified in this study."
+    listed = " and ".join(missing)
+    verb = "is" if len(missing) == 1 else "are"
+    return (
+        f"Only the {' and '.join(have)} image {'was' if len(have) == 1 else 'were'} found; "
+        f"the {listed} image {verb} missing. The model needs both the early and the delayed "
+        "image: send the missing acquisition, or label its series (e.g. 'DELAYED 2H')."
+    )
+
+
+def _where(ds: Dataset) -> str:
+    series = ds.get("SeriesNumber", "?")
+    description = str(ds.get("SeriesDescription", "") or "").strip()
+    text = f'series {series} "{description}"' if description else f"series {series}"
+    return f"{text}, image {ds.get('InstanceNumber', '?')}"
+
+
+def _decode(ds: Dataset) -> np.ndarray:
+    """The pixel data as (frames, rows, columns[, samples]), repairing known JPEG defects."""
+    data: np.ndarray | None
     try:
-        array = ds.pixel_array
-    except Exception as exc:  # pydicom raises many kinds for undecodable pixel data
-        raise UnusableStudyError(
-            f"the pixel data of instance {ds.get('InstanceNumber', '?')} "
-            f"(series {ds.get('SeriesNumber', '?')}) cannot be decoded: {exc}"
-        ) from None
-    array = np.asarray(array)
-    if str(ds.get("PhotometricInterpretation", "")).startswith(("RGB", "YBR")):
-        if str(ds.PhotometricInterpretation).startswith("YBR"):
-            from pydicom.pixels import convert_color_space
+        data = np.asarray(ds.pixel_array)
+    except Exception as error:  # noqa: BLE001 - any decoder failure is reported the same way
+        meta = getattr(ds, "file_meta", None)
+        syntax = meta.get("TransferSyntaxUID") if meta is not None else None
+        data = None
+        if syntax in (JPEGBaseline8Bit, JPEGExtended12Bit):
+            data = _decode_repaired_jpeg(ds)
+        if data is None:
+            name = getattr(syntax, "name", syntax) or "unknown transfer syntax"
+            raise UnusableStudyError(
+                f"The pixel data of {_where(ds)} cannot be decoded ({name}): {error}"
+            ) from error
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    samples = int(ds.get("SamplesPerPixel", 1) or 1)
+    if frames == 1 and data.ndim == (2 if samples == 1 else 3):
+        data = data[np.newaxis]
+    return np.asarray(data)
 
-            array = convert_color_space(array, str(ds.PhotometricInterpretation), "RGB")
+
+def _decode_repaired_jpeg(ds: Dataset) -> np.ndarray | None:
+    """Retry a sequential JPEG whose start-of-scan says Se=0 (it must say 63).
+
+    Some older NM consoles wrote such streams (pydicom's ``JPEG-lossy.dcm`` is one); the
+    data are otherwise intact, and libjpeg decodes them once the header byte is corrected.
+    """
+    from pydicom.encaps import encapsulate, generate_frames
+
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    repaired = []
+    for frame in generate_frames(ds.PixelData, number_of_frames=frames):
+        data = bytearray(frame)
+        start = data.find(b"\xff\xda")
+        if start < 0:
+            return None
+        components = data[start + 4]
+        spectral = start + 5 + 2 * components
+        if data[spectral] == 0 and data[spectral + 1] == 0:
+            data[spectral + 1] = 63
+        repaired.append(bytes(data))
+    fixed = copy.deepcopy(ds)
+    fixed.PixelData = encapsulate(repaired)
+    try:
+        data_array = fixed.pixel_array
+    except Exception:  # noqa: BLE001
+        return None
+    logger.info("decoded %s after correcting its JPEG start-of-scan", _where(ds))
+    return np.asarray(data_array)
+
+
+def _grayscale(ds: Dataset, data: np.ndarray) -> np.ndarray:
+    """Float frames (frames, rows, columns) in display order (high = more activity)."""
+    from pydicom.pixels import apply_color_lut, apply_modality_lut
+
+    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2"))
+    if photometric == "PALETTE COLOR":
+        data = apply_color_lut(data, ds)
+    if data.ndim == 4:  # RGB (pydicom converts YBR to RGB)
         weights = np.array([0.299, 0.587, 0.114])
-        array = array[..., :3].astype(np.float64) @ weights
-    elif str(ds.get("PhotometricInterpretation", "")) == "MONOCHROME1":
-        array = array.max() - array
-    return array.astype(np.float32)
+        return (data[..., :3].astype(np.float64) @ weights).astype(np.float32)
+    if photometric == "MONOCHROME1":
+        bits = int(ds.get("BitsStored", 16))
+        data = (2**bits - 1) - data.astype(np.int64)
+    else:
+        data = apply_modality_lut(data, ds)
+    return np.asarray(data, dtype=np.float32)
+
+
+def _saturation_level(ds: Dataset, data: np.ndarray) -> float:
+    if data.ndim == 4 or str(ds.get("PhotometricInterpretation", "")) == "PALETTE COLOR":
+        return 255.0
+    bits = int(ds.get("BitsStored", 16))
+    signed = int(ds.get("PixelRepresentation", 0)) == 1
+    return float(2 ** (bits - 1) - 1 if signed else 2**bits - 1)
+
+
+def _vector(ds: Dataset, keyword: str, frames: int) -> list[int]:
+    values = ds.get(keyword)
+    if values is None:
+        return [1] * frames
+    values = [int(v) for v in (values if isinstance(values, Sequence) else [values])]
+    if len(values) != frames:
+        raise UnusableStudyError(
+            f"{_where(ds)} has {frames} frames but its {keyword} lists {len(values)} values."
+        )
+    return values
+
+
+def _window_is_tc(ds: Dataset, index: int) -> tuple[bool | None, str]:
+    """Whether energy window ``index`` (1-based) covers 140 keV, and how to describe it."""
+    items = ds.get("EnergyWindowInformationSequence", None) or []
+    if not 0 < index <= len(items):
+        return None, ""
+    ranges = items[index - 1].get("EnergyWindowRangeSequence", None) or []
+    limits = []
+    for item in ranges:
+        try:
+            lower = float(item.EnergyWindowLowerLimit)
+            upper = float(item.EnergyWindowUpperLimit)
+        except (AttributeError, TypeError, ValueError):
+            continue
+        limits.append((lower, upper))
+    if not limits:
+        return None, ""
+    text = ", ".join(f"{lo:g}-{hi:g} keV" for lo, hi in limits)
+    return any(lo <= _TC99M_KEV <= hi for lo, hi in limits), text
+
+
+def _text(ds: Dataset) -> str:
+    parts = [
+        ds.get(keyword)
+        for keyword in ("ImageComments", "SeriesDescription", "ProtocolName", "ImageID")
+    ]
+    return " | ".join(str(p) for p in parts if p)
 
 
 def _spacing(ds: Dataset) -> tuple[float, float] | None:
-    for keyword in ("PixelSpacing", "ImagerPixelSpacing", "NominalScannedPixelSpacing"):
-        value = ds.get(keyword)
-        if value is not None and len(value) == 2:
-            try:
-                spacing = (float(value[0]), float(value[1]))
-            except (TypeError, ValueError):
-                continue
-            if spacing[0] > 0 and spacing[1] > 0:
-                return spacing
-    return None
-
-
-def _view(item: Dataset | None) -> str | None:
-    if item is None:
-        return None
-    for code in item.get("ViewCodeSequence", []):
-        meaning = str(code.get("CodeMeaning", "")).lower()
-        if "anterior" in meaning:
-            return "anterior"
-        if "posterior" in meaning:
-            return "posterior"
-    return None
-
-
-def _window_is_tc99m(item: Dataset | None) -> bool:
-    if item is None:
-        return True
-    ranges = item.get("EnergyWindowRangeSequence", [])
-    if not ranges:
-        return True
-    for window in ranges:
-        try:
-            lower = float(window.EnergyWindowLowerLimit)
-            upper = float(window.EnergyWindowUpperLimit)
-        except (AttributeError, TypeError, ValueError):
-            return True
-        if lower <= _TC99M_KEV <= upper:
-            return True
-    return False
-
-
-def _minutes_after_injection(ds: Dataset) -> float | None:
-    date = str(ds.get("AcquisitionDate", "") or ds.get("SeriesDate", "") or "")
-    time = str(ds.get("AcquisitionTime", "") or ds.get("SeriesTime", "") or "")
-    items = ds.get("RadiopharmaceuticalInformationSequence", [])
-    if not date or not time or not items:
-        return None
-    item = items[0]
-    start = str(item.get("RadiopharmaceuticalStartDateTime", "") or "")
-    if not start and item.get("RadiopharmaceuticalStartTime"):
-        start = date + str(item.RadiopharmaceuticalStartTime)
+    value = ds.get("PixelSpacing")
     try:
-        acquired = _parse_datetime(date + time)
-        injected = _parse_datetime(start)
-    except ValueError:
+        row, col = (float(v) for v in value)
+    except (TypeError, ValueError):
         return None
-    return (acquired - injected).total_seconds() / 60.0
+    return (row, col) if row > 0 and col > 0 else None
 
 
-def _parse_datetime(text: str) -> datetime:
-    text = text.split("+")[0].split("-")[0] if len(text) > 8 else text
-    digits, _, fraction = text.partition(".")
-    digits = (digits + "000000")[:14]
-    moment = datetime.strptime(digits, "%Y%m%d%H%M%S")
-    return moment.replace(microsecond=int((fraction + "000000")[:6]) if fraction else 0)
-
-
-def _frames(ds: Dataset, warnings: list[str]) -> list[_Frame]:
-    screen_capture = str(ds.SOPClassUID).startswith(_SC_PREFIX)
-    pixels = _pixels(ds)
-    count = int(ds.get("NumberOfFrames", 1) or 1)
-    if pixels.ndim == 2:
-        pixels = pixels[np.newaxis]
-    spacing = _spacing(ds)
-    minutes = _minutes_after_injection(ds)
-    order = (int(ds.get("SeriesNumber", 0) or 0), int(ds.get("InstanceNumber", 0) or 0), 0)
-    if screen_capture or count == 1:
-        detectors = ds.get("DetectorInformationSequence", [])
-        windows = ds.get("EnergyWindowInformationSequence", [])
-        if not _window_is_tc99m(windows[0] if windows else None):
-            warnings.append("an image acquired outside the 99mTc window was ignored")
-            return []
-        # The NM Image IOD is multi-frame by definition: its one frame is frame 1.
-        number = None if screen_capture and "NumberOfFrames" not in ds else 1
-        return [
-            _Frame(
-                pixels[0],
-                spacing,
-                ds,
-                number,
-                _view(detectors[0] if detectors else None),
-                None,
-                1,
-                minutes,
-                order,
-                screen_capture,
-            )
-        ]
-    pointers = [int(tag) for tag in _as_list(ds.get("FrameIncrementPointer"))]
-
-    def vector(keyword: str, tag: int) -> list[int]:
-        if tag in pointers and keyword in ds:
-            values = ds[keyword].value
-            values = (
-                list(values)
-                if isinstance(values, list | tuple) or hasattr(values, "__iter__")
-                else [values]
-            )
-            if len(values) == count:
-                return [int(v) for v in values]
-        return [1] * count
-
-    energy = vector("EnergyWindowVector", 0x00540010)
-    detector = vector("DetectorVector", 0x00540020)
-    phase = vector("PhaseVector", 0x00540030)
-    detectors = ds.get("DetectorInformationSequence", [])
-    windows = ds.get("EnergyWindowInformationSequence", [])
-    phase_count = max(phase)
-    frames = []
-    for index in range(count):
-        window = windows[energy[index] - 1] if 0 < energy[index] <= len(windows) else None
-        if not _window_is_tc99m(window):
+def _candidates(ds: Dataset, warnings: list[str], rejected: list[str]) -> list[_Candidate]:
+    """Split one instance into the planar images it holds."""
+    image_type = [str(v).upper() for v in (ds.get("ImageType") or [])]
+    if any(kind in image_type for kind in ("TOMO", "GATED TOMO", "RECON TOMO", "RECON GATED TOMO")):
+        logger.info("ignoring tomographic %s", _where(ds))
+        return []
+    screen_capture = str(ds.get("SOPClassUID", "")) in _SC_CLASSES
+    raw = _decode(ds)
+    frames = raw.shape[0]
+    saturation = _saturation_level(ds, raw)
+    pixels = _grayscale(ds, raw)
+    multiframe = "NumberOfFrames" in ds
+    where = _where(ds)
+    start = acquisition_start(ds)
+    injected = injection_time(ds, start)
+    text_hint = "thyroid" if is_pertechnetate(ds) else phase_from_text(_text(ds))
+    text_view = view_from_text(_text(ds))
+    detectors = ds.get("DetectorInformationSequence", None) or []
+    phases = ds.get("PhaseInformationSequence", None) or []
+    pointers = ds.get("FrameIncrementPointer")
+    if pointers is not None and not isinstance(pointers, Sequence):
+        pointers = [pointers]
+    if pointers and not screen_capture:
+        keys = list(zip(*(_vector(ds, k, frames) for k in _SEPARATING), strict=True))
+    else:  # no vectors: every frame is its own image
+        keys = [(1, 1, i + 1, 1) for i in range(frames)]
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for frame, key in enumerate(keys):
+        groups.setdefault(key, []).append(frame)
+    several_phases = len({key[2] for key in groups}) > 1
+    coded_views = any(view_from_code(item) for item in detectors)
+    out = []
+    for (window, detector, phase, _rr), members in groups.items():
+        is_tc, window_text = _window_is_tc(ds, window)
+        if is_tc is False:
+            rejected.append(window_text)
+            logger.info("dropping frames of %s in energy window %s", where, window_text)
             continue
-        head = detectors[detector[index] - 1] if 0 < detector[index] <= len(detectors) else None
-        view = _view(head) or ("anterior" if detector[index] == 1 else None)
-        frames.append(
-            _Frame(
-                pixels[index],
-                spacing,
-                ds,
-                index + 1,
-                view,
-                phase[index],
-                phase_count,
-                minutes,
-                (order[0], order[1], index),
-                False,
+        item = detectors[detector - 1] if 0 < detector <= len(detectors) else None
+        view = view_from_code(item) if coded_views else None
+        if view is None and len({key[1] for key in groups}) > 1:
+            view = "anterior" if detector == 1 else "other"  # detector 1, by convention
+        view = view or text_view
+        frame_start = start
+        if phases and 0 < phase <= len(phases) and start is not None:
+            delay = float(phases[phase - 1].get("PhaseDelay", 0) or 0)
+            frame_start = start + timedelta(milliseconds=delay)
+        minutes = None
+        if frame_start is not None and injected is not None:
+            minutes = (frame_start - injected).total_seconds() / 60.0
+        hint = text_hint
+        if several_phases and hint != "thyroid":
+            hint = None  # one description for several phases says nothing about each
+        image = pixels[members].sum(axis=0) if len(members) > 1 else pixels[members[0]]
+        out.append(
+            _Candidate(
+                pixels=image,
+                spacing=_spacing(ds),
+                sop_instance_uid=str(ds.SOPInstanceUID),
+                sop_class_uid=str(ds.SOPClassUID),
+                series_instance_uid=str(ds.get("SeriesInstanceUID", "")),
+                frame_number=members[0] + 1 if multiframe else None,
+                where=where,
+                hint=hint,
+                minutes=minutes,
+                start=frame_start,
+                order=(
+                    int(ds.get("SeriesNumber", 0) or 0),
+                    int(ds.get("InstanceNumber", 0) or 0),
+                    members[0],
+                ),
+                screen_capture=screen_capture,
+                view=view,
+                saturated=float(np.mean(raw[members] >= saturation)),
+                summed=len(members),
             )
         )
-    if len(frames) < count:
-        warnings.append("frames acquired outside the 99mTc window were ignored")
-    return frames
+    return out
 
 
-def _as_list(value: object) -> list[int]:
-    if value is None or value == "":
-        return []
-    if isinstance(value, MultiValue | list | tuple):
-        return [int(v) for v in value]
-    return [int(value)]  # type: ignore[call-overload]
+def _keep_anterior(candidates: list[_Candidate], warnings: list[str]) -> list[_Candidate]:
+    """Drop posterior, oblique and other views when anterior (or unlabelled) ones exist."""
+    kept = [c for c in candidates if c.view in ("anterior", None)]
+    if kept:
+        return kept
+    views = sorted({str(c.view) for c in candidates})
+    warnings.append(f"No anterior view was found; using the {', '.join(views)} view instead.")
+    return candidates
 
 
-def _text_phase(ds: Dataset) -> str | None:
-    texts = [
-        str(ds.get(keyword, "") or "")
-        for keyword in ("ImageComments", "SeriesDescription", "ProtocolName")
-    ]
-    for text in texts:
-        for name in ("thyroid", "delayed", "early"):
-            if text and _PHASE_WORDS[name].search(text):
-                return name
-    return None
+def _sort_key(c: _Candidate) -> tuple[object, ...]:
+    return (c.start or datetime.max, c.order)
 
 
-def _assign_phases(frames: list[_Frame], warnings: list[str]) -> dict[str, _Frame]:
-    # Prefer anterior views: drop posterior frames whenever an anterior one exists.
-    if any(frame.view == "anterior" for frame in frames):
-        frames = [frame for frame in frames if frame.view != "posterior"]
-    labelled: dict[str, list[_Frame]] = {}
-    undecided: list[_Frame] = []
-    for frame in frames:
-        name = None
-        if frame.phase_count > 1 and frame.phase_index is not None:
-            name = "early" if frame.phase_index == 1 else "delayed"
+def _assign_phases(candidates: list[_Candidate], warnings: list[str]) -> dict[str, _Candidate]:
+    """Name each candidate's phase and pick one image per phase."""
+    named: dict[str, list[_Candidate]] = {}
+    unnamed = []
+    for c in candidates:
+        phase = c.hint or phase_from_minutes(c.minutes)
+        if phase is None:
+            unnamed.append(c)
         else:
-            name = _text_phase(frame.dataset)
-            if name is None and frame.minutes is not None:
-                name = "early" if frame.minutes < _DELAYED_AFTER_MINUTES else "delayed"
-        if name is None:
-            undecided.append(frame)
+            named.setdefault(phase, []).append(c)
+    if unnamed:
+        use_time = all(c.start is not None for c in unnamed)
+        unnamed.sort(key=_sort_key if use_time else (lambda c: c.order))
+        how = "acquisition time order" if use_time else "series order"
+        if "early" not in named and "delayed" not in named:
+            picks = {"early": unnamed[0]}
+            if len(unnamed) > 1:
+                picks["delayed"] = unnamed[-1]
+        elif "early" not in named:
+            first = min(named["delayed"], key=_sort_key)
+            before = [c for c in unnamed if _sort_key(c) < _sort_key(first)] or unnamed
+            picks = {"early": before[0]}
+        elif "delayed" not in named:
+            first = min(named["early"], key=_sort_key)
+            after = [c for c in unnamed if _sort_key(c) > _sort_key(first)] or unnamed
+            picks = {"delayed": after[-1]}
         else:
-            labelled.setdefault(name, []).append(frame)
-    if undecided:
-        # Last resort: series order. The first undecided frame is early, the last delayed.
-        undecided.sort(key=lambda f: f.order)
-        for name, frame in (("early", undecided[0]), ("delayed", undecided[-1])):
-            if name not in labelled and (name == "early" or frame is not undecided[0]):
-                labelled.setdefault(name, []).append(frame)
-        warnings.append("phases were told apart by series order (no description or time)")
+            picks = {}
+        for phase, c in picks.items():
+            named[phase] = [c]
+            warnings.append(
+                f"The {phase} image ({c.where}) was identified by {how}: neither its "
+                "description nor its timing after injection names the phase."
+            )
     chosen = {}
-    for name, candidates in labelled.items():
-        candidates.sort(key=lambda f: (f.screen_capture, f.view != "anterior", f.order))
-        chosen[name] = candidates[0]
+    for phase, options in named.items():
+        options.sort(key=lambda c: (c.screen_capture, c.view != "anterior", c.order))
+        chosen[phase] = options[0]
+        if len(options) > 1:
+            warnings.append(
+                f"{len(options)} images look like the {phase} phase; using {options[0].where}."
+            )
     return chosen
 
 
-def _check_counts(selected: dict[str, _Frame]) -> None:
-    for name, frame in selected.items():
-        pixels = frame.pixels
-        if not np.isfinite(pixels).all() or float(pixels.max()) <= 0:
-            raise UnusableStudyError(f"the {name} image is empty (all pixels zero)")
-        bits = int(frame.dataset.get("BitsStored", 16) or 16)
-        ceiling = float(2**bits - 1)
-        if float(pixels.max()) == float(pixels.min()) or (
-            not frame.screen_capture and float(np.mean(pixels >= ceiling)) > 0.2
-        ):
-            raise UnusableStudyError(
-                f"the {name} image is saturated or flat; it cannot be analysed"
-            )
-
-
-def _match_sizes(selected: dict[str, _Frame], warnings: list[str]) -> dict[str, _Frame]:
-    shapes = {frame.pixels.shape for frame in selected.values()}
-    if len(shapes) == 1:
-        return selected
-    reference = max(selected.values(), key=lambda f: f.pixels.size)
-    if any(frame.spacing is None for frame in selected.values()) or reference.spacing is None:
-        sizes = ", ".join(
-            f"{n} {f.pixels.shape[1]}x{f.pixels.shape[0]}" for n, f in selected.items()
-        )
+def _check_counts(phase: str, c: _Candidate) -> None:
+    pixels = c.pixels
+    if not np.any(pixels):
+        raise UnusableStudyError(f"The {phase} image ({c.where}) is empty: every pixel is zero.")
+    if c.saturated >= _SATURATED_SHARE:
         raise UnusableStudyError(
-            f"the phase images have different matrix sizes ({sizes}) and no pixel spacing "
-            "to resample them"
+            f"The {phase} image ({c.where}) is saturated: {100 * c.saturated:.0f}% of its "
+            "pixels are at the largest value the file can store. Repeat or re-export it."
         )
-    out = {}
-    for name, frame in selected.items():
-        if frame.pixels.shape == reference.pixels.shape:
-            out[name] = frame
+    if float(pixels.min()) == float(pixels.max()):
+        raise UnusableStudyError(
+            f"The {phase} image ({c.where}) has no contrast: every pixel reads "
+            f"{float(pixels.min()):g}."
+        )
+
+
+def _match_grids(chosen: dict[str, _Candidate], warnings: list[str]) -> dict[str, _Candidate]:
+    """Resample every image onto the grid of the early image (or the first phase)."""
+    from scipy import ndimage
+
+    reference_phase = next(phase for phase in PHASES if phase in chosen)
+    ref = chosen[reference_phase]
+    out = dict(chosen)
+    for phase, c in chosen.items():
+        same_shape = c.pixels.shape == ref.pixels.shape
+        same_spacing = (
+            c.spacing is None
+            or ref.spacing is None
+            or np.allclose(c.spacing, ref.spacing, rtol=0.01)
+        )
+        if same_shape and same_spacing:
             continue
-        assert frame.spacing is not None
-        zoom = (
-            reference.pixels.shape[0] / frame.pixels.shape[0],
-            reference.pixels.shape[1] / frame.pixels.shape[1],
-        )
-        scale = float(np.prod(zoom))
-        resampled = ndimage.zoom(frame.pixels, zoom, order=1) / scale  # keep total counts
-        out[name] = _Frame(
-            resampled.astype(np.float32),
-            reference.spacing,
-            frame.dataset,
-            frame.frame_number,
-            frame.view,
-            frame.phase_index,
-            frame.phase_count,
-            frame.minutes,
-            frame.order,
-            frame.screen_capture,
-        )
+        if c.spacing is None or ref.spacing is None:
+            raise UnusableStudyError(
+                f"The {phase} image is {_size(c.pixels)} and the {reference_phase} image "
+                f"{_size(ref.pixels)}, and the files do not give the pixel spacing, so the "
+                "two cannot be matched. Acquire both with the same matrix and zoom."
+            )
+        factors = (c.spacing[0] / ref.spacing[0], c.spacing[1] / ref.spacing[1])
+        zoomed = ndimage.zoom(c.pixels.astype(np.float64), factors, order=1, mode="nearest")
+        zoomed *= (ref.spacing[0] * ref.spacing[1]) / (c.spacing[0] * c.spacing[1])
+        resampled = _fit(np.clip(zoomed, 0.0, None), ref.pixels.shape)
         warnings.append(
-            f"the {name} image was resampled from {frame.pixels.shape[1]}x"
-            f"{frame.pixels.shape[0]} to {reference.pixels.shape[1]}x{reference.pixels.shape[0]}"
+            f"The {phase} image ({_size(c.pixels)}, {c.spacing[0]:g} mm pixels) was resampled "
+            f"to {_size(ref.pixels)} with {ref.spacing[0]:g} mm pixels to match the "
+            f"{reference_phase} image."
         )
+        out[phase] = replace(c, pixels=resampled.astype(np.float32), spacing=ref.spacing)
+    return out
+
+
+def _size(pixels: np.ndarray) -> str:
+    return f"{pixels.shape[0]}x{pixels.shape[1]}"
+
+
+def _fit(image: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """Crop or zero-pad ``image`` about its centre to ``shape``."""
+    out = np.zeros(shape, dtype=image.dtype)
+    slices_in, slices_out = [], []
+    for have, want in zip(image.shape, shape, strict=True):
+        if have >= want:
+            start = (have - want) // 2
+            slices_in.append(slice(start, start + want))
+            slices_out.append(slice(0, want))
+        else:
+            start = (want - have) // 2
+            slices_in.append(slice(0, have))
+            slices_out.append(slice(start, start + have))
+    out[tuple(slices_out)] = image[tuple(slices_in)]
     return out
