@@ -10,8 +10,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from scipy.optimize import nnls
 
 from mibi_node.phantom import CLASSES, LAYOUTS, generate_studies, make_study
+from mibi_node.phantom.anatomy import GROUPS
 from mibi_node.phantom.physics import decay_factor
 
 
@@ -54,18 +56,29 @@ def test_class_mix_and_labels_match_the_lesions(tmp_path: Path) -> None:
             assert lesion[int(round(r)), int(round(c))] > 0.5 * lesion.max()
 
 
-def test_retention_ratios_fall_in_the_physical_ranges() -> None:
-    thyroid, lesion = [], []
-    for index in range(12):
+def test_retention_measured_on_the_images_falls_in_the_ranges() -> None:
+    # Fit each noisy delayed image as a mix of the study's noise-free early components: the
+    # coefficient of a group is its delayed/early count ratio; divided by Tc-99m decay it is
+    # the biological retention the issue asks for (thyroid 0.35-0.5, lesions 0.5-0.8).
+    measured: dict[str, list[float]] = {"thyroid": [], "lesion": []}
+    for index in range(10):
         study = make_study("adenoma", seed=21, index=index)
         p = study.parameters
         later = decay_factor(p.delayed_minutes - p.early_minutes)
-        thyroid.append(p.retention["thyroid"] * later)
-        lesion.append(p.retention["lesion"] * later)
-        # Counts follow: delayed/early of the noise-free thyroid component.
-        assert 0.2 < p.retention["thyroid"] * later < 0.5
-    assert np.mean(lesion) > np.mean(thyroid)
-    assert all(0.5 * decay_factor(150 - 20) <= r <= 0.8 for r in lesion)
+        names = [name for name in GROUPS if study.components[name].sum() > 0]
+        design = np.stack([study.components[name].ravel() for name in names], axis=1)
+        delayed = study.images["delayed"].ravel().astype(float)
+        expected_peak = design.sum(axis=1).max()
+        keep = (delayed > 0) & (delayed < 1.4 * expected_peak)  # leave out dead/hot pixels
+        weights = 1.0 / np.sqrt(np.maximum(design[keep].sum(axis=1), 1.0))  # Poisson
+        coefficients, _ = nnls(design[keep] * weights[:, None], delayed[keep] * weights)
+        for group in measured:
+            measured[group].append(coefficients[names.index(group)] / later)
+            tolerance = 0.03 if group == "thyroid" else 0.1  # a small lesion has few counts
+            assert measured[group][-1] == pytest.approx(p.retention[group], abs=tolerance)
+    assert all(0.3 <= r <= 0.55 for r in measured["thyroid"]), measured["thyroid"]
+    assert all(0.45 <= r <= 0.85 for r in measured["lesion"]), measured["lesion"]
+    assert np.mean(measured["lesion"]) > np.mean(measured["thyroid"]) + 0.1
 
 
 def test_images_are_counts_with_impulse_noise() -> None:

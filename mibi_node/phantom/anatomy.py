@@ -64,13 +64,15 @@ class PhantomConfig:
     tissue_retention, salivary_retention, heart_retention, rim_retention
         The same for soft tissue, salivary glands, myocardium and a cyst's rim.
     adenoma_diameter_mm, adenoma_uptake
-        Size, and concentration relative to the thyroid, of an adenoma (*difficulty*).
+        Size (drawn log-uniformly), and concentration relative to the thyroid, of an
+        adenoma (*difficulty*).
     hyperplasia_diameter_mm, hyperplasia_uptake, hyperplasia_foci
         The same for each hyperplastic gland; ``hyperplasia_foci`` is an integer range.
     carcinoma_diameter_mm, carcinoma_uptake
         The same for a carcinoma.
-    cyst_diameter_mm
-        Diameter of a cyst (a cold or faint-rim defect).
+    cyst_diameter_mm, cyst_rim_uptake
+        Diameter of a cyst (a cold defect), and its rim's concentration relative to the
+        thyroid (*difficulty*).
     tissue_uptake
         Soft-tissue concentration relative to the thyroid (*difficulty*: contrast).
     impulse_fraction
@@ -79,7 +81,7 @@ class PhantomConfig:
         Share of normal studies with a retaining thyroid, or with asymmetric lobes.
     """
 
-    pixel_spacing_mm: Range = (2.4, 4.8)
+    pixel_spacing_mm: Range = (2.4, 3.6)
     psf_fwhm_mm: Range = (7.0, 10.0)
     early_counts: Range = (5.0e5, 1.0e6)
     early_minutes: Range = (10.0, 20.0)
@@ -93,17 +95,18 @@ class PhantomConfig:
     heart_retention: Range = (0.75, 0.95)
     rim_retention: Range = (0.15, 0.3)
     adenoma_diameter_mm: Range = (8.0, 25.0)
-    adenoma_uptake: Range = (0.7, 1.8)
-    hyperplasia_diameter_mm: Range = (6.0, 14.0)
-    hyperplasia_uptake: Range = (0.5, 1.2)
+    adenoma_uptake: Range = (1.0, 2.2)
+    hyperplasia_diameter_mm: Range = (7.0, 14.0)
+    hyperplasia_uptake: Range = (0.9, 1.6)
     hyperplasia_foci: tuple[int, int] = (2, 4)
     carcinoma_diameter_mm: Range = (20.0, 40.0)
-    carcinoma_uptake: Range = (1.3, 2.6)
+    carcinoma_uptake: Range = (2.0, 3.5)
     cyst_diameter_mm: Range = (10.0, 30.0)
-    tissue_uptake: Range = (0.06, 0.11)
+    cyst_rim_uptake: Range = (0.3, 0.7)
+    tissue_uptake: Range = (0.035, 0.065)
     impulse_fraction: Range = (0.0005, 0.002)
     thyroiditis_probability: float = 0.25
-    asymmetry_probability: float = 0.3
+    asymmetry_probability: float = 0.2
 
 
 @dataclass(frozen=True)
@@ -257,7 +260,7 @@ def sample_parameters(
         elif draw < config.thyroiditis_probability + config.asymmetry_probability:
             confounder = "asymmetric lobes"
             lobe = lobes[int(rng.integers(2))]
-            scale = _u(rng, (0.65, 0.85)) if rng.uniform() < 0.5 else _u(rng, (1.15, 1.35))
+            scale = _u(rng, (0.75, 0.9)) if rng.uniform() < 0.5 else _u(rng, (1.1, 1.25))
             lobe[2] *= scale
             lobe[3] *= math.sqrt(scale)
             lobe[6] = _u(rng, (0.75, 1.3))
@@ -271,9 +274,9 @@ def sample_parameters(
         "submandibular_dx": _u(rng, (28.0, 38.0)),
         "parotid_dy": _u(rng, (95.0, 115.0)),
         "parotid_dx": _u(rng, (45.0, 60.0)),
-        "heart_uptake": _u(rng, (0.6, 1.2)),
+        "heart_uptake": _u(rng, (0.15, 0.35)),
         "heart_dx": _u(rng, (15.0, 45.0)),
-        "heart_dy": _u(rng, (140.0, 200.0)),
+        "heart_dy": _u(rng, (150.0, 210.0)),
         "heart_radius": _u(rng, (42.0, 55.0)),
         "isthmus_uptake": _u(rng, (0.3, 0.9)),
         "impulse_fraction": _u(rng, config.impulse_fraction),
@@ -329,7 +332,9 @@ def _sample_lesions(
     if label == "adenoma":
         draw = rng.uniform()
         pole = "lower" if draw < 0.7 else "upper" if draw < 0.9 else "ectopic"
-        diameter = _u(rng, config.adenoma_diameter_mm)
+        # Log-uniform: most adenomas are 10-20 mm, few reach the carcinomas' sizes.
+        low, high = np.log(config.adenoma_diameter_mm)
+        diameter = float(np.exp(rng.uniform(low, high)))
         uptake = _u(rng, config.adenoma_uptake)
         if pole == "ectopic":
             x, y = centre[0] + float(rng.normal(0.0, 8.0)), centre[1] + _u(rng, (60.0, 110.0))
@@ -343,10 +348,13 @@ def _sample_lesions(
         low, high = config.hyperplasia_foci
         count = int(rng.integers(low, high + 1))
         slots = [(index, pole) for index in (0, 1) for pole in ("lower", "upper")]
-        if rng.uniform() < 0.25:  # unilateral
+        if rng.uniform() < 0.15:  # unilateral
             keep = int(rng.integers(2))
             slots = [slot for slot in slots if slot[0] == keep] + [(keep, "below")]
         order = rng.permutation(len(slots))[:count]
+        # Hyperplasia enlarges all glands alike: foci share a size and uptake, +-15-20 %.
+        size = _u(rng, config.hyperplasia_diameter_mm)
+        uptake = _u(rng, config.hyperplasia_uptake)
         foci = []
         for slot in sorted(int(i) for i in order):
             index, pole = slots[slot]
@@ -358,8 +366,8 @@ def _sample_lesions(
                     pole,
                     x,
                     y,
-                    _u(rng, config.hyperplasia_diameter_mm),
-                    _u(rng, config.hyperplasia_uptake),
+                    size * _u(rng, (0.8, 1.2)),
+                    uptake * _u(rng, (0.85, 1.15)),
                     float(np.clip(retention + rng.normal(0.0, 0.04), *config.lesion_retention)),
                 )
             )
@@ -383,7 +391,7 @@ def _sample_lesions(
                 retention,
             )
         ]
-    pole = "lower" if rng.uniform() < 0.6 else "below"
+    pole = "lower" if rng.uniform() < 0.8 else "below"
     x, y = _pole_position(rng, lobes[index], pole, spread=0.5)
     return [
         Lesion(
@@ -393,7 +401,7 @@ def _sample_lesions(
             x,
             y,
             _u(rng, config.cyst_diameter_mm),
-            _u(rng, (0.15, 0.4)),
+            _u(rng, config.cyst_rim_uptake),
             0.0,
         )
     ]
@@ -490,13 +498,14 @@ def activity_groups(
         centre = (focus.x_mm, focus.y_mm)
         if focus.kind == "cyst":
             shape = _ellipsoid(xx, yy, centre, (radius, radius), 2 * radius)
-            cold = np.maximum(cold, shape / (2 * radius))
+            # Fraction of the lobe's thickness the cyst displaces (a lobe is ~15 mm deep).
+            cold = np.maximum(cold, np.clip(shape / min(2 * radius, 15.0), 0.0, 1.0))
             shell = _ellipsoid(xx, yy, centre, (radius + 2.5, radius + 2.5), 2 * radius + 5)
             rim += focus.uptake * np.clip(shell - shape, 0.0, None) * 0.5
         elif focus.kind == "carcinoma":
             blob = np.zeros_like(xx)
             for _ in range(int(rng.integers(3, 6))):
-                offset = rng.normal(0.0, 0.3 * radius, size=2)
+                offset = rng.normal(0.0, 0.4 * radius, size=2)
                 r = radius * _u(rng, (0.45, 0.75))
                 part = _ellipsoid(
                     xx,
@@ -510,13 +519,13 @@ def activity_groups(
             texture = ndimage.gaussian_filter(
                 rng.standard_normal(xx.shape).astype(np.float32), 3.0 / step
             )
-            texture *= 0.45 / max(float(texture.std()), 1e-6)
+            texture *= 0.6 / max(float(texture.std()), 1e-6)
             lesion += focus.uptake * blob * np.clip(1.0 + texture, 0.2, None)
         else:
             lesion += focus.uptake * _ellipsoid(xx, yy, centre, (radius, radius), 2 * radius)
     if params.lesions and params.lesions[0].kind == "cyst":
         # The cyst displaces thyroid tissue and, below the lobe, soft tissue.
-        thyroid *= 1.0 - 0.9 * cold
+        thyroid *= 1.0 - cold
         tissue *= 1.0 - 0.25 * cold
 
     groups = {

@@ -30,8 +30,24 @@ def retention_map(study: PhantomStudy) -> np.ndarray:
         ndimage.median_filter(study.images["delayed"], 3) * 1.0, sigma
     )
     ratio = delayed / np.maximum(early, 1e-6) / decay_factor(p.delayed_minutes - p.early_minutes)
-    mask = early > 0.3 * np.percentile(early, 99.5)
+    neck = _neck_box(study)
+    mask = np.zeros(early.shape, dtype=bool)
+    mask[neck] = early[neck] > 0.35 * np.percentile(early[neck], 99.0)
     return np.where(mask, ratio, np.nan)
+
+
+def _neck_box(study: PhantomStudy) -> tuple[slice, slice]:
+    """Rows and columns within about 60 mm of the thyroid, clipped to the image."""
+    p = study.parameters
+    cx, cy = p.thyroid_centre_mm
+    top, left = study.pixel(cx - 60.0, cy - 60.0)
+    bottom, right = study.pixel(cx + 60.0, cy + 70.0)
+    n = p.matrix
+
+    def clip(v: float) -> int:
+        return int(min(max(round(v), 0), n))
+
+    return slice(clip(top), clip(bottom)), slice(clip(left), clip(right))
 
 
 def write_montage(studies: Sequence[PhantomStudy], path: str | Path, max_studies: int = 24) -> Path:
@@ -75,7 +91,9 @@ def write_montage(studies: Sequence[PhantomStudy], path: str | Path, max_studies
         p = study.parameters
         for ax, phase in zip(panels[:2], ("early", "delayed"), strict=True):
             image = study.images[phase]
-            ax.imshow(image, cmap="gray_r", vmin=0, vmax=float(np.percentile(image, 99.7)))
+            # Window on the neck, as a reader would; the heart may saturate.
+            vmax = float(np.percentile(image[_neck_box(study)], 99.5))
+            ax.imshow(image, cmap="gray_r", vmin=0, vmax=vmax)
             minutes = p.early_minutes if phase == "early" else p.delayed_minutes
             ax.set_title(f"{phase} {minutes:.0f} min", fontsize=7)
         panels[2].imshow(retention_map(study), cmap="magma", vmin=0.2, vmax=0.9)
