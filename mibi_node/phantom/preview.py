@@ -81,7 +81,7 @@ def write_montage(studies: Sequence[PhantomStudy], path: str | Path, max_studies
     per_row = 2
     rows = (len(shown) + per_row - 1) // per_row
     fig, axes = plt.subplots(
-        rows, 3 * per_row, figsize=(3 * per_row * 1.9, rows * 2.1), squeeze=False
+        rows, 3 * per_row, figsize=(3 * per_row * 1.9, rows * 2.4), squeeze=False
     )
     for ax in axes.ravel():
         ax.set_axis_off()
@@ -105,7 +105,7 @@ def write_montage(studies: Sequence[PhantomStudy], path: str | Path, max_studies
         extra = f" ({p.confounder})" if p.confounder else ""
         panels[0].text(
             0,
-            -0.22,
+            -0.16,
             f"#{study.index + 1} {study.label}{extra}",
             transform=panels[0].transAxes,
             fontsize=8,
