@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -25,36 +26,16 @@ import torch
 import common  # benchmarks/ is on sys.path when run as a script
 from mibi_node.imaging.denoise import adaptive_median, adaptive_median_torch
 
+# The per-pixel reference is the one the tests hold the filters to, not a second copy.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from test_denoise import reference_adaptive_median as reference  # noqa: E402
+
 RESULTS = Path(__file__).parent / "results"
 
 
 def machine() -> dict[str, Any]:
     """CPU, cores, memory, torch threads and versions, for the results file."""
     return common.machine(torch_info=True)
-
-
-def reference(image: np.ndarray, smax: int) -> np.ndarray:
-    """The patent's stages A and B one pixel at a time (the same as in tests/test_denoise)."""
-    pad = smax // 2
-    padded = np.pad(image, pad, mode="reflect")
-    out = np.empty_like(image)
-    rows, cols = image.shape
-    for r in range(rows):
-        for c in range(cols):
-            zxy = image[r, c]
-            size = 3
-            while True:
-                h = size // 2
-                window = padded[r + pad - h : r + pad + h + 1, c + pad - h : c + pad + h + 1]
-                zmin, zmax, zmed = window.min(), window.max(), np.median(window)
-                if zmin < zmed < zmax:
-                    out[r, c] = zxy if zmin < zxy < zmax else zmed
-                    break
-                size += 2
-                if size > smax:
-                    out[r, c] = zmed
-                    break
-    return out
 
 
 def noisy(shape: int, seed: int = 0) -> np.ndarray:

@@ -209,13 +209,6 @@ class StorageSCP:
         self._thread.start()
         self._server = server
 
-    @property
-    def port(self) -> int:
-        """The port actually bound (useful when the configuration asked for port 0)."""
-        if self._listener is None:
-            return self.config.node.port
-        return int(self._listener.getsockname()[1])
-
     def stop(self, timeout: float = 30.0) -> None:
         """Stop accepting associations and let the ones in progress finish (up to ``timeout``)."""
         if self._server is not None:

@@ -10,7 +10,6 @@ from pathlib import Path
 
 from pydicom import dcmread
 from pydicom.dataset import FileDataset
-from pydicom.errors import InvalidDicomError
 from pydicom.uid import UID
 
 from mibi_node.storage.instances import InstanceMeta
@@ -113,11 +112,7 @@ def read_instance_meta(path: Path, sop_class_uid: str, sop_instance_uid: str) ->
         description = str(description)[:64] if description else None
     except RejectedInstanceError:
         raise
-    except (InvalidDicomError, EOFError, ValueError, TypeError, KeyError, OverflowError) as exc:
-        raise RejectedInstanceError(
-            STATUS_CANNOT_UNDERSTAND, f"data set cannot be parsed: {type(exc).__name__}"
-        ) from exc
-    except Exception as exc:  # pydicom raises many kinds on garbage
+    except Exception as exc:  # pydicom raises many kinds on garbage (EOFError, ValueError, ...)
         raise RejectedInstanceError(
             STATUS_CANNOT_UNDERSTAND, f"data set cannot be parsed: {type(exc).__name__}"
         ) from exc

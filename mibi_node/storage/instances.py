@@ -11,8 +11,9 @@ import filecmp
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, cast
 
-from sqlalchemy import Table, insert, select, update
+from sqlalchemy import Row, Table, insert, select, update
 
 from mibi_node.storage.database import Database
 from mibi_node.storage.filestore import FileStore, sha256_file
@@ -126,8 +127,7 @@ class InstanceStore:
                         modalities="",
                     )
                 ).inserted_primary_key
-                assert inserted is not None  # an INSERT always has a primary key
-                study_id = inserted[0]
+                study_id = cast(Row[Any], inserted)[0]  # an INSERT always has a primary key
                 state, modalities = StudyState.RECEIVING, ""
             else:
                 study_id, state, modalities = study.id, StudyState(study.state), study.modalities
