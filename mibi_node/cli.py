@@ -72,6 +72,22 @@ def serve(
         float | None, typer.Option(help="Seconds without an instance before a study is stable.")
     ] = None,
     host: Annotated[str | None, typer.Option(help="Address to listen on.")] = None,
+    destination: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--destination",
+            help="Send results to AE@HOST:PORT (repeatable; replaces the file's destinations).",
+        ),
+    ] = None,
+    bundle: Annotated[
+        Path | None, typer.Option("--bundle", help="Model bundle folder (workers.bundle).")
+    ] = None,
+    workers: Annotated[
+        int | None, typer.Option("--workers", help="Worker processes to start (workers.count).")
+    ] = None,
+    device: Annotated[
+        str | None, typer.Option("--device", help='Workers\' device: "auto", "cpu", "cuda[:N]".')
+    ] = None,
 ) -> None:
     """Run the node: receive studies, assemble them, analyse them, send the results."""
     from mibi_node.daemon import Node
@@ -81,6 +97,8 @@ def serve(
         config,
         node={"port": port, "ae_title": ae_title, "data_dir": data_dir, "host": host},
         assembly={"quiet_seconds": quiet_seconds},
+        workers={"bundle": bundle, "count": workers, "device": device},
+        dispatch={"destinations": _destinations(destination)},
     )
     configure_logging(resolved.logging.level)
     try:
@@ -91,6 +109,95 @@ def serve(
         raise _fail(f"cannot start the node: {exc.strerror or exc}") from None
 
 
+def _destinations(texts: list[str] | None) -> list[dict[str, Any]] | None:
+    from mibi_node.dispatch.destinations import parse_destination
+
+    if not texts:
+        return None
+    try:
+        return [parse_destination(text).model_dump(mode="json") for text in texts]
+    except MibiNodeError as exc:
+        raise _fail(str(exc), 2) from None
+
+
+@app.command()
+def worker(
+    config: ConfigOption = None,
+    data_dir: DataDirOption = None,
+    device: Annotated[
+        str | None, typer.Option("--device", help='"auto", "cpu", "cuda" or "cuda:N".')
+    ] = None,
+    bundle: Annotated[
+        Path | None, typer.Option("--bundle", help="Model bundle folder (workers.bundle).")
+    ] = None,
+) -> None:
+    """Run one analysis worker (one per GPU; `serve` starts workers.count itself)."""
+    from mibi_node.inference.worker import worker_main
+
+    resolved = _load(
+        config,
+        node={"data_dir": data_dir},
+        workers={"bundle": bundle, "device": device},
+    )
+    worker_main(resolved, resolved.workers.device, index=0)
+
+
+def _open_existing(resolved: Config) -> Any:
+    from mibi_node.storage.database import open_database
+
+    database_file = resolved.node.data_dir / "mibi-node.sqlite3"
+    if not resolved.database.url.get_secret_value() and not database_file.is_file():
+        raise _fail(f"no mibi-node database in {resolved.node.data_dir} (has the node run?)")
+    return open_database(resolved.database_url)
+
+
+@app.command()
+def requeue(
+    study: Annotated[str, typer.Option("--study", help="Study Instance UID to analyse again.")],
+    config: ConfigOption = None,
+    data_dir: DataDirOption = None,
+) -> None:
+    """Analyse a study again (a FAILED one, or a new version of a DONE one)."""
+    from mibi_node.jobs.queue import requeue_study
+
+    database = _open_existing(_load(config, node={"data_dir": data_dir}))
+    try:
+        job = requeue_study(database, study.strip())
+    except MibiNodeError as exc:
+        raise _fail(str(exc)) from None
+    finally:
+        database.dispose()
+    _out.print(f"queued: job #{job}")
+
+
+@app.command()
+def resend(
+    study: Annotated[str, typer.Option("--study", help="Study Instance UID whose SR to resend.")],
+    config: ConfigOption = None,
+    data_dir: DataDirOption = None,
+    destination: Annotated[
+        list[str] | None,
+        typer.Option("--destination", help="Also send to AE@HOST:PORT (repeatable)."),
+    ] = None,
+) -> None:
+    """Send a study's latest result again to its destinations (and any given here)."""
+    from mibi_node.dispatch.deliveries import resend_study
+    from mibi_node.dispatch.destinations import Destination
+
+    resolved = _load(config, node={"data_dir": data_dir})
+    extra = [Destination.model_validate(d) for d in _destinations(destination) or []]
+    database = _open_existing(resolved)
+    try:
+        count = resend_study(database, study.strip(), extra)
+    except MibiNodeError as exc:
+        raise _fail(str(exc)) from None
+    finally:
+        database.dispose()
+    _out.print(
+        f"{count} deliver{'y' if count == 1 else 'ies'} due now; the running node sends them"
+    )
+
+
 @app.command()
 def status(
     config: ConfigOption = None,
@@ -98,21 +205,26 @@ def status(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
     limit: Annotated[int, typer.Option(help="Most recent studies to show.")] = 200,
 ) -> None:
-    """List studies with their state, instance counts and times."""
-    from mibi_node.storage.database import open_database
-    from mibi_node.storage.queries import list_studies
+    """List studies, workers, jobs and deliveries that are pending or failed."""
+    from mibi_node.storage.queries import count_jobs, list_deliveries, list_studies, list_workers
 
     resolved = _load(config, node={"data_dir": data_dir})
-    database_file = resolved.node.data_dir / "mibi-node.sqlite3"
-    if not resolved.database.url.get_secret_value() and not database_file.is_file():
-        raise _fail(f"no mibi-node database in {resolved.node.data_dir} (has the node run?)")
-    database = open_database(resolved.database_url)
+    database = _open_existing(resolved)
     try:
         studies = list_studies(database, limit=limit)
+        workers = list_workers(database)
+        jobs = count_jobs(database)
+        deliveries = list_deliveries(database)
     finally:
         database.dispose()
     if as_json:
-        sys.stdout.write(json.dumps({"studies": [s.as_json() for s in studies]}, indent=2) + "\n")
+        document = {
+            "studies": [s.as_json() for s in studies],
+            "workers": [w.as_json() for w in workers],
+            "jobs": jobs,
+            "deliveries": [d.as_json() for d in deliveries],
+        }
+        sys.stdout.write(json.dumps(document, indent=2) + "\n")
         return
     table = Table(title=f"mibi-node {__version__}: {len(studies)} studies")
     for column in ("#", "state", "instances", "modality", "from AE", "first", "last", "reason"):
@@ -129,6 +241,41 @@ def status(
             study.state_reason or "",
         )
     _out.print(table)
+    if workers:
+        table = Table(title="workers")
+        for column in ("name", "state", "device", "bundle", "heartbeat", "message"):
+            table.add_column(column)
+        for w in workers:
+            table.add_row(
+                w.name,
+                w.state,
+                w.device,
+                w.bundle or "-",
+                w.heartbeat_at.strftime("%H:%M:%S"),
+                w.message or "",
+            )
+        _out.print(table)
+    else:
+        _out.print("no worker has reported yet (workers.count = 0? run `mibi-node worker`)")
+    summary = ", ".join(f"{n} {state.lower()}" for state, n in sorted(jobs.items())) or "none"
+    _out.print(f"jobs: {summary}")
+    if deliveries:
+        table = Table(title="deliveries pending or failed")
+        for column in ("#", "state", "to", "version", "attempts", "next try", "last answer"):
+            table.add_column(column)
+        for d in deliveries:
+            table.add_row(
+                str(d.id),
+                d.state,
+                d.destination,
+                str(d.version),
+                str(d.attempts),
+                d.next_attempt_at.strftime("%H:%M:%S") if d.state == "PENDING" else "",
+                d.last_message or "",
+            )
+        _out.print(table)
+    else:
+        _out.print("deliveries: none pending or failed")
 
 
 @app.command("check-config")

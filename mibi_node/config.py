@@ -6,24 +6,31 @@ with the TOML key that is wrong, never later in the middle of a C-STORE.
 
 from __future__ import annotations
 
+import re
 import tomllib
 from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 
+from mibi_node.dispatch.destinations import Destination
 from mibi_node.errors import ConfigError
 
 __all__ = [
     "AssemblyConfig",
     "Config",
     "DatabaseConfig",
+    "DispatchConfig",
+    "JobsConfig",
     "LoggingConfig",
     "NodeConfig",
     "PeerConfig",
     "ReceptionConfig",
+    "ReportConfig",
+    "RoutingConfig",
     "StorageConfig",
     "TLSConfig",
+    "WorkersConfig",
     "load_config",
     "DEFAULT_CONFIG_PATH",
 ]
@@ -117,6 +124,97 @@ class AssemblyConfig(_Section):
 
     quiet_seconds: float = Field(default=30.0, gt=0)
     sweep_seconds: float = Field(default=1.0, gt=0)
+    #: Seconds a study with only some of its phases waits for the rest (default 4 h).
+    max_phase_wait: float = Field(default=4 * 3600.0, ge=0)
+
+
+#: Study or series descriptions that mark a parathyroid MIBI study, in any case.
+DEFAULT_DESCRIPTION_PATTERN = r"parathyr|mibi|\bpth\b|nebenschild"
+
+
+class RoutingConfig(_Section):
+    """Which stable studies are MIBI studies (the others are IGNORED with the reason).
+
+    A study is analysed when it holds an image of an accepted modality and at least one of
+    the other rules matches: the radiopharmaceutical code, a description, the calling AE.
+    """
+
+    modalities: tuple[str, ...] = ("NM",)
+    #: Also accept Secondary Capture images (screen captures of older consoles).
+    secondary_capture: bool = False
+    #: Radiopharmaceutical codes (Code Value) that mark a MIBI study: SCT Tc-99m sestamibi.
+    radiopharmaceutical_codes: tuple[str, ...] = ("424299003", "C-B1115")
+    #: Regular expression searched (case-insensitive) in the study and series descriptions.
+    description_pattern: str = DEFAULT_DESCRIPTION_PATTERN
+    #: Calling AE titles whose studies are always MIBI studies (e.g. a dedicated camera).
+    calling_ae_titles: tuple[str, ...] = ()
+
+    @field_validator("description_pattern")
+    @classmethod
+    def _pattern(cls, value: str) -> str:
+        try:
+            re.compile(value, re.IGNORECASE)
+        except re.error as exc:
+            raise ValueError(f"not a valid regular expression: {exc}") from None
+        return value
+
+    @field_validator("modalities")
+    @classmethod
+    def _modalities(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        return tuple(m.strip().upper() for m in value if m.strip())
+
+
+class JobsConfig(_Section):
+    """Analysis jobs: leases and retries."""
+
+    #: Claims of a job before it is FAILED (a worker killed on it counts as one).
+    max_attempts: int = Field(default=3, ge=1, le=100)
+    #: A claimed job returns to the queue when its worker has not renewed it for this long.
+    lease_seconds: float = Field(default=60.0, ge=2)
+    #: Most studies one worker analyses in one batch.
+    batch_size: int = Field(default=4, ge=1, le=64)
+
+
+class WorkersConfig(_Section):
+    """Worker processes that ``mibi-node serve`` starts (0: run ``mibi-node worker`` apart)."""
+
+    count: int = Field(default=1, ge=0, le=64)
+    #: "auto", "cpu", "cuda" or "cuda:N"; with several workers, "cuda" spreads them over GPUs.
+    device: str = "auto"
+    #: Model bundle folder (``make demo`` builds var/bundles/demo).
+    bundle: Path = Path("var/bundles/demo")
+    #: Seconds between looks at the queue when it is empty.
+    poll_seconds: float = Field(default=0.25, gt=0)
+
+
+class DispatchConfig(_Section):
+    """Where results go and how failed sends are retried."""
+
+    destinations: tuple[Destination, ...] = ()
+    #: Calling AE title of the node's C-STORE requests (default: node.ae_title).
+    calling_ae_title: str = ""
+    max_attempts: int = Field(default=10, ge=1, le=1000)
+    initial_backoff_seconds: float = Field(default=30.0, gt=0)
+    max_backoff_seconds: float = Field(default=3600.0, gt=0)
+    timeout: float = Field(default=30.0, gt=0)
+
+    @field_validator("calling_ae_title")
+    @classmethod
+    def _calling(cls, value: str) -> str:
+        return _check_ae_title(value) if value.strip() else ""
+
+
+class ReportConfig(_Section):
+    """The result documents."""
+
+    #: Also send a Secondary Capture key image (for viewers that do not render SR).
+    key_image: bool = False
+    #: Institution Name written into the SR (optional).
+    institution_name: str = ""
+    #: Series Number of the result series.
+    series_number: int = Field(default=9901, ge=1)
+    #: Device Observer UID; empty = one generated at first use and kept in the database.
+    device_uid: str = ""
 
 
 class LoggingConfig(_Section):
@@ -141,6 +239,11 @@ class Config(_Section):
     storage: StorageConfig = StorageConfig()
     database: DatabaseConfig = DatabaseConfig()
     assembly: AssemblyConfig = AssemblyConfig()
+    routing: RoutingConfig = RoutingConfig()
+    jobs: JobsConfig = JobsConfig()
+    workers: WorkersConfig = WorkersConfig()
+    dispatch: DispatchConfig = DispatchConfig()
+    report: ReportConfig = ReportConfig()
     logging: LoggingConfig = LoggingConfig()
 
     @property
@@ -155,6 +258,16 @@ class Config(_Section):
     def store_dir(self) -> Path:
         """Folder of the received instance files."""
         return self.node.data_dir / "store"
+
+    @property
+    def results_dir(self) -> Path:
+        """Folder of the SR (and key image) files the node made."""
+        return self.node.data_dir / "results"
+
+    @property
+    def calling_ae_title(self) -> str:
+        """The AE title the node calls PACS with."""
+        return self.dispatch.calling_ae_title or self.node.ae_title
 
     def masked(self) -> dict[str, Any]:
         """The configuration as plain data with secrets replaced by ``********``."""

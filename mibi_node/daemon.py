@@ -1,4 +1,4 @@
-"""The running node: reception, the assembly sweep and (later) dispatch and workers.
+"""The running node: reception, the assembly sweep, dispatch and the analysis workers.
 
 This module and ``cli`` are the only ones that know every stage. A node starts from the
 database: partial files of a crash are removed, and every committed state is resumed.
@@ -7,6 +7,12 @@ Reception runs in ``reception.acceptors`` processes that share one listening soc
 here, before they are forked): pynetdicom holds one process to about one core, so parallel
 associations scale only across processes. Each acceptor commits every instance itself
 before it answers Success; the parent runs the scheduler and restarts an acceptor that dies.
+
+The scheduler's sweeps mark quiet studies stable, route them (MIBI studies get a job, the
+others are IGNORED), return jobs whose worker stopped to the queue, and send due deliveries.
+The ``workers.count`` analysis workers are *spawned* (fresh interpreters, never forked from
+this process), so that torch, a crashing decoder or the OOM killer stay out of reception;
+the parent restarts a worker that dies.
 """
 
 from __future__ import annotations
@@ -23,8 +29,11 @@ from types import FrameType
 
 from apscheduler.schedulers.background import BackgroundScheduler
 
+from mibi_node.assembly.routing import route_stable_studies
 from mibi_node.assembly.stability import mark_stable_studies
 from mibi_node.config import Config
+from mibi_node.dispatch.deliveries import deliver
+from mibi_node.jobs.queue import release_expired_jobs
 from mibi_node.reception.scp import StorageSCP, bind_listener
 from mibi_node.storage.database import Database, open_database
 from mibi_node.storage.filestore import FileStore
@@ -86,6 +95,8 @@ class Node:
         self.listener: socket.socket | None = None
         self.scp: StorageSCP | None = None
         self._acceptors: list[BaseProcess] = []
+        self._workers: list[BaseProcess] = []
+        self.results = FileStore(config.results_dir)
         self._stop_signal: int | None = None
         self._stopping = False
 
@@ -130,6 +141,26 @@ class Node:
             max_instances=1,
             coalesce=True,
         )
+        self.scheduler.add_job(
+            self._dispatch,
+            "interval",
+            seconds=self.config.assembly.sweep_seconds,
+            id="dispatch-sweep",
+            max_instances=1,
+            coalesce=True,
+        )
+        self._workers = [self._spawn_worker(index) for index in range(self.config.workers.count)]
+        if self._workers:
+            logger.info(
+                "started %d worker process(es) on %s with bundle %s",
+                len(self._workers),
+                self.config.workers.device,
+                self.config.workers.bundle,
+            )
+        else:
+            logger.info("workers.count is 0: run `mibi-node worker` to analyse studies")
+        if not self.config.dispatch.destinations:
+            logger.warning("no dispatch destination: results are kept but sent nowhere")
         self.scheduler.start()
 
     @property
@@ -162,30 +193,66 @@ class Node:
         process.start()
         return process
 
-    def _watch_acceptors(self) -> None:
+    def _spawn_worker(self, index: int) -> BaseProcess:
+        from mibi_node.inference.worker import worker_main
+
+        context = multiprocessing.get_context("spawn")
+        process = context.Process(
+            target=worker_main,
+            args=(self.config, self.config.workers.device, index, os.getpid()),
+            name=f"mibi-node-worker-{index}",
+            daemon=False,
+        )
+        process.start()
+        return process
+
+    def _watch_children(self) -> None:
         for index, process in enumerate(self._acceptors):
             if not process.is_alive() and not self._stopping:
                 logger.warning(
                     "acceptor %d exited with status %s; starting a new one", index, process.exitcode
                 )
                 self._acceptors[index] = self._spawn(index)
+        for index, process in enumerate(self._workers):
+            if not process.is_alive() and not self._stopping:
+                logger.warning(
+                    "worker %d exited with status %s; starting a new one", index, process.exitcode
+                )
+                self._workers[index] = self._spawn_worker(index)
 
     def _sweep(self) -> None:
+        if self.database is None:
+            return
         try:
-            if self.database is not None:
-                mark_stable_studies(self.database, self.config.assembly.quiet_seconds)
+            mark_stable_studies(self.database, self.config.assembly.quiet_seconds)
+            route_stable_studies(self.database, self.files, self.config.routing)
+            release_expired_jobs(self.database, self.config.jobs.max_attempts)
         except Exception:
             logger.exception("assembly sweep failed; it runs again on schedule")
+
+    def _dispatch(self) -> None:
+        if self.database is None:
+            return
+        try:
+            deliver(
+                self.database,
+                self.results.root,
+                self.config.dispatch,
+                calling_ae_title=self.config.calling_ae_title,
+                owner=f"dispatch-{os.getpid()}",
+            )
+        except Exception:
+            logger.exception("dispatch sweep failed; it runs again on schedule")
 
     def stop(self) -> None:
         """Stop accepting, let in-flight associations finish, stop the scheduler."""
         self._stopping = True
-        for process in self._acceptors:
+        for process in [*self._acceptors, *self._workers]:
             if process.is_alive() and process.pid is not None:
                 os.kill(process.pid, signal.SIGTERM)
         if self.scp is not None:
             self.scp.stop()
-        for process in self._acceptors:
+        for process in [*self._acceptors, *self._workers]:
             process.join(40)
             if process.is_alive():
                 process.kill()
@@ -213,7 +280,7 @@ class Node:
                 time.sleep(0.2)
                 ticks += 1
                 if ticks % 5 == 0:
-                    self._watch_acceptors()
+                    self._watch_children()
             if self._stop_signal:
                 logger.info("received %s, stopping", signal.Signals(self._stop_signal).name)
         finally:

@@ -5,6 +5,7 @@ __all__ = [
     "MibiNodeError",
     "StorageError",
     "UnusableStudyError",
+    "MissingPhaseError",
     "BundleError",
 ]
 
@@ -23,6 +24,23 @@ class StorageError(MibiNodeError):
 
 class UnusableStudyError(MibiNodeError):
     """A study cannot be turned into model input; the message is meant for a technologist."""
+
+
+class MissingPhaseError(UnusableStudyError):
+    """A study lacks a phase the model needs (often the delayed images, sent hours later).
+
+    Attributes
+    ----------
+    missing
+        The phases that could not be found, e.g. ``("delayed",)``.
+    found
+        The phases that were found.
+    """
+
+    def __init__(self, message: str, missing: tuple[str, ...], found: tuple[str, ...]) -> None:
+        super().__init__(message)
+        self.missing = missing
+        self.found = found
 
 
 class BundleError(MibiNodeError):

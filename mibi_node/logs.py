@@ -18,3 +18,5 @@ def configure_logging(level: str = "INFO") -> None:
     # pynetdicom logs every PDU at INFO/DEBUG, including patient attributes: keep it quiet.
     logging.getLogger("pynetdicom").setLevel(logging.WARNING if level != "DEBUG" else "INFO")
     logging.getLogger("apscheduler").setLevel(logging.WARNING)
+    # highdicom names the source datasets' UIDs at INFO when it copies patient attributes.
+    logging.getLogger("highdicom").setLevel(logging.WARNING if level != "DEBUG" else "DEBUG")

@@ -55,6 +55,8 @@ class NodeProcess:
             "node": {"ae_title": "MIBI_NODE", "host": "127.0.0.1"},
             "storage": {"min_free_mb": 0},
             "assembly": {"quiet_seconds": 1, "sweep_seconds": 0.2},
+            # Reception tests need no analysis; tests that do ask for workers.
+            "workers": {"count": 0},
         }
         for section, values in (config or {}).items():
             sections.setdefault(section, {}).update(values)

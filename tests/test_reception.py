@@ -79,7 +79,7 @@ def test_study_becomes_stable_and_status_shows_it(node_factory, tmp_path: Path) 
     assert storescu(node.port, nm_files(tmp_path / "in", 3)).returncode == 0
     deadline = time.monotonic() + 15
     while time.monotonic() < deadline:
-        if node.query("SELECT state FROM study") == [("STABLE",)]:
+        if node.query("SELECT state FROM study") == [("QUEUED",)]:
             break
         time.sleep(0.2)
     out = subprocess.run(
@@ -99,7 +99,9 @@ def test_study_becomes_stable_and_status_shows_it(node_factory, tmp_path: Path) 
     )
     studies = json.loads(out.stdout)["studies"]
     assert len(studies) == 1
-    assert studies[0]["state"] == "STABLE"
+    # Stable, then routed: the description says MIBI, so it waits for a worker (none here).
+    assert studies[0]["state"] == "QUEUED"
+    assert "PARATHYROID MIBI" in studies[0]["state_reason"]
     assert studies[0]["instance_count"] == 3
     assert studies[0]["calling_ae_title"] == "STORESCU"
     # The study log line is there and holds no patient name or ID.

@@ -78,4 +78,8 @@ def test_state_machine_refuses_invalid_transitions() -> None:
     with pytest.raises(InvalidTransitionError, match="RECEIVING to DONE"):
         check_transition(StudyState.RECEIVING, StudyState.DONE)
     with pytest.raises(InvalidTransitionError):
-        check_transition(StudyState.IGNORED, StudyState.QUEUED)
+        check_transition(StudyState.IGNORED, StudyState.DONE)
+    # An ignored study can be queued by hand (mibi-node requeue), never run directly.
+    check_transition(StudyState.IGNORED, StudyState.QUEUED)
+    with pytest.raises(InvalidTransitionError):
+        check_transition(StudyState.IGNORED, StudyState.RUNNING)

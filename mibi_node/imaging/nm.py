@@ -34,7 +34,7 @@ from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.uid import JPEGBaseline8Bit, JPEGExtended12Bit
 
-from mibi_node.errors import UnusableStudyError
+from mibi_node.errors import MissingPhaseError, UnusableStudyError
 from mibi_node.imaging.phase import (
     acquisition_start,
     injection_time,
@@ -176,7 +176,9 @@ def read_datasets(
     chosen = _assign_phases(candidates, warnings)
     missing = [phase for phase in required if phase not in chosen]
     if missing:
-        raise UnusableStudyError(_missing_message(missing, chosen))
+        raise MissingPhaseError(
+            _missing_message(missing, chosen), missing=tuple(missing), found=tuple(chosen)
+        )
     for phase, candidate in chosen.items():
         _check_counts(phase, candidate)
         if candidate.screen_capture:

@@ -185,7 +185,7 @@ def build_sr(
         specific_character_set=charset,
     )
     detach_person_names(sr)
-    logger.info(
+    logger.debug(
         "SR %s for study %s: %s (%.3f)",
         sr.SOPInstanceUID,
         result.study_instance_uid,

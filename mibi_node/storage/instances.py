@@ -19,7 +19,7 @@ from mibi_node.storage.database import Database
 from mibi_node.storage.filestore import FileStore, sha256_file
 from mibi_node.storage.models import Instance, Study, StudyState, check_transition, utcnow
 
-__all__ = ["InstanceMeta", "InstanceStore", "StoreOutcome"]
+__all__ = ["InstanceMeta", "InstanceStore", "StoreOutcome", "is_image_instance"]
 
 logger = logging.getLogger(__name__)
 
@@ -50,12 +50,31 @@ _INSTANCE: Table = Instance.__table__  # type: ignore[assignment]
 
 _REOPEN_STATES = {
     StudyState.STABLE,
+    StudyState.RUNNING,
     StudyState.IGNORED,
     StudyState.AWAITING_PHASE,
     StudyState.QUEUED,
     StudyState.DONE,
     StudyState.FAILED,
 }
+
+
+#: Modalities and SOP class prefixes of objects that are not images: structured reports
+#: (ours among them, when PACS forwards them back), key object selections, presentation
+#: states and encapsulated documents. They are stored but never reopen an analysed study.
+_NON_IMAGE_MODALITIES = frozenset({"SR", "KO", "PR", "DOC"})
+_NON_IMAGE_CLASS_PREFIXES = (
+    "1.2.840.10008.5.1.4.1.1.88.",  # structured reports and key object selection
+    "1.2.840.10008.5.1.4.1.1.11.",  # presentation states
+    "1.2.840.10008.5.1.4.1.1.104.",  # encapsulated documents
+)
+
+
+def is_image_instance(modality: str, sop_class_uid: str) -> bool:
+    """Whether an instance is an image (and so can change what the model sees)."""
+    if modality.upper() in _NON_IMAGE_MODALITIES:
+        return False
+    return not sop_class_uid.startswith(_NON_IMAGE_CLASS_PREFIXES)
 
 
 class InstanceStore:
@@ -132,7 +151,8 @@ class InstanceStore:
             else:
                 study_id, state, modalities = study.id, StudyState(study.state), study.modalities
             changes: dict[str, object] = {"last_received_at": now}
-            if state in _REOPEN_STATES:
+            image = is_image_instance(meta.modality, meta.sop_class_uid)
+            if state in _REOPEN_STATES and image:
                 check_transition(state, StudyState.RECEIVING)
                 changes.update(
                     state=StudyState.RECEIVING.value,

@@ -10,7 +10,9 @@ import enum
 from datetime import UTC, datetime
 
 from sqlalchemy import (
+    JSON,
     BigInteger,
+    Boolean,
     DateTime,
     Enum,
     ForeignKey,
@@ -19,6 +21,7 @@ from sqlalchemy import (
     String,
     Text,
     TypeDecorator,
+    UniqueConstraint,
 )
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
@@ -27,10 +30,18 @@ from mibi_node.errors import MibiNodeError
 
 __all__ = [
     "Base",
+    "Delivery",
+    "DeliveryState",
     "Instance",
     "InvalidTransitionError",
+    "Job",
+    "JobState",
+    "Setting",
     "Study",
     "StudyState",
+    "WorkerStatus",
+    "check_delivery_transition",
+    "check_job_transition",
     "check_transition",
     "utcnow",
 ]
@@ -81,14 +92,62 @@ _ALLOWED: dict[StudyState, frozenset[StudyState]] = {
             StudyState.QUEUED,
         }
     ),
-    StudyState.IGNORED: frozenset({StudyState.RECEIVING}),
+    StudyState.IGNORED: frozenset({StudyState.RECEIVING, StudyState.QUEUED}),
     StudyState.AWAITING_PHASE: frozenset(
-        {StudyState.RECEIVING, StudyState.QUEUED, StudyState.FAILED}
+        {StudyState.RECEIVING, StudyState.QUEUED, StudyState.RUNNING, StudyState.FAILED}
     ),
-    StudyState.QUEUED: frozenset({StudyState.RECEIVING, StudyState.RUNNING}),
-    StudyState.RUNNING: frozenset({StudyState.QUEUED, StudyState.DONE, StudyState.FAILED}),
-    StudyState.DONE: frozenset({StudyState.RECEIVING}),
+    StudyState.QUEUED: frozenset({StudyState.RECEIVING, StudyState.RUNNING, StudyState.FAILED}),
+    StudyState.RUNNING: frozenset(
+        {
+            StudyState.RECEIVING,
+            StudyState.QUEUED,
+            StudyState.AWAITING_PHASE,
+            StudyState.DONE,
+            StudyState.FAILED,
+        }
+    ),
+    StudyState.DONE: frozenset({StudyState.RECEIVING, StudyState.QUEUED}),
     StudyState.FAILED: frozenset({StudyState.RECEIVING, StudyState.QUEUED}),
+}
+
+
+class JobState(enum.StrEnum):
+    """Where one analysis of one version of a study is."""
+
+    QUEUED = "QUEUED"
+    RUNNING = "RUNNING"
+    DONE = "DONE"
+    FAILED = "FAILED"
+
+
+_JOB_ALLOWED: dict[JobState, frozenset[JobState]] = {
+    # QUEUED -> FAILED: a study re-routed as not MIBI, or cancelled by hand.
+    JobState.QUEUED: frozenset({JobState.RUNNING, JobState.FAILED}),
+    # RUNNING -> QUEUED: a retry, an expired lease, or a study waiting for its next phase.
+    JobState.RUNNING: frozenset({JobState.QUEUED, JobState.DONE, JobState.FAILED}),
+    JobState.DONE: frozenset(),
+    # FAILED -> QUEUED: ``mibi-node requeue``.
+    JobState.FAILED: frozenset({JobState.QUEUED}),
+}
+
+
+class DeliveryState(enum.StrEnum):
+    """Where the sending of one result to one destination is."""
+
+    PENDING = "PENDING"
+    SENDING = "SENDING"
+    DONE = "DONE"
+    FAILED = "FAILED"
+
+
+_DELIVERY_ALLOWED: dict[DeliveryState, frozenset[DeliveryState]] = {
+    DeliveryState.PENDING: frozenset({DeliveryState.SENDING}),
+    DeliveryState.SENDING: frozenset(
+        {DeliveryState.PENDING, DeliveryState.DONE, DeliveryState.FAILED}
+    ),
+    # DONE/FAILED -> PENDING: ``mibi-node resend``.
+    DeliveryState.DONE: frozenset({DeliveryState.PENDING}),
+    DeliveryState.FAILED: frozenset({DeliveryState.PENDING}),
 }
 
 
@@ -106,6 +165,30 @@ def check_transition(current: StudyState, new: StudyState) -> None:
     """
     if new not in _ALLOWED[current]:
         raise InvalidTransitionError(f"a study cannot go from {current.value} to {new.value}")
+
+
+def check_job_transition(current: JobState, new: JobState) -> None:
+    """The one place that says which job state may follow which.
+
+    Raises
+    ------
+    InvalidTransitionError
+        ``new`` is not reachable from ``current``.
+    """
+    if new not in _JOB_ALLOWED[current]:
+        raise InvalidTransitionError(f"a job cannot go from {current.value} to {new.value}")
+
+
+def check_delivery_transition(current: DeliveryState, new: DeliveryState) -> None:
+    """The one place that says which delivery state may follow which.
+
+    Raises
+    ------
+    InvalidTransitionError
+        ``new`` is not reachable from ``current``.
+    """
+    if new not in _DELIVERY_ALLOWED[current]:
+        raise InvalidTransitionError(f"a delivery cannot go from {current.value} to {new.value}")
 
 
 class Base(DeclarativeBase):
@@ -168,3 +251,129 @@ class Instance(Base):
     received_at: Mapped[datetime] = mapped_column(_UTCDateTime, default=utcnow)
 
     study: Mapped[Study] = relationship(back_populates="instances")
+
+
+class Job(Base):
+    """One analysis of one version of a study: the worker's unit of work.
+
+    A study's first analysis is version 1; an instance that arrives after it opens version 2,
+    whose SR supersedes the first. ``attempts`` counts claims, so a worker killed while it
+    works on the job counts as an attempt too.
+    """
+
+    __tablename__ = "job"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    study_id: Mapped[int] = mapped_column(ForeignKey("study.id"), index=True)
+    version: Mapped[int] = mapped_column(Integer, default=1)
+    state: Mapped[JobState] = mapped_column(
+        Enum(JobState, native_enum=False, length=16), default=JobState.QUEUED
+    )
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    #: Run with the phases that are there (the wait for the missing one is over).
+    partial: Mapped[bool] = mapped_column(Boolean, default=False)
+    not_before: Mapped[datetime | None] = mapped_column(_UTCDateTime, default=None)
+    lease_owner: Mapped[str | None] = mapped_column(String(64), default=None)
+    lease_expires_at: Mapped[datetime | None] = mapped_column(_UTCDateTime, default=None)
+    created_at: Mapped[datetime] = mapped_column(_UTCDateTime, default=utcnow)
+    started_at: Mapped[datetime | None] = mapped_column(_UTCDateTime, default=None)
+    finished_at: Mapped[datetime | None] = mapped_column(_UTCDateTime, default=None)
+    error: Mapped[str | None] = mapped_column(Text, default=None)
+    traceback: Mapped[str | None] = mapped_column(Text, default=None)
+    #: Stage -> seconds of the last attempt: read, denoise, inference, sr.
+    timings: Mapped[dict[str, float] | None] = mapped_column(JSON, default=None)
+    #: The result as ``StudyResult.to_dict`` gives it (no pixels).
+    result: Mapped[dict[str, object] | None] = mapped_column(JSON, default=None)
+    bundle: Mapped[str | None] = mapped_column(String(128), default=None)
+    sr_path: Mapped[str | None] = mapped_column(String(255), default=None)
+    sr_sop_instance_uid: Mapped[str | None] = mapped_column(String(64), default=None)
+    sr_series_instance_uid: Mapped[str | None] = mapped_column(String(64), default=None)
+
+    __table_args__ = (
+        UniqueConstraint("study_id", "version", name="uq_job_study_version"),
+        Index("ix_job_state_not_before", "state", "not_before"),
+    )
+
+    def transition(self, new: JobState, error: str | None = None) -> None:
+        """Move to ``new`` if the job state machine allows it (``error`` is kept on FAILED).
+
+        Raises
+        ------
+        InvalidTransitionError
+            ``new`` is not reachable from the current state.
+        """
+        check_job_transition(JobState(self.state), new)
+        self.state = new
+        if new in (JobState.DONE, JobState.FAILED):
+            self.finished_at = utcnow()
+            self.lease_owner = None
+            self.lease_expires_at = None
+        if new is JobState.FAILED:
+            self.error = error
+        elif new is JobState.QUEUED:
+            self.lease_owner = None
+            self.lease_expires_at = None
+
+
+class Delivery(Base):
+    """The sending of one job's result files to one destination."""
+
+    __tablename__ = "delivery"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("job.id"), index=True)
+    #: The destination as it was configured when the result was made (AE, host, port, TLS).
+    destination: Mapped[dict[str, object]] = mapped_column(JSON)
+    label: Mapped[str] = mapped_column(String(128))
+    state: Mapped[DeliveryState] = mapped_column(
+        Enum(DeliveryState, native_enum=False, length=16), default=DeliveryState.PENDING
+    )
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[datetime] = mapped_column(_UTCDateTime, default=utcnow)
+    lease_owner: Mapped[str | None] = mapped_column(String(64), default=None)
+    lease_expires_at: Mapped[datetime | None] = mapped_column(_UTCDateTime, default=None)
+    last_status: Mapped[int | None] = mapped_column(Integer, default=None)
+    last_message: Mapped[str | None] = mapped_column(Text, default=None)
+    created_at: Mapped[datetime] = mapped_column(_UTCDateTime, default=utcnow)
+    delivered_at: Mapped[datetime | None] = mapped_column(_UTCDateTime, default=None)
+
+    __table_args__ = (Index("ix_delivery_state_next", "state", "next_attempt_at"),)
+
+    def transition(self, new: DeliveryState) -> None:
+        """Move to ``new`` if the delivery state machine allows it.
+
+        Raises
+        ------
+        InvalidTransitionError
+            ``new`` is not reachable from the current state.
+        """
+        check_delivery_transition(DeliveryState(self.state), new)
+        self.state = new
+        if new is not DeliveryState.SENDING:
+            self.lease_owner = None
+            self.lease_expires_at = None
+
+
+class WorkerStatus(Base):
+    """What each worker process last said about itself (``mibi-node status`` shows it)."""
+
+    __tablename__ = "worker"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    pid: Mapped[int] = mapped_column(Integer)
+    host: Mapped[str] = mapped_column(String(255), default="")
+    device: Mapped[str] = mapped_column(String(32), default="")
+    bundle: Mapped[str | None] = mapped_column(String(128), default=None)
+    state: Mapped[str] = mapped_column(String(32), default="starting")
+    message: Mapped[str | None] = mapped_column(Text, default=None)
+    started_at: Mapped[datetime] = mapped_column(_UTCDateTime, default=utcnow)
+    heartbeat_at: Mapped[datetime] = mapped_column(_UTCDateTime, default=utcnow)
+
+
+class Setting(Base):
+    """Small values the node keeps across restarts (e.g. its Device Observer UID)."""
+
+    __tablename__ = "setting"
+
+    key: Mapped[str] = mapped_column(String(64), primary_key=True)
+    value: Mapped[str] = mapped_column(Text)

@@ -2,16 +2,25 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 
 from mibi_node.storage.database import Database
-from mibi_node.storage.models import Study
+from mibi_node.storage.models import Delivery, DeliveryState, Job, JobState, Study, WorkerStatus
 
-__all__ = ["StudySummary", "list_studies"]
+__all__ = [
+    "DeliverySummary",
+    "StudySummary",
+    "WorkerSummary",
+    "count_jobs",
+    "list_deliveries",
+    "list_studies",
+    "list_workers",
+]
 
 
 @dataclass(frozen=True)
@@ -55,4 +64,104 @@ def list_studies(database: Database, limit: int = 200) -> list[StudySummary]:
                 last_received_at=row.last_received_at,
             )
             for row in rows
+        ]
+
+
+@dataclass(frozen=True)
+class WorkerSummary:
+    """One worker process as it last reported itself."""
+
+    name: str
+    pid: int
+    device: str
+    bundle: str | None
+    state: str
+    message: str | None
+    heartbeat_at: datetime
+
+    def as_json(self) -> dict[str, Any]:
+        """Plain JSON-ready data."""
+        data = asdict(self)
+        data["heartbeat_at"] = self.heartbeat_at.isoformat()
+        return data
+
+
+@dataclass(frozen=True)
+class DeliverySummary:
+    """One delivery that has not succeeded (yet), or the latest ones that did."""
+
+    id: int
+    study_instance_uid: str
+    version: int
+    destination: str
+    state: str
+    attempts: int
+    next_attempt_at: datetime
+    last_status: int | None
+    last_message: str | None
+
+    def as_json(self) -> dict[str, Any]:
+        """Plain JSON-ready data."""
+        data = asdict(self)
+        data["next_attempt_at"] = self.next_attempt_at.isoformat()
+        return data
+
+
+def list_workers(database: Database) -> list[WorkerSummary]:
+    """Every worker that has reported, most recent heartbeat first."""
+    with database.session() as session:
+        rows = session.scalars(select(WorkerStatus).order_by(WorkerStatus.heartbeat_at.desc()))
+        return [
+            WorkerSummary(
+                name=row.name,
+                pid=row.pid,
+                device=row.device,
+                bundle=row.bundle,
+                state=row.state,
+                message=row.message,
+                heartbeat_at=row.heartbeat_at,
+            )
+            for row in rows
+        ]
+
+
+def count_jobs(database: Database) -> dict[str, int]:
+    """Number of jobs per state."""
+    with database.session() as session:
+        rows = session.execute(select(Job.state, func.count()).group_by(Job.state)).all()
+        return {JobState(state).value: int(count) for state, count in rows}
+
+
+def list_deliveries(
+    database: Database,
+    states: Sequence[DeliveryState] = (
+        DeliveryState.PENDING,
+        DeliveryState.SENDING,
+        DeliveryState.FAILED,
+    ),
+    limit: int = 200,
+) -> list[DeliverySummary]:
+    """Deliveries in ``states``, oldest first."""
+    with database.session() as session:
+        rows = session.execute(
+            select(Delivery, Job.version, Study.study_instance_uid)
+            .join(Job, Delivery.job_id == Job.id)
+            .join(Study, Job.study_id == Study.id)
+            .where(Delivery.state.in_(list(states)))
+            .order_by(Delivery.id)
+            .limit(limit)
+        ).all()
+        return [
+            DeliverySummary(
+                id=delivery.id,
+                study_instance_uid=uid,
+                version=version,
+                destination=delivery.label,
+                state=delivery.state.value,
+                attempts=delivery.attempts,
+                next_attempt_at=delivery.next_attempt_at,
+                last_status=delivery.last_status,
+                last_message=delivery.last_message,
+            )
+            for delivery, version, uid in rows
         ]

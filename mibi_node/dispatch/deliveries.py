@@ -1,0 +1,219 @@
+"""Deliveries: every result to every destination, with retries until it is acknowledged.
+
+Each result gets one delivery row per destination when its job completes. A sender (the
+worker right after the job, and the node's dispatch sweep for everything due) claims rows
+with a lease, sends their files in one association per destination and records the
+outcome: DONE with the status, or PENDING again after an exponential backoff (``30 s``
+doubling to ``1 h``), or FAILED after ``dispatch.max_attempts``. A sender killed mid-send
+leaves a SENDING row whose lease expires; it is sent again (PACS treats a re-sent SOP
+Instance UID as the same object, so the study never shows two copies).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import or_, select
+
+from mibi_node.config import DispatchConfig
+from mibi_node.dispatch.destinations import Destination
+from mibi_node.dispatch.scu import SendResult, send_files
+from mibi_node.errors import MibiNodeError
+from mibi_node.storage.database import Database
+from mibi_node.storage.models import Delivery, DeliveryState, Job, JobState, Study, utcnow
+
+__all__ = ["DeliveryOutcome", "backoff_seconds", "deliver", "resend_study"]
+
+logger = logging.getLogger(__name__)
+
+#: Seconds a sender holds a claimed delivery before another may take it over.
+_SEND_LEASE_SECONDS = 300.0
+
+
+@dataclass(frozen=True)
+class DeliveryOutcome:
+    """What one send of one delivery did."""
+
+    delivery_id: int
+    state: DeliveryState
+    status: int | None
+    message: str
+
+
+def backoff_seconds(attempts: int, config: DispatchConfig) -> float:
+    """Wait before the next try after ``attempts`` failed ones: doubling, capped."""
+    return min(
+        config.initial_backoff_seconds * 2 ** max(attempts - 1, 0), config.max_backoff_seconds
+    )
+
+
+@dataclass(frozen=True)
+class _Claimed:
+    id: int
+    destination: Destination
+    files: tuple[str, ...]
+
+
+def _claim(
+    database: Database, owner: str, delivery_ids: Sequence[int] | None, limit: int
+) -> list[_Claimed]:
+    now = utcnow()
+    with database.write_lock(), database.session() as session, session.begin():
+        query = select(Delivery).where(
+            or_(
+                (Delivery.state == DeliveryState.PENDING) & (Delivery.next_attempt_at <= now),
+                (Delivery.state == DeliveryState.SENDING) & (Delivery.lease_expires_at < now),
+            )
+        )
+        if delivery_ids is not None:
+            query = query.where(Delivery.id.in_(delivery_ids))
+        rows = session.scalars(query.order_by(Delivery.next_attempt_at).limit(limit)).all()
+        claimed = []
+        for row in rows:
+            if row.state is DeliveryState.SENDING:
+                row.transition(DeliveryState.PENDING)  # taken over from a stopped sender
+            row.transition(DeliveryState.SENDING)
+            row.lease_owner = owner
+            row.lease_expires_at = now + timedelta(seconds=_SEND_LEASE_SECONDS)
+            row.attempts += 1
+            data: dict[str, Any] = dict(row.destination)
+            files = tuple(str(f) for f in data.pop("files", ()))
+            try:
+                destination = Destination.model_validate(data)
+            except ValueError as exc:
+                row.transition(DeliveryState.FAILED)
+                row.last_message = f"the recorded destination is not valid: {exc}"
+                continue
+            claimed.append(_Claimed(row.id, destination, files))
+        return claimed
+
+
+def _record(
+    database: Database, delivery_id: int, results: Sequence[SendResult], config: DispatchConfig
+) -> DeliveryOutcome:
+    ok = bool(results) and all(result.success for result in results)
+    failed = next((result for result in results if not result.success), None)
+    shown = failed or (results[-1] if results else None)
+    status = shown.status if shown else None
+    message = shown.message if shown else "nothing to send"
+    with database.write_lock(), database.session() as session, session.begin():
+        row = session.get_one(Delivery, delivery_id)
+        row.last_status = status
+        row.last_message = message
+        if ok:
+            row.transition(DeliveryState.DONE)
+            row.delivered_at = utcnow()
+        elif row.attempts >= config.max_attempts:
+            row.transition(DeliveryState.FAILED)
+            logger.error(
+                "delivery #%d to %s failed %d times; giving up: %s",
+                row.id,
+                row.label,
+                row.attempts,
+                message,
+            )
+        else:
+            row.transition(DeliveryState.PENDING)
+            wait = backoff_seconds(row.attempts, config)
+            row.next_attempt_at = utcnow() + timedelta(seconds=wait)
+            logger.warning(
+                "delivery #%d to %s failed (attempt %d of %d), next try in %.0f s: %s",
+                row.id,
+                row.label,
+                row.attempts,
+                config.max_attempts,
+                wait,
+                message,
+            )
+        return DeliveryOutcome(row.id, DeliveryState(row.state), status, message)
+
+
+def deliver(
+    database: Database,
+    results_dir: Path,
+    config: DispatchConfig,
+    *,
+    calling_ae_title: str,
+    owner: str,
+    delivery_ids: Sequence[int] | None = None,
+    limit: int = 32,
+) -> list[DeliveryOutcome]:
+    """Send every due delivery (or just ``delivery_ids``), one association per destination.
+
+    Never raises for a network or peer problem: each is recorded on its delivery.
+    """
+    claimed = _claim(database, owner, delivery_ids, limit)
+    by_destination: dict[Destination, list[_Claimed]] = {}
+    for item in claimed:
+        by_destination.setdefault(item.destination, []).append(item)
+    outcomes = []
+    for destination, items in by_destination.items():
+        paths = [results_dir / name for item in items for name in item.files]
+        sent = send_files(
+            paths, destination, calling_ae_title=calling_ae_title, timeout=config.timeout
+        )
+        start = 0
+        for item in items:
+            mine = sent[start : start + len(item.files)]
+            start += len(item.files)
+            outcomes.append(_record(database, item.id, mine, config))
+    return outcomes
+
+
+def resend_study(
+    database: Database, study_instance_uid: str, destinations: Sequence[Destination] = ()
+) -> int:
+    """Send a study's latest result again (``mibi-node resend``); returns the deliveries due.
+
+    The latest result's deliveries become due now; ``destinations`` not among them get new
+    deliveries.
+
+    Raises
+    ------
+    MibiNodeError
+        No such study, or it has no result yet.
+    """
+    with database.write_lock(), database.session() as session, session.begin():
+        study = session.scalars(
+            select(Study).where(Study.study_instance_uid == study_instance_uid)
+        ).first()
+        if study is None:
+            raise MibiNodeError(f"no study with Study Instance UID {study_instance_uid}")
+        job = session.scalars(
+            select(Job)
+            .where(Job.study_id == study.id, Job.state == JobState.DONE)
+            .order_by(Job.version.desc())
+        ).first()
+        if job is None or not job.sr_path:
+            raise MibiNodeError("the study has no result yet; nothing to resend")
+        rows = session.scalars(select(Delivery).where(Delivery.job_id == job.id)).all()
+        files: list[str] = [job.sr_path]
+        if rows:
+            recorded = rows[0].destination.get("files")
+            files = [str(f) for f in recorded] if isinstance(recorded, list) else files
+        known = set()
+        for row in rows:
+            if row.state is DeliveryState.SENDING:
+                continue
+            if row.state is not DeliveryState.PENDING:
+                row.transition(DeliveryState.PENDING)
+            row.next_attempt_at = utcnow()
+            row.attempts = 0
+            known.add(row.label)
+        for destination in destinations:
+            if destination.label in known:
+                continue
+            session.add(
+                Delivery(
+                    job_id=job.id,
+                    destination={**destination.model_dump(mode="json"), "files": files},
+                    label=destination.label,
+                )
+            )
+        session.flush()
+        return len(session.scalars(select(Delivery.id).where(Delivery.job_id == job.id)).all())

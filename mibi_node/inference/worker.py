@@ -1,0 +1,409 @@
+"""The analysis worker: one process per GPU (or one on the CPU) that turns jobs into SRs.
+
+A worker loads its model bundle once, then loops: claim a small batch of jobs (atomically,
+with a lease it renews from a background thread), read each study with the NM reader,
+classify the batch, build each SR, record the result and its deliveries in one transaction,
+and send the SR at once. It is a separate process so that nothing it does (a decoder that
+crashes, the kernel's OOM killer) can touch reception; a job it dies on is retried until
+``jobs.max_attempts``, then FAILED, while the other studies go on.
+
+Without a usable bundle the worker keeps running and says why in the ``worker`` table
+(``mibi-node status`` shows it); jobs wait in the queue and the bundle is looked for again
+every few seconds, so installing one needs no restart.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import signal
+import socket
+import tempfile
+import threading
+import time
+import traceback
+from collections.abc import Callable, Sequence
+from datetime import timedelta
+from pathlib import Path
+from types import FrameType
+from typing import TYPE_CHECKING
+
+import pydicom
+from pydicom.dataset import Dataset
+from pydicom.uid import generate_uid
+
+from mibi_node.config import Config
+from mibi_node.dispatch.deliveries import deliver
+from mibi_node.errors import MibiNodeError, MissingPhaseError, UnusableStudyError
+from mibi_node.jobs.queue import (
+    ClaimedJob,
+    CompletedJob,
+    claim_jobs,
+    complete_job,
+    defer_job,
+    device_uid,
+    fail_job,
+    renew_leases,
+)
+from mibi_node.storage.database import Database
+from mibi_node.storage.filestore import FileStore
+from mibi_node.storage.models import WorkerStatus, utcnow
+
+if TYPE_CHECKING:
+    from mibi_node.imaging.study import StudyInput
+    from mibi_node.inference.engine import InferenceEngine
+    from mibi_node.inference.result import StudyResult
+
+__all__ = ["Worker", "worker_main"]
+
+logger = logging.getLogger(__name__)
+
+#: Seconds between looks for a bundle while none can be loaded.
+_BUNDLE_RETRY_SECONDS = 5.0
+_PR_SET_PDEATHSIG = 1
+
+
+class Worker:
+    """Claims jobs, analyses them and records the results.
+
+    Parameters
+    ----------
+    config
+        The node's configuration (database, store, jobs, dispatch, report, workers).
+    device
+        ``"auto"``, ``"cpu"`` or ``"cuda[:N]"``.
+    name
+        Lease owner and row name; unique per process (host, pid and device by default).
+    """
+
+    def __init__(self, config: Config, *, device: str | None = None, name: str | None = None):
+        self.config = config
+        self.device = device or config.workers.device
+        self.name = name or f"{socket.gethostname()}-{os.getpid()}-{self.device}"[:64]
+        self.database = Database(config.database_url)
+        self.files = FileStore(config.store_dir)
+        self.results = FileStore(config.results_dir)
+        self.engine: InferenceEngine | None = None
+        self._device_uid: str | None = None
+        self._next_bundle_try = 0.0
+        self._stop = threading.Event()
+        self._state = ("starting", "")
+
+    # -- status ---------------------------------------------------------------------------
+
+    def _say(self, state: str, message: str = "") -> None:
+        """Write this worker's state and heartbeat into the ``worker`` table."""
+        self._state = (state, message)
+        bundle = None
+        if self.engine is not None:
+            bundle = f"{self.engine.bundle.name} {self.engine.bundle.version}"
+        with self.database.write_lock(), self.database.session() as session, session.begin():
+            row = session.get(WorkerStatus, self.name)
+            if row is None:
+                row = WorkerStatus(name=self.name, pid=os.getpid(), host=socket.gethostname())
+                session.add(row)
+            row.device = str(self.engine.device) if self.engine is not None else self.device
+            row.bundle = bundle
+            row.state = state
+            row.message = message or None
+            row.heartbeat_at = utcnow()
+
+    def _keep_leases(self) -> None:
+        every = self.config.jobs.lease_seconds / 3
+        while not self._stop.wait(every):
+            try:
+                renew_leases(self.database, self.name, self.config.jobs.lease_seconds)
+                self._say(*self._state)
+            except Exception:  # the next round tries again; the lease has slack for it
+                logger.exception("worker %s could not renew its leases", self.name)
+
+    # -- the bundle -----------------------------------------------------------------------
+
+    def load_bundle(self) -> bool:
+        """Load the bundle if it is not loaded yet; ``False`` (and the reason) when it fails."""
+        if self.engine is not None:
+            return True
+        if time.monotonic() < self._next_bundle_try:
+            return False
+        self._next_bundle_try = time.monotonic() + _BUNDLE_RETRY_SECONDS
+        bundle = self.config.workers.bundle
+        if not bundle.is_dir():
+            self._say("waiting for a bundle", f"no model bundle at {bundle}: jobs wait")
+            return False
+        try:
+            from mibi_node.inference.engine import InferenceEngine
+
+            self.engine = InferenceEngine(bundle, device=_resolve(self.device))
+        except (MibiNodeError, ValueError, OSError, RuntimeError) as exc:
+            self._say("waiting for a bundle", f"cannot load the bundle {bundle}: {exc}")
+            logger.error("worker %s cannot load the bundle %s: %s", self.name, bundle, exc)
+            return False
+        self._say("ready")
+        return True
+
+    # -- the loop -------------------------------------------------------------------------
+
+    def run(self, should_stop: Callable[[], bool] = lambda: False) -> None:
+        """Work until ``should_stop()`` is true (checked between batches)."""
+        self._say("starting")
+        keeper = threading.Thread(target=self._keep_leases, name="lease-keeper", daemon=True)
+        keeper.start()
+        try:
+            while not should_stop():
+                if not self.load_bundle():
+                    time.sleep(self.config.workers.poll_seconds)
+                    continue
+                if not self.run_once():
+                    time.sleep(self.config.workers.poll_seconds)
+        finally:
+            self._stop.set()
+            keeper.join(timeout=5)
+            self._say("stopped")
+            self.database.dispose()
+
+    def run_once(self) -> int:
+        """Claim and analyse one batch; returns how many jobs it claimed."""
+        engine = self.engine
+        if engine is None:
+            raise MibiNodeError("the worker has no bundle loaded (call load_bundle first)")
+        jobs = claim_jobs(
+            self.database, self.name, self.config.jobs.lease_seconds, self.config.jobs.batch_size
+        )
+        if jobs:
+            self._say("busy", f"{len(jobs)} job(s)")
+            self._analyse(engine, jobs)
+            self._say("ready")
+        return len(jobs)
+
+    def _analyse(self, engine: InferenceEngine, jobs: Sequence[ClaimedJob]) -> None:
+        read: list[tuple[ClaimedJob, StudyInput, float]] = []
+        for job in jobs:
+            started = time.perf_counter()
+            try:
+                study = self._read(engine, job)
+            except MissingPhaseError as exc:
+                self._missing_phase(job, exc)
+                continue
+            except UnusableStudyError as exc:
+                self._fail(job, str(exc), retry=False)
+                continue
+            except Exception as exc:
+                self._fail(job, f"reading the study failed: {exc!r}", retry=True, trace=True)
+                continue
+            read.append((job, study, time.perf_counter() - started))
+        if not read:
+            return
+        try:
+            results = engine.predict([study for _, study, _ in read])
+        except Exception:
+            if len(read) > 1:  # find the study that breaks the batch: one by one
+                for item in read:
+                    self._predict_one(engine, *item)
+                return
+            job = read[0][0]
+            self._fail(job, "the model failed on this study", retry=True, trace=True)
+            return
+        for (job, study, seconds), result in zip(read, results, strict=True):
+            self._finish(job, study, result, seconds)
+
+    def _predict_one(
+        self, engine: InferenceEngine, job: ClaimedJob, study: StudyInput, seconds: float
+    ) -> None:
+        try:
+            (result,) = engine.predict([study])
+        except UnusableStudyError as exc:
+            self._fail(job, str(exc), retry=False)
+            return
+        except Exception:
+            self._fail(job, "the model failed on this study", retry=True, trace=True)
+            return
+        self._finish(job, study, result, seconds)
+
+    def _read(self, engine: InferenceEngine, job: ClaimedJob) -> StudyInput:
+        from mibi_node.imaging.nm import read_study
+
+        if not job.paths:
+            raise UnusableStudyError("The study holds no images (only reports or other objects).")
+        paths = [self.files.absolute(p) for p in job.paths]
+        return read_study(paths, required=engine.bundle.channels)
+
+    def _missing_phase(self, job: ClaimedJob, exc: MissingPhaseError) -> None:
+        wait = self.config.assembly.max_phase_wait
+        deadline = job.first_received_at + timedelta(seconds=wait)
+        missing = " and ".join(exc.missing)
+        if not job.partial and utcnow() < deadline and exc.found:
+            reason = f"waiting for the {missing} phase (until {deadline:%Y-%m-%d %H:%M} UTC): {exc}"
+            defer_job(self.database, self.name, job.id, deadline, reason)
+            logger.info("job #%d: study waits for its %s phase", job.id, missing)
+            return
+        # The bundles of this version need every input channel, so a study that is still
+        # incomplete when the wait is over cannot be analysed.
+        waited = f" (waited {wait / 3600:g} h)" if exc.found else ""
+        self._fail(job, f"{missing} phase never arrived{waited}: {exc}", retry=False)
+
+    def _fail(self, job: ClaimedJob, error: str, *, retry: bool, trace: bool = False) -> None:
+        details = traceback.format_exc() if trace else None
+        if trace:
+            logger.exception("job #%d: %s", job.id, error)
+        state = fail_job(
+            self.database,
+            self.name,
+            job.id,
+            error,
+            traceback=details,
+            retry=retry,
+            max_attempts=self.config.jobs.max_attempts,
+        )
+        logger.warning(
+            "job #%d (attempt %d): %s -> %s",
+            job.id,
+            job.attempts,
+            error if not trace else "error",
+            state,
+        )
+
+    # -- results --------------------------------------------------------------------------
+
+    def _finish(
+        self, job: ClaimedJob, study: StudyInput, result: StudyResult, read_seconds: float
+    ) -> None:
+        started = time.perf_counter()
+        try:
+            files, sr = self._write_documents(job, result)
+        except Exception:
+            self._fail(job, "building the report failed", retry=True, trace=True)
+            return
+        timings = {
+            "read": read_seconds,
+            "denoise": result.timings.get("denoise", 0.0),
+            "inference": sum(v for k, v in result.timings.items() if k != "denoise"),
+            "sr": time.perf_counter() - started,
+        }
+        done = CompletedJob(
+            result=result.to_dict(),
+            timings=timings,
+            bundle=f"{result.bundle_name} {result.bundle_version}",
+            sr_path=files[0],
+            sr_sop_instance_uid=str(sr.SOPInstanceUID),
+            sr_series_instance_uid=str(sr.SeriesInstanceUID),
+            files=tuple(files),
+            destinations=tuple(
+                d.model_dump(mode="json") for d in self.config.dispatch.destinations
+            ),
+        )
+        deliveries = complete_job(self.database, self.name, job.id, done)
+        logger.info(
+            "job #%d done: %s (%.2f) in read %.2f s, denoise %.2f s, inference %.2f s, SR %.2f s",
+            job.id,
+            result.predicted,
+            result.probabilities[result.predicted],
+            *timings.values(),
+        )
+        if deliveries:
+            deliver(
+                self.database,
+                self.results.root,
+                self.config.dispatch,
+                calling_ae_title=self.config.calling_ae_title,
+                owner=self.name,
+                delivery_ids=deliveries,
+            )
+
+    def _write_documents(self, job: ClaimedJob, result: StudyResult) -> tuple[list[str], Dataset]:
+        from mibi_node.report.keyimage import build_key_image
+        from mibi_node.report.sr import build_sr
+
+        used = {image.sop_instance_uid for image in result.source_images.values()}
+        sources = []
+        for relative in job.paths:
+            header = pydicom.dcmread(self.files.absolute(relative), stop_before_pixels=True)
+            if str(header.SOPInstanceUID) in used:
+                sources.append(header)
+        predecessor = None
+        if job.predecessor_sr_path:
+            try:
+                predecessor = pydicom.dcmread(
+                    self.results.absolute(job.predecessor_sr_path), stop_before_pixels=True
+                )
+            except (OSError, ValueError) as exc:
+                logger.warning("job #%d: the earlier SR cannot be read (%s)", job.id, exc)
+        if self._device_uid is None:
+            self._device_uid = device_uid(self.database, self.config.report.device_uid)
+        report = self.config.report
+        sr = build_sr(
+            result,
+            sources,
+            device_uid=self._device_uid,
+            series_number=report.series_number,
+            instance_number=job.version,
+            series_instance_uid=job.sr_series_instance_uid or generate_uid(),
+            predecessor=predecessor,
+            institution_name=report.institution_name or None,
+        )
+        documents: list[Dataset] = [sr]
+        if report.key_image:
+            documents.append(
+                build_key_image(
+                    result,
+                    sources,
+                    series_number=report.series_number + 1,
+                    instance_number=job.version,
+                )
+            )
+        names = []
+        for document in documents:
+            relative = self.results.relative_path(
+                job.study_instance_uid, str(document.SOPInstanceUID)
+            )
+            handle, temporary = tempfile.mkstemp(dir=self.results.incoming, suffix=".dcm")
+            os.close(handle)
+            document.save_as(temporary, enforce_file_format=True)
+            self.results.place(Path(temporary), relative)
+            names.append(relative)
+        return names, sr
+
+
+def _resolve(device: str) -> str:
+    """``cuda`` (no index) picks a GPU by the worker's index given in MIBI_NODE_WORKER_INDEX."""
+    if device != "cuda":
+        return device
+    import torch
+
+    count = torch.cuda.device_count()
+    if count == 0:
+        return "cpu"
+    return f"cuda:{int(os.environ.get('MIBI_NODE_WORKER_INDEX', '0')) % count}"
+
+
+def _die_with_parent() -> None:
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):  # pragma: no cover - not Linux
+        pass
+
+
+def worker_main(config: Config, device: str, index: int, parent: int | None = None) -> None:
+    """Body of a worker process (``mibi-node worker`` or one that ``serve`` started)."""
+    from mibi_node.logs import configure_logging
+
+    if parent is not None:
+        _die_with_parent()
+    configure_logging(config.logging.level)
+    os.environ["MIBI_NODE_WORKER_INDEX"] = str(index)
+    stopping: list[int] = []
+
+    def _on_signal(signum: int, _frame: FrameType | None) -> None:
+        stopping.append(signum)  # a handler only sets a flag (no locks)
+
+    signal.signal(signal.SIGTERM, _on_signal)
+    signal.signal(signal.SIGINT, _on_signal)
+    worker = Worker(config, device=device)
+    logger.info("worker %s started on %s", worker.name, device)
+
+    def _should_stop() -> bool:
+        return bool(stopping) or (parent is not None and os.getppid() != parent)
+
+    worker.run(_should_stop)
+    logger.info("worker %s stopped", worker.name)

@@ -1,0 +1,355 @@
+"""The analysis queue: atomic claims with leases, renewals, retries and completion.
+
+A worker claims jobs with one ``UPDATE ... RETURNING`` (inside ``BEGIN IMMEDIATE`` on
+SQLite, ``FOR UPDATE SKIP LOCKED`` elsewhere), so two workers never hold the same job. The
+claim writes a lease (owner, expiry) that the worker renews while it works; a lease that
+expires (the worker was killed, the machine froze) returns the job to the queue, and after
+``jobs.max_attempts`` claims the job FAILED. Every change to a job changes its study's state
+in the same transaction, and every transition goes through the state machines of
+:mod:`mibi_node.storage.models`.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from pydicom.uid import generate_uid
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
+
+from mibi_node.errors import MibiNodeError
+from mibi_node.storage.database import Database
+from mibi_node.storage.instances import is_image_instance
+from mibi_node.storage.models import (
+    Delivery,
+    Instance,
+    Job,
+    JobState,
+    Setting,
+    Study,
+    StudyState,
+    utcnow,
+)
+
+__all__ = [
+    "ClaimedJob",
+    "CompletedJob",
+    "claim_jobs",
+    "complete_job",
+    "defer_job",
+    "device_uid",
+    "fail_job",
+    "release_expired_jobs",
+    "renew_leases",
+    "requeue_study",
+]
+
+logger = logging.getLogger(__name__)
+
+#: Study states a worker may take a study from when it claims its job.
+_CLAIMABLE_STUDY_STATES = (StudyState.QUEUED, StudyState.AWAITING_PHASE)
+
+
+@dataclass(frozen=True)
+class ClaimedJob:
+    """What a worker needs to analyse one claimed job."""
+
+    id: int
+    study_id: int
+    study_instance_uid: str
+    version: int
+    attempts: int
+    partial: bool
+    first_received_at: datetime
+    #: Store-relative paths of the study's image instances.
+    paths: tuple[str, ...]
+    #: The latest earlier SR of this study (its store-relative result path), if any.
+    predecessor_sr_path: str | None
+    #: The result series of earlier versions, so every version lands in one series.
+    sr_series_instance_uid: str | None
+
+
+@dataclass(frozen=True)
+class CompletedJob:
+    """What a worker records when a job succeeded."""
+
+    result: dict[str, Any]
+    timings: dict[str, float]
+    bundle: str
+    sr_path: str
+    sr_sop_instance_uid: str
+    sr_series_instance_uid: str
+    #: Store-relative paths of every file to send (the SR first, then any key image).
+    files: tuple[str, ...]
+    #: Destinations as plain data (``Destination.model_dump(mode="json")``).
+    destinations: tuple[dict[str, Any], ...]
+
+
+def claim_jobs(
+    database: Database, owner: str, lease_seconds: float, limit: int
+) -> list[ClaimedJob]:
+    """Claim up to ``limit`` due jobs for ``owner``; a job that failed before comes alone.
+
+    A job whose earlier attempt ended with its worker's death may be the cause (a poison
+    study), so it is claimed on its own: it cannot take a batch of good studies down with it.
+    """
+    now = utcnow()
+    due = (
+        select(Job.id)
+        .where(
+            Job.state == JobState.QUEUED,
+            (Job.not_before.is_(None)) | (Job.not_before <= now),
+        )
+        .order_by(Job.attempts.desc(), Job.id)
+    )
+    if not database.is_sqlite:
+        due = due.with_for_update(skip_locked=True)
+    with database.write_lock(), database.session() as session, session.begin():
+        first = session.execute(due.limit(1)).scalar()
+        if first is None:
+            return []
+        retried = session.scalar(select(Job.attempts).where(Job.id == first)) or 0
+        chosen = due.limit(1 if retried else limit).scalar_subquery()
+        ids = session.scalars(
+            update(Job)
+            .where(Job.id.in_(chosen), Job.state == JobState.QUEUED)
+            .values(
+                state=JobState.RUNNING,
+                lease_owner=owner,
+                lease_expires_at=now + timedelta(seconds=lease_seconds),
+                attempts=Job.attempts + 1,
+                started_at=now,
+            )
+            .returning(Job.id)
+            .execution_options(synchronize_session=False)
+        ).all()
+        claimed = []
+        for job in session.scalars(select(Job).where(Job.id.in_(ids)).order_by(Job.id)):
+            study = session.get_one(Study, job.study_id)
+            if study.state in _CLAIMABLE_STUDY_STATES:
+                study.transition(StudyState.RUNNING, f"analysing version {job.version}")
+            claimed.append(_describe(session, job, study))
+        return claimed
+
+
+def _describe(session: Session, job: Job, study: Study) -> ClaimedJob:
+    rows = session.execute(
+        select(Instance.path, Instance.modality, Instance.sop_class_uid)
+        .where(Instance.study_id == study.id)
+        .order_by(Instance.id)
+    ).all()
+    paths = tuple(path for path, modality, sop in rows if is_image_instance(modality, sop))
+    earlier = session.scalars(
+        select(Job)
+        .where(Job.study_id == study.id, Job.state == JobState.DONE, Job.version < job.version)
+        .order_by(Job.version.desc())
+    ).first()
+    return ClaimedJob(
+        id=job.id,
+        study_id=study.id,
+        study_instance_uid=study.study_instance_uid,
+        version=job.version,
+        attempts=job.attempts,
+        partial=job.partial,
+        first_received_at=study.first_received_at,
+        paths=paths,
+        predecessor_sr_path=earlier.sr_path if earlier else None,
+        sr_series_instance_uid=earlier.sr_series_instance_uid if earlier else None,
+    )
+
+
+def renew_leases(database: Database, owner: str, lease_seconds: float) -> int:
+    """Extend the leases of every job ``owner`` runs; returns how many it still holds."""
+    with database.write_lock(), database.session() as session, session.begin():
+        result = session.execute(
+            update(Job)
+            .where(Job.lease_owner == owner, Job.state == JobState.RUNNING)
+            .values(lease_expires_at=utcnow() + timedelta(seconds=lease_seconds))
+            .execution_options(synchronize_session=False)
+        )
+        return int(getattr(result, "rowcount", 0) or 0)
+
+
+def _owned(session: Session, job_id: int, owner: str) -> Job | None:
+    job = session.get(Job, job_id)
+    if job is None or job.state is not JobState.RUNNING or job.lease_owner != owner:
+        logger.warning(
+            "job #%d is no longer held by %s (lease expired?); result dropped", job_id, owner
+        )
+        return None
+    return job
+
+
+def complete_job(database: Database, owner: str, job_id: int, done: CompletedJob) -> list[int]:
+    """Record a job's result and create one delivery per destination.
+
+    Returns
+    -------
+    list of int
+        Ids of the new deliveries (empty when the lease was lost: then nothing is recorded).
+    """
+    with database.write_lock(), database.session() as session, session.begin():
+        job = _owned(session, job_id, owner)
+        if job is None:
+            return []
+        job.transition(JobState.DONE)
+        job.result = done.result
+        job.timings = done.timings
+        job.bundle = done.bundle
+        job.sr_path = done.sr_path
+        job.sr_sop_instance_uid = done.sr_sop_instance_uid
+        job.sr_series_instance_uid = done.sr_series_instance_uid
+        job.error = job.traceback = None
+        study = session.get_one(Study, job.study_id)
+        if study.state is StudyState.RUNNING:
+            predicted = done.result.get("predicted", "?")
+            study.transition(StudyState.DONE, f"version {job.version}: {predicted}")
+        deliveries = [
+            Delivery(
+                job_id=job.id,
+                destination={**destination, "files": list(done.files)},
+                label=_label(destination),
+            )
+            for destination in done.destinations
+        ]
+        session.add_all(deliveries)
+        session.flush()
+        return [delivery.id for delivery in deliveries]
+
+
+def _label(destination: dict[str, Any]) -> str:
+    name = str(destination.get("name") or "")
+    return name or f"{destination['ae_title']}@{destination['host']}:{destination['port']}"
+
+
+def fail_job(
+    database: Database,
+    owner: str,
+    job_id: int,
+    error: str,
+    *,
+    traceback: str | None = None,
+    retry: bool,
+    max_attempts: int,
+) -> JobState | None:
+    """Record a failed attempt: back to the queue while attempts remain and ``retry``.
+
+    Returns the job's new state, or ``None`` when the lease was lost.
+    """
+    with database.write_lock(), database.session() as session, session.begin():
+        job = _owned(session, job_id, owner)
+        if job is None:
+            return None
+        job.traceback = traceback
+        study = session.get_one(Study, job.study_id)
+        if retry and job.attempts < max_attempts:
+            job.transition(JobState.QUEUED)
+            job.error = error
+            if study.state is StudyState.RUNNING:
+                study.transition(
+                    StudyState.QUEUED, f"attempt {job.attempts} of {max_attempts} failed: {error}"
+                )
+        else:
+            job.transition(JobState.FAILED, error)
+            if study.state is StudyState.RUNNING:
+                study.transition(StudyState.FAILED, error)
+        return JobState(job.state)
+
+
+def defer_job(database: Database, owner: str, job_id: int, until: datetime, reason: str) -> bool:
+    """Put a job back to wait for a missing phase until ``until`` (then it runs partial).
+
+    The attempt does not count: nothing failed, the study is just not complete yet.
+    """
+    with database.write_lock(), database.session() as session, session.begin():
+        job = _owned(session, job_id, owner)
+        if job is None:
+            return False
+        job.transition(JobState.QUEUED)
+        job.attempts -= 1
+        job.not_before = until
+        job.partial = True
+        study = session.get_one(Study, job.study_id)
+        if study.state is StudyState.RUNNING:
+            study.transition(StudyState.AWAITING_PHASE, reason)
+        return True
+
+
+def release_expired_jobs(database: Database, max_attempts: int) -> list[int]:
+    """Return jobs whose lease expired to the queue, or fail them after their attempts."""
+    now = utcnow()
+    released = []
+    with database.write_lock(), database.session() as session, session.begin():
+        expired = session.scalars(
+            select(Job).where(Job.state == JobState.RUNNING, Job.lease_expires_at < now)
+        ).all()
+        for job in expired:
+            study = session.get_one(Study, job.study_id)
+            error = f"the worker stopped while analysing (attempt {job.attempts})"
+            if job.attempts >= max_attempts:
+                job.transition(JobState.FAILED, f"{error}; no attempts left")
+                if study.state is StudyState.RUNNING:
+                    study.transition(StudyState.FAILED, f"{error}; no attempts left")
+            else:
+                job.transition(JobState.QUEUED)
+                job.error = error
+                if study.state is StudyState.RUNNING:
+                    study.transition(StudyState.QUEUED, error)
+            logger.warning("job #%d: %s", job.id, error)
+            released.append(job.id)
+    return released
+
+
+def requeue_study(database: Database, study_instance_uid: str) -> int:
+    """Analyse a study again (``mibi-node requeue``); returns the job id.
+
+    A FAILED job is queued again with fresh attempts; a study whose analysis is DONE gets a
+    new version (its SR supersedes the previous one).
+
+    Raises
+    ------
+    MibiNodeError
+        No such study, or it is being received or analysed right now.
+    """
+    with database.write_lock(), database.session() as session, session.begin():
+        study = session.scalars(
+            select(Study).where(Study.study_instance_uid == study_instance_uid)
+        ).first()
+        if study is None:
+            raise MibiNodeError(f"no study with Study Instance UID {study_instance_uid}")
+        if study.state in (StudyState.RECEIVING, StudyState.STABLE, StudyState.RUNNING):
+            raise MibiNodeError(
+                f"the study is {study.state.value.lower()}; requeue it when that has ended"
+            )
+        job = session.scalars(
+            select(Job).where(Job.study_id == study.id).order_by(Job.version.desc())
+        ).first()
+        if job is not None and job.state is JobState.QUEUED:
+            job.not_before = None
+        elif job is not None and job.state is JobState.FAILED:
+            job.transition(JobState.QUEUED)
+            job.attempts = 0
+            job.not_before = None
+            job.partial = False
+        else:
+            job = Job(study_id=study.id, version=(job.version + 1) if job else 1)
+            session.add(job)
+        if study.state is not StudyState.QUEUED:
+            study.transition(StudyState.QUEUED, "queued again by hand (mibi-node requeue)")
+        session.flush()
+        return job.id
+
+
+def device_uid(database: Database, configured: str = "") -> str:
+    """The node's Device Observer UID: ``configured``, else one made once and kept."""
+    if configured:
+        return configured
+    with database.write_lock(), database.session() as session, session.begin():
+        setting = session.get(Setting, "device_uid")
+        if setting is None:
+            setting = Setting(key="device_uid", value=generate_uid())
+            session.add(setting)
+        return setting.value
