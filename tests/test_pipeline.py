@@ -23,6 +23,7 @@ from factory import CT_STORAGE, nm_dataset, write
 from mibi_node.inference.bundle import init_random_bundle
 from mibi_node.report import read_probabilities
 from node import NodeProcess, dcmtk_env, storescu
+from orthanc import OrthancServer, orthanc_server  # noqa: F401 - a fixture
 
 pytestmark = pytest.mark.peers
 
@@ -56,8 +57,8 @@ intended_use = "demonstration"
 channels = ["early", "delayed"]
 size = 192
 [tta]
-views = ["identity", "hflip", "scale:0.9", "scale:1.1", "identity", "hflip", "scale:0.95",
-         "scale:1.05"]
+views = ["identity", "hflip", "scale:0.9", "scale:1.1", "scale:0.95", "scale:1.05", "scale:0.85",
+         "scale:1.15"]
 [[members]]
 arch = "resnet50"
 heads = 2
@@ -138,12 +139,16 @@ def pacs(require_tool: Callable[[str], str], tmp_path: Path) -> Iterator[StoreSC
 
 
 def _node(
-    node_factory: Callable[..., NodeProcess], bundle: Path, port: int, **sections: dict
+    node_factory: Callable[..., NodeProcess],
+    bundle: Path,
+    port: int,
+    pacs_ae: str = "PACS",
+    **sections: dict,
 ) -> NodeProcess:
     config = {
         "workers": {"count": 1, "device": "cpu", "bundle": str(bundle), "poll_seconds": 0.1},
         "dispatch": {
-            "destinations": [{"ae_title": "PACS", "host": "127.0.0.1", "port": port}],
+            "destinations": [{"ae_title": pacs_ae, "host": "127.0.0.1", "port": port}],
             "initial_backoff_seconds": 0.5,
             "max_backoff_seconds": 1.0,
         },
@@ -353,3 +358,22 @@ def test_killed_worker_and_poison_study(
     # ... while the next study still gets its SR, and reception never stopped.
     assert storescu(node.port, studies[1]).returncode == 0
     _wait(lambda: len(pacs.files()) == 2, 120, "the SR of the study after the poison", node)
+
+
+def test_sr_lands_in_orthanc_in_the_same_study(
+    node_factory,
+    orthanc_server: OrthancServer,  # noqa: F811 - the fixture imported above
+    tiny_bundle: Path,
+    studies,
+    require_tool,
+) -> None:
+    require_tool("storescu")
+    node = _node(node_factory, tiny_bundle, orthanc_server.dicom_port, pacs_ae="ORTHANC")
+    uid = str(pydicom.dcmread(studies[2][0], stop_before_pixels=True).StudyInstanceUID)
+    assert storescu(node.port, studies[2]).returncode == 0
+    # The images go to the node only; the PACS gets the SR, filed under the same study.
+    _wait(lambda: orthanc_server.instances_of_study(uid), 90, "the SR in Orthanc", node)
+    [instance] = orthanc_server.instances_of_study(uid)
+    assert instance["Modality"] == "SR"
+    assert instance["SeriesDescription"] == "MIBI-NODE AI RESULT"
+    assert node.query("SELECT state, last_status FROM delivery") == [("DONE", 0)]
