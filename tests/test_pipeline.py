@@ -197,15 +197,25 @@ def test_study_to_sr_in_pacs(
     node_factory, pacs: StoreSCP, tiny_bundle: Path, studies, require_tool, tmp_path: Path
 ) -> None:
     dciodvfy = require_tool("dciodvfy")
-    node = _node(node_factory, tiny_bundle, pacs.port, reception={"accept_all_storage": True})
+    node = _node(
+        node_factory,
+        tiny_bundle,
+        pacs.port,
+        reception={"accept_all_storage": True},
+        report={"key_image": True},
+    )
     ct = nm_dataset(seed=40, sop_class_uid=CT_STORAGE)
     ct.Modality, ct.StudyDescription = "CT", "CHEST"
     files = [*studies[0], *studies[1], write(ct, tmp_path / "ct.dcm")]
     assert storescu(node.port, files, calling="GAMMA_CAM1").returncode == 0
-    _wait(lambda: len(pacs.files()) >= 2, 90, "two SRs at the PACS", node)
+    _wait(lambda: len(pacs.files()) >= 4, 90, "two SRs and two key images at the PACS", node)
     time.sleep(1.0)
-    srs = pacs.files()
-    assert len(srs) == 2, [p.name for p in srs]
+    received = {p: pydicom.dcmread(p, stop_before_pixels=True) for p in pacs.files()}
+    srs = [p for p, ds in received.items() if ds.Modality == "SR"]
+    key_images = [p for p, ds in received.items() if ds.Modality != "SR"]
+    assert len(srs) == 2 and len(key_images) == 2, [p.name for p in received]
+    for path in key_images:
+        assert _dciodvfy_errors(dciodvfy, path) == []
     sent = {
         str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID): p
         for p in studies[0] + studies[1]
