@@ -212,7 +212,7 @@ def status(
     database = _open_existing(resolved)
     try:
         studies = list_studies(database, limit=limit)
-        workers = list_workers(database)
+        workers = list_workers(database, stale_after=resolved.jobs.lease_seconds)
         jobs = count_jobs(database)
         deliveries = list_deliveries(database)
     finally:
@@ -248,7 +248,7 @@ def status(
         for w in workers:
             table.add_row(
                 w.name,
-                w.state,
+                w.state if w.alive else f"{w.state} (no heartbeat: gone?)",
                 w.device,
                 w.bundle or "-",
                 w.heartbeat_at.strftime("%H:%M:%S"),

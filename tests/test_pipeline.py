@@ -386,4 +386,40 @@ def test_sr_lands_in_orthanc_in_the_same_study(
     [instance] = orthanc_server.instances_of_study(uid)
     assert instance["Modality"] == "SR"
     assert instance["SeriesDescription"] == "MIBI-NODE AI RESULT"
-    assert node.query("SELECT state, last_status FROM delivery") == [("DONE", 0)]
+    # Orthanc may show the instance a moment before the node has recorded the answer.
+    _wait(
+        lambda: node.query("SELECT state, last_status FROM delivery") == [("DONE", 0)],
+        30,
+        "the delivery recorded as done",
+        node,
+    )
+
+
+def test_without_a_bundle_reception_goes_on_and_status_says_why(
+    node_factory, studies, tmp_path: Path, require_tool
+) -> None:
+    require_tool("storescu")
+    missing = tmp_path / "no-bundle-here"
+    node = _node(node_factory, missing, free_port())
+    assert storescu(node.port, studies[0]).returncode == 0
+    _wait(
+        lambda: (
+            node.query("SELECT state FROM job") == [("QUEUED",)]
+            and node.query("SELECT state FROM worker") == [("waiting for a bundle",)]
+        ),
+        60,
+        "a queued job and a worker waiting for its bundle",
+        node,
+    )
+    [worker] = _status(node)["workers"]
+    assert str(missing) in worker["message"]
+    out = subprocess.run(
+        [sys.executable, "-m", "mibi_node.cli", "status", "--data-dir", str(node.data_dir)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    ).stdout
+    assert "waiting for a bundle" in out and "jobs: 1 queued" in out
+    # Every instance was stored all the same.
+    assert node.query("SELECT count(*) FROM instance") == [(2,)]

@@ -4,13 +4,21 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import func, select
 
 from mibi_node.storage.database import Database
-from mibi_node.storage.models import Delivery, DeliveryState, Job, JobState, Study, WorkerStatus
+from mibi_node.storage.models import (
+    Delivery,
+    DeliveryState,
+    Job,
+    JobState,
+    Study,
+    WorkerStatus,
+    utcnow,
+)
 
 __all__ = [
     "DeliverySummary",
@@ -78,6 +86,8 @@ class WorkerSummary:
     state: str
     message: str | None
     heartbeat_at: datetime
+    #: Whether the worker has reported lately (a dead worker's row stays behind).
+    alive: bool
 
     def as_json(self) -> dict[str, Any]:
         """Plain JSON-ready data."""
@@ -107,8 +117,13 @@ class DeliverySummary:
         return data
 
 
-def list_workers(database: Database) -> list[WorkerSummary]:
-    """Every worker that has reported, most recent heartbeat first."""
+def list_workers(database: Database, stale_after: float = 60.0) -> list[WorkerSummary]:
+    """Every worker that has reported, most recent heartbeat first.
+
+    A worker renews its heartbeat every ``jobs.lease_seconds / 3``; one silent for
+    ``stale_after`` seconds is reported as not alive (stopped, killed, or hung).
+    """
+    cutoff = utcnow() - timedelta(seconds=stale_after)
     with database.session() as session:
         rows = session.scalars(select(WorkerStatus).order_by(WorkerStatus.heartbeat_at.desc()))
         return [
@@ -120,6 +135,7 @@ def list_workers(database: Database) -> list[WorkerSummary]:
                 state=row.state,
                 message=row.message,
                 heartbeat_at=row.heartbeat_at,
+                alive=row.state != "stopped" and row.heartbeat_at >= cutoff,
             )
             for row in rows
         ]
