@@ -139,6 +139,11 @@ class Worker:
             self._say("waiting for a bundle", f"cannot load the bundle {bundle}: {exc}")
             logger.error("worker %s cannot load the bundle %s: %s", self.name, bundle, exc)
             return False
+        # Import the reader and the report builders now, not on the first study's clock.
+        import mibi_node.imaging.nm
+        import mibi_node.report.keyimage
+        import mibi_node.report.sr  # noqa: F401
+
         self._say("ready")
         return True
 
