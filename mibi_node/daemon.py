@@ -13,6 +13,10 @@ others are IGNORED), return jobs whose worker stopped to the queue, and send due
 The ``workers.count`` analysis workers are *spawned* (fresh interpreters, never forked from
 this process), so that torch, a crashing decoder or the OOM killer stay out of reception;
 the parent restarts a worker that dies.
+
+Under systemd (``Type=notify``, ``systemd/mibi-node.service``) the node says READY once its
+port listens, pings the watchdog while the assembly sweep keeps finishing, and says STOPPING
+when it stops (``mibi_node.systemd``; no-ops when not started by systemd).
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ from mibi_node.reception.scp import StorageSCP, bind_listener
 from mibi_node.storage.database import Database, open_database
 from mibi_node.storage.filestore import FileStore
 from mibi_node.storage.instances import InstanceStore
+from mibi_node.systemd import Notifier
 
 __all__ = ["Node"]
 
@@ -99,6 +104,11 @@ class Node:
         self.results = FileStore(config.results_dir)
         self._stop_signal: int | None = None
         self._stopping = False
+        # systemd (Type=notify): READY=1 once the port listens, WATCHDOG=1 while the
+        # assembly sweep keeps running, STOPPING=1 at stop; no-ops without NOTIFY_SOCKET.
+        self.notifier = Notifier.from_environment()
+        self._sweep_finished_at = time.monotonic()
+        self._next_watchdog_ping = 0.0
 
     # -- life cycle -----------------------------------------------------------------------
 
@@ -161,7 +171,12 @@ class Node:
             logger.info("workers.count is 0: run `mibi-node worker` to analyse studies")
         if not self.config.dispatch.destinations:
             logger.warning("no dispatch destination: results are kept but sent nowhere")
+        self._sweep_finished_at = time.monotonic()
         self.scheduler.start()
+        self.notifier.ready(
+            f"listening as {node.ae_title} on {node.host}:{self.port}; "
+            f"{count} acceptor(s), {len(self._workers)} worker(s)"
+        )
 
     @property
     def port(self) -> int:
@@ -229,6 +244,8 @@ class Node:
             release_expired_jobs(self.database, self.config.jobs.max_attempts)
         except Exception:
             logger.exception("assembly sweep failed; it runs again on schedule")
+        finally:
+            self._sweep_finished_at = time.monotonic()
 
     def _dispatch(self) -> None:
         if self.database is None:
@@ -244,9 +261,29 @@ class Node:
         except Exception:
             logger.exception("dispatch sweep failed; it runs again on schedule")
 
+    def _ping_watchdog(self) -> None:
+        """Send WATCHDOG=1 every half ``WatchdogSec`` while the assembly sweep keeps running.
+
+        A sweep that has not finished for two ``WatchdogSec`` (a deadlock, a hung disk)
+        withholds the ping, and systemd restarts the node, which resumes from the database.
+        """
+        interval = self.notifier.watchdog_interval
+        now = time.monotonic()
+        if interval is None or now < self._next_watchdog_ping:
+            return
+        self._next_watchdog_ping = now + interval
+        late = now - self._sweep_finished_at
+        if late > max(4 * interval, 5 * self.config.assembly.sweep_seconds):
+            logger.error("no assembly sweep finished for %.0f s: withholding the watchdog", late)
+            return
+        self.notifier.watchdog()
+
     def stop(self) -> None:
         """Stop accepting, let in-flight associations finish, stop the scheduler."""
         self._stopping = True
+        self.notifier.stopping(
+            "stopping: finishing the associations in progress and the workers' current batch"
+        )
         for process in [*self._acceptors, *self._workers]:
             if process.is_alive() and process.pid is not None:
                 os.kill(process.pid, signal.SIGTERM)
@@ -281,6 +318,7 @@ class Node:
                 ticks += 1
                 if ticks % 5 == 0:
                     self._watch_children()
+                self._ping_watchdog()
             if self._stop_signal:
                 logger.info("received %s, stopping", signal.Signals(self._stop_signal).name)
         finally:

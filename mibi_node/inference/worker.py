@@ -49,6 +49,7 @@ from mibi_node.jobs.queue import (
 from mibi_node.storage.database import Database
 from mibi_node.storage.filestore import FileStore
 from mibi_node.storage.models import WorkerStatus, utcnow
+from mibi_node.systemd import Notifier
 
 if TYPE_CHECKING:
     from mibi_node.imaging.study import StudyInput
@@ -75,9 +76,19 @@ class Worker:
         ``"auto"``, ``"cpu"`` or ``"cuda[:N]"``.
     name
         Lease owner and row name; unique per process (host, pid and device by default).
+    notifier
+        Where to send systemd notifications (READY, STATUS, WATCHDOG, STOPPING) when the
+        worker is a unit of its own (``mibi-node-worker@.service``); none by default.
     """
 
-    def __init__(self, config: Config, *, device: str | None = None, name: str | None = None):
+    def __init__(
+        self,
+        config: Config,
+        *,
+        device: str | None = None,
+        name: str | None = None,
+        notifier: Notifier | None = None,
+    ):
         self.config = config
         self.device = device or config.workers.device
         self.name = name or f"{socket.gethostname()}-{os.getpid()}-{self.device}"[:64]
@@ -89,6 +100,8 @@ class Worker:
         self._next_bundle_try = 0.0
         self._stop = threading.Event()
         self._state = ("starting", "")
+        self.notifier = notifier or Notifier()
+        self._announced: tuple[str, str, str | None] | None = None
 
     # -- status ---------------------------------------------------------------------------
 
@@ -108,15 +121,22 @@ class Worker:
             row.state = state
             row.message = message or None
             row.heartbeat_at = utcnow()
+        if (state, message, bundle) != self._announced:  # `systemctl status` shows it
+            self._announced = (state, message, bundle)
+            on = f" (bundle {bundle} on {self.engine.device})" if self.engine is not None else ""
+            self.notifier.status(f"{state}{': ' + message if message else ''}{on}")
 
     def _keep_leases(self) -> None:
         every = self.config.jobs.lease_seconds / 3
+        if self.notifier.watchdog_interval is not None:
+            every = min(every, self.notifier.watchdog_interval)
         while not self._stop.wait(every):
             try:
                 renew_leases(self.database, self.name, self.config.jobs.lease_seconds)
                 self._say(*self._state)
             except Exception:  # the next round tries again; the lease has slack for it
                 logger.exception("worker %s could not renew its leases", self.name)
+            self.notifier.watchdog()  # this thread still runs: systemd's watchdog is fed
 
     # -- the bundle -----------------------------------------------------------------------
 
@@ -154,6 +174,7 @@ class Worker:
         self._say("starting")
         keeper = threading.Thread(target=self._keep_leases, name="lease-keeper", daemon=True)
         keeper.start()
+        self.notifier.ready()
         try:
             while not should_stop():
                 if not self.load_bundle():
@@ -162,6 +183,7 @@ class Worker:
                 if not self.run_once():
                     time.sleep(self.config.workers.poll_seconds)
         finally:
+            self.notifier.stopping()
             self._stop.set()
             keeper.join(timeout=5)
             self._say("stopped")
@@ -404,7 +426,10 @@ def worker_main(config: Config, device: str, index: int, parent: int | None = No
 
     signal.signal(signal.SIGTERM, _on_signal)
     signal.signal(signal.SIGINT, _on_signal)
-    worker = Worker(config, device=device)
+    # Only a worker that is a unit's main process talks to systemd: one that `serve`
+    # started inherited the node's NOTIFY_SOCKET, and systemd would ignore it (and log).
+    notifier = Notifier.from_environment() if parent is None else None
+    worker = Worker(config, device=device, notifier=notifier)
     logger.info("worker %s started on %s", worker.name, device)
 
     def _should_stop() -> bool:
