@@ -46,7 +46,7 @@ from mibi_node.jobs.queue import (
     fail_job,
     renew_leases,
 )
-from mibi_node.storage.database import Database
+from mibi_node.storage.database import open_database
 from mibi_node.storage.filestore import FileStore
 from mibi_node.storage.models import WorkerStatus, utcnow
 from mibi_node.systemd import Notifier
@@ -92,7 +92,7 @@ class Worker:
         self.config = config
         self.device = device or config.workers.device
         self.name = name or f"{socket.gethostname()}-{os.getpid()}-{self.device}"[:64]
-        self.database = Database(config.database_url)
+        self.database = open_database(config.database_url)  # a standalone worker may be first
         self.files = FileStore(config.store_dir)
         self.results = FileStore(config.results_dir)
         self.engine: InferenceEngine | None = None
@@ -156,8 +156,10 @@ class Worker:
 
             self.engine = InferenceEngine(bundle, device=_resolve(self.device))
         except (MibiNodeError, ValueError, OSError, RuntimeError) as exc:
-            self._say("waiting for a bundle", f"cannot load the bundle {bundle}: {exc}")
-            logger.error("worker %s cannot load the bundle %s: %s", self.name, bundle, exc)
+            message = f"cannot load the bundle {bundle}: {exc}"
+            if message != self._state[1]:  # once per reason, not every few seconds
+                logger.error("worker %s %s", self.name, message)
+            self._say("waiting for a bundle", message)
             return False
         # Import the reader and the report builders now, not on the first study's clock.
         import mibi_node.imaging.nm
@@ -422,6 +424,8 @@ def worker_main(config: Config, device: str, index: int, parent: int | None = No
     stopping: list[int] = []
 
     def _on_signal(signum: int, _frame: FrameType | None) -> None:
+        if stopping:  # a second signal: stop at once; the lease expires, the job is retried
+            os._exit(128 + signum)
         stopping.append(signum)  # a handler only sets a flag (no locks)
 
     signal.signal(signal.SIGTERM, _on_signal)
