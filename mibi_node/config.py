@@ -13,7 +13,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 
-from mibi_node.dispatch.destinations import Destination
+from mibi_node.dispatch.destinations import Destination, check_ae_title
 from mibi_node.errors import ConfigError
 
 __all__ = [
@@ -38,19 +38,6 @@ __all__ = [
 #: Where ``mibi-node serve`` looks when no ``--config`` is given.
 DEFAULT_CONFIG_PATH = Path("config/mibi-node.toml")
 
-_AE_TITLE_MAX = 16
-
-
-def _check_ae_title(value: str) -> str:
-    stripped = value.strip()
-    if not stripped:
-        raise ValueError("an AE title must not be empty")
-    if len(stripped) > _AE_TITLE_MAX:
-        raise ValueError(f"an AE title has at most {_AE_TITLE_MAX} characters")
-    if "\\" in stripped or any(ord(c) < 0x20 or ord(c) > 0x7E for c in stripped):
-        raise ValueError("an AE title holds printable ASCII characters other than backslash")
-    return stripped
-
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -67,7 +54,7 @@ class NodeConfig(_Section):
     @field_validator("ae_title")
     @classmethod
     def _ae_title(cls, value: str) -> str:
-        return _check_ae_title(value)
+        return check_ae_title(value)
 
 
 class PeerConfig(_Section):
@@ -79,7 +66,7 @@ class PeerConfig(_Section):
     @field_validator("ae_title")
     @classmethod
     def _ae_title(cls, value: str) -> str:
-        return _check_ae_title(value)
+        return check_ae_title(value)
 
 
 class TLSConfig(_Section):
@@ -201,7 +188,7 @@ class DispatchConfig(_Section):
     @field_validator("calling_ae_title")
     @classmethod
     def _calling(cls, value: str) -> str:
-        return _check_ae_title(value) if value.strip() else ""
+        return check_ae_title(value) if value.strip() else ""
 
 
 class ReportConfig(_Section):
