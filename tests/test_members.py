@@ -97,3 +97,33 @@ def test_create_member_validates(
 ) -> None:
     with pytest.raises(error, match=match):
         create_member(**kwargs)  # type: ignore[arg-type]
+
+
+def test_demo_resnets_are_registered_d_and_t_variants() -> None:
+    # Deep 3x3 stems and average-pooled shortcuts: what lets the demo's ResNets see a focus of a
+    # few pixels (docs/training.md); plain ResNet-18 subsamples its shortcuts with stride-2 1x1s.
+    for arch in ("resnet10t", "resnet18d"):
+        assert is_member(arch)
+        member = create_member(arch, input_size=64, heads=2, embed_dim=16)
+        stem = member.backbone.conv1
+        assert isinstance(stem, torch.nn.Sequential) and stem[0].kernel_size == (3, 3)
+        downsample = member.backbone.layer2[0].downsample
+        assert isinstance(downsample[0], torch.nn.AvgPool2d)
+
+
+def test_fresh_residual_members_start_as_their_shortcut_path() -> None:
+    # timm zero-initialises the last norm of every ResNet residual branch; members.py does the
+    # same for EfficientNets, so a member trained from scratch starts as its shortcut path.
+    torch.manual_seed(0)
+    effnet = create_member("efficientnet_b0", input_size=64, heads=2, embed_dim=16)
+    with_skip, without_skip = [], []
+    for block in effnet.backbone.modules():
+        last = getattr(block, "bn3", getattr(block, "bn2", None))
+        if hasattr(block, "has_skip") and last is not None:
+            (with_skip if block.has_skip else without_skip).append(last.weight)
+    assert len(with_skip) == 9 and without_skip
+    assert all(torch.count_nonzero(weight) == 0 for weight in with_skip)
+    assert all(torch.count_nonzero(weight) == weight.numel() for weight in without_skip)
+    resnet = create_member("resnet18d", input_size=64, heads=2, embed_dim=16)
+    blocks = [m for m in resnet.backbone.modules() if type(m).__name__ == "BasicBlock"]
+    assert blocks and all(torch.count_nonzero(block.bn2.weight) == 0 for block in blocks)

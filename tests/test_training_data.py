@@ -205,6 +205,29 @@ def test_training_table_is_validated_naming_the_key() -> None:
     assert training_config(full).epochs >= 1
 
 
+def test_precision_auto_follows_the_device_and_the_cpu(monkeypatch) -> None:
+    from training import trainer
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert trainer.training_bf16("auto", cuda) and trainer.training_bf16("bf16", cpu)
+    assert not trainer.training_bf16("fp32", cuda)
+    monkeypatch.setattr(trainer, "cpu_has_bf16", lambda: False)  # emulated bf16 is slower
+    assert not trainer.training_bf16("auto", cpu)
+    monkeypatch.setattr(trainer, "cpu_has_bf16", lambda: True)
+    assert trainer.training_bf16("auto", cpu)
+
+    recipe = load_recipe("config/ensemble-demo.toml")
+    member = recipe.members[0].name
+    table = {**recipe.training, "overrides": {member: {"precision": "fp32"}}}
+    config = training_config(Recipe.model_validate({**recipe.model_dump(), "training": table}))
+    assert config.precision == "auto" and config.for_member(member).precision == "fp32"
+    bad = Recipe.model_validate(
+        {**recipe.model_dump(), "training": {"overrides": {member: {"precision": "fp16"}}}}
+    )
+    with pytest.raises(ConfigError, match=f"'training.overrides.{member}.precision'"):
+        training_config(bad)
+
+
 def test_augmenter_keeps_shape_and_is_reproducible() -> None:
     recipe = _one_channel_recipe(32)
     augment = Augmenter(

@@ -106,6 +106,7 @@ class MemberOverride(_Section):
     lr: float | None = Field(default=None, gt=0)
     weight_decay: float | None = Field(default=None, ge=0)
     patience: int | None = Field(default=None, ge=1)
+    precision: Literal["auto", "fp32", "bf16"] | None = None
 
 
 class TrainingConfig(_Section):
@@ -153,6 +154,11 @@ class TrainingConfig(_Section):
         Keep the per-epoch checkpoints after a successful run (they only serve ``--resume``).
     threads
         CPU threads for torch (at most; a shared machine stays usable).
+    precision
+        Arithmetic of the training steps: ``"auto"`` uses bf16 autocast on CUDA and on CPUs
+        with native bf16 (AVX512-BF16 or AMX; about 1.5-2x faster for the ResNets and
+        DenseNets of the demo), float32 elsewhere; ``"fp32"`` or ``"bf16"`` force one.
+        Weights, optimiser state and all predictions stay float32.
     augment
         See :class:`AugmentConfig`.
     overrides
@@ -180,6 +186,7 @@ class TrainingConfig(_Section):
     bootstrap: int = Field(default=1000, ge=0)
     keep_checkpoints: bool = False
     threads: int = Field(default=2, ge=1)
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
     augment: AugmentConfig = AugmentConfig()
     overrides: dict[str, MemberOverride] = {}
 

@@ -1,10 +1,11 @@
 """Sub-model training: one ensemble member from preprocessed arrays to trained weights.
 
 Per member: augmentation (:mod:`training.augment`), AdamW with a linear warm-up and a cosine
-decay per step, a class-balanced loss (or class-balanced sampling), bf16 autocast and
-channels-last tensors on CUDA, early stopping on the validation loss, and a checkpoint after
-every epoch, so an interrupted run resumes from the last finished epoch with the same
-batches and augmentations it would have had. Each member leaves ``history.csv`` and
+decay per step, a class-balanced loss (or class-balanced sampling), channels-last tensors
+and bf16 autocast (on CUDA, and on CPUs with native bf16: ``precision`` in
+:class:`~training.config.TrainingConfig`), early stopping on the validation loss, and a
+checkpoint after every epoch, so an interrupted run resumes from the last finished epoch
+with the same batches and augmentations it would have had. Each member leaves ``history.csv`` and
 ``learning-curve.png`` in its work folder.
 
 Work folder of a member (``<out>/training/members/<name>/``)::
@@ -46,8 +47,10 @@ __all__ = [
     "HISTORY_COLUMNS",
     "MemberRun",
     "TrainingInterruptedError",
+    "cpu_has_bf16",
     "predict_probabilities",
     "train_member",
+    "training_bf16",
 ]
 
 logger = logging.getLogger(__name__)
@@ -130,10 +133,34 @@ def _schedule(config: TrainingConfig, steps_per_epoch: int) -> Callable[[int], f
     return factor
 
 
-def _autocast(device: torch.device) -> Any:
+def _autocast(device: torch.device, enabled: bool | None = None) -> Any:
     return torch.autocast(
-        device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"
+        device_type=device.type,
+        dtype=torch.bfloat16,
+        enabled=device.type == "cuda" if enabled is None else enabled,
     )
+
+
+def cpu_has_bf16() -> bool:
+    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX), so autocast pays off.
+
+    Without it, bf16 convolutions are emulated and slower than float32.
+    """
+    capabilities = getattr(torch.cpu, "get_capabilities", None)
+    if capabilities is None:
+        return False
+    try:
+        found = capabilities()
+    except (RuntimeError, OSError):
+        return False
+    return bool(found.get("avx512_bf16") or found.get("amx_bf16"))
+
+
+def training_bf16(precision: str, device: torch.device) -> bool:
+    """Whether training steps run under bf16 autocast for ``precision`` on ``device``."""
+    if precision == "auto":
+        return device.type == "cuda" or (device.type == "cpu" and cpu_has_bf16())
+    return precision == "bf16"
 
 
 def predict_probabilities(
@@ -312,8 +339,9 @@ def train_member(
         )
 
     module.to(device)
-    if device.type == "cuda":
-        module.to(memory_format=torch.channels_last)
+    # Channels-last suits oneDNN on the CPU as much as cuDNN (1.2-1.7x on a 2-core CPU).
+    module.to(memory_format=torch.channels_last)
+    bf16 = training_bf16(config.precision, device)
     optimiser = torch.optim.AdamW(
         module.parameters(), lr=config.lr, weight_decay=config.weight_decay
     )
@@ -373,10 +401,9 @@ def train_member(
         for step in range(steps_per_epoch):
             rows = train_rows[order[step * batch_size : (step + 1) * batch_size]]
             batch = augment(inputs[rows], count_scale[rows], generator).to(device)
-            if device.type == "cuda":
-                batch = batch.contiguous(memory_format=torch.channels_last)
+            batch = batch.contiguous(memory_format=torch.channels_last)
             target = labels[rows].to(device)
-            with _autocast(device):
+            with _autocast(device, bf16):
                 logits = module(batch)
             loss = F.cross_entropy(
                 logits.float(), target, weight=loss_weights, label_smoothing=config.label_smoothing
