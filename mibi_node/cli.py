@@ -162,7 +162,7 @@ def requeue(
 
     database = _open_existing(_load(config, node={"data_dir": data_dir}))
     try:
-        job = requeue_study(database, study.strip())
+        job = requeue_study(database, study.strip(), actor=_operator())
     except MibiNodeError as exc:
         raise _fail(str(exc)) from None
     finally:
@@ -188,7 +188,7 @@ def resend(
     extra = [Destination.model_validate(d) for d in _destinations(destination) or []]
     database = _open_existing(resolved)
     try:
-        count = resend_study(database, study.strip(), extra)
+        count = resend_study(database, study.strip(), extra, actor=_operator())
     except MibiNodeError as exc:
         raise _fail(str(exc)) from None
     finally:
@@ -346,6 +346,16 @@ def _register_stage_commands() -> None:
 
     app.command("train")(train)
     app.command("evaluate")(evaluate)
+
+
+def _operator() -> str:
+    """Who runs this command, for the audit trail (``cli:<login>``)."""
+    import getpass
+
+    try:
+        return f"cli:{getpass.getuser()}"
+    except (KeyError, OSError):
+        return "cli"
 
 
 _register_stage_commands()

@@ -11,7 +11,15 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from mibi_node.dispatch.destinations import Destination, check_ae_title
 from mibi_node.errors import ConfigError
@@ -27,9 +35,11 @@ __all__ = [
     "PeerConfig",
     "ReceptionConfig",
     "ReportConfig",
+    "RetentionConfig",
     "RoutingConfig",
     "StorageConfig",
     "TLSConfig",
+    "WebConfig",
     "WorkersConfig",
     "load_config",
     "DEFAULT_CONFIG_PATH",
@@ -204,6 +214,37 @@ class ReportConfig(_Section):
     device_uid: str = ""
 
 
+class WebConfig(_Section):
+    """The status page, REST API, health checks and Prometheus metrics (``mibi_node.web``)."""
+
+    #: Serve them from the node's process; false = no HTTP listener at all.
+    enabled: bool = True
+    #: Bind address. Anything but a loopback address requires ``token``.
+    host: str = "127.0.0.1"
+    #: TCP port; 0 picks a free one (tests).
+    port: int = Field(default=8080, ge=0, le=65535)
+    #: Bearer token (``Authorization: Bearer ...`` or ``?token=``) for every page but
+    #: /healthz, /readyz and /metrics; required when ``host`` is not loopback.
+    token: SecretStr = SecretStr("")
+    #: /readyz fails when a worker heartbeat is older than this (seconds).
+    worker_stale_seconds: float = Field(default=60.0, gt=0)
+
+    @property
+    def is_loopback(self) -> bool:
+        """Whether ``host`` only accepts connections from this machine."""
+        return self.host in {"127.0.0.1", "::1", "localhost"} or self.host.startswith("127.")
+
+
+class RetentionConfig(_Section):
+    """How long received instance files are kept once their results were delivered."""
+
+    #: Days after the last successful delivery of a study's result before its instance files
+    #: are removed (database rows stay). 0 = keep the files for ever.
+    days: float = Field(default=30.0, ge=0)
+    #: How often the retention sweep runs (seconds).
+    sweep_seconds: float = Field(default=3600.0, gt=0)
+
+
 class LoggingConfig(_Section):
     """Log level for the console and the journal."""
 
@@ -231,7 +272,18 @@ class Config(_Section):
     workers: WorkersConfig = WorkersConfig()
     dispatch: DispatchConfig = DispatchConfig()
     report: ReportConfig = ReportConfig()
+    web: WebConfig = WebConfig()
+    retention: RetentionConfig = RetentionConfig()
     logging: LoggingConfig = LoggingConfig()
+
+    @model_validator(mode="after")
+    def _web_token(self) -> Config:
+        if self.web.enabled and not self.web.is_loopback and not self.web.token.get_secret_value():
+            raise ValueError(
+                f"web.host {self.web.host!r} is not a loopback address: set web.token "
+                "(or bind to 127.0.0.1)"
+            )
+        return self
 
     @property
     def database_url(self) -> str:
@@ -261,6 +313,8 @@ class Config(_Section):
         data = self.model_dump(mode="json")
         if self.database.url.get_secret_value():
             data["database"]["url"] = "********"
+        if self.web.token.get_secret_value():
+            data["web"]["token"] = "********"
         return data
 
 

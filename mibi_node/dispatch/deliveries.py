@@ -20,6 +20,7 @@ from typing import Any
 
 from sqlalchemy import or_, select
 
+from mibi_node import audit
 from mibi_node.config import DispatchConfig
 from mibi_node.dispatch.destinations import Destination
 from mibi_node.dispatch.scu import SendResult, send_files
@@ -130,6 +131,22 @@ def _record(
                 wait,
                 message,
             )
+        outcome = {DeliveryState.DONE: "sent", DeliveryState.FAILED: "failed"}.get(
+            DeliveryState(row.state), "retry"
+        )
+        audit.add(
+            session,
+            "delivery",
+            outcome,
+            actor=row.label,
+            study_id=session.get_one(Job, row.job_id).study_id,
+            message="" if ok else message,
+            detail={
+                "delivery": row.id,
+                "attempt": row.attempts,
+                "status": None if status is None else f"0x{status:04X}",
+            },
+        )
         return DeliveryOutcome(row.id, DeliveryState(row.state), status, message)
 
 
@@ -166,7 +183,10 @@ def deliver(
 
 
 def resend_study(
-    database: Database, study_instance_uid: str, destinations: Sequence[Destination] = ()
+    database: Database,
+    study_instance_uid: str,
+    destinations: Sequence[Destination] = (),
+    actor: str = "cli",
 ) -> int:
     """Send a study's latest result again (``mibi-node resend``); returns the deliveries due.
 
@@ -216,4 +236,13 @@ def resend_study(
                 )
             )
         session.flush()
-        return len(session.scalars(select(Delivery.id).where(Delivery.job_id == job.id)).all())
+        due = len(session.scalars(select(Delivery.id).where(Delivery.job_id == job.id)).all())
+        audit.add(
+            session,
+            "operator",
+            "resend",
+            actor=actor,
+            study_id=study.id,
+            detail={"job": job.id, "version": job.version, "deliveries": due},
+        )
+        return due

@@ -20,6 +20,7 @@ from pydicom.uid import generate_uid
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
+from mibi_node import audit
 from mibi_node.errors import MibiNodeError
 from mibi_node.storage.database import Database
 from mibi_node.storage.instances import is_image_instance
@@ -204,9 +205,17 @@ def complete_job(database: Database, owner: str, job_id: int, done: CompletedJob
         job.sr_series_instance_uid = done.sr_series_instance_uid
         job.error = job.traceback = None
         study = session.get_one(Study, job.study_id)
+        predicted = done.result.get("predicted", "?")
         if study.state is StudyState.RUNNING:
-            predicted = done.result.get("predicted", "?")
             study.transition(StudyState.DONE, f"version {job.version}: {predicted}")
+        audit.add(
+            session,
+            "result",
+            "done",
+            actor=owner,
+            study_id=study.id,
+            detail={"job": job.id, "version": job.version, "predicted": predicted},
+        )
         deliveries = [
             Delivery(
                 job_id=job.id,
@@ -256,6 +265,15 @@ def fail_job(
             job.transition(JobState.FAILED, error)
             if study.state is StudyState.RUNNING:
                 study.transition(StudyState.FAILED, error)
+            audit.add(
+                session,
+                "result",
+                "failed",
+                actor=owner,
+                study_id=study.id,
+                message=error,
+                detail={"job": job.id, "version": job.version, "attempts": job.attempts},
+            )
         return JobState(job.state)
 
 
@@ -293,6 +311,15 @@ def release_expired_jobs(database: Database, max_attempts: int) -> list[int]:
                 job.transition(JobState.FAILED, f"{error}; no attempts left")
                 if study.state is StudyState.RUNNING:
                     study.transition(StudyState.FAILED, f"{error}; no attempts left")
+                audit.add(
+                    session,
+                    "result",
+                    "failed",
+                    actor=job.lease_owner or "",
+                    study_id=study.id,
+                    message=f"{error}; no attempts left",
+                    detail={"job": job.id, "version": job.version, "attempts": job.attempts},
+                )
             else:
                 job.transition(JobState.QUEUED)
                 job.error = error
@@ -303,7 +330,7 @@ def release_expired_jobs(database: Database, max_attempts: int) -> list[int]:
     return released
 
 
-def requeue_study(database: Database, study_instance_uid: str) -> int:
+def requeue_study(database: Database, study_instance_uid: str, actor: str = "cli") -> int:
     """Analyse a study again (``mibi-node requeue``); returns the job id.
 
     A FAILED job is queued again with fresh attempts; a study whose analysis is DONE gets a
@@ -338,8 +365,16 @@ def requeue_study(database: Database, study_instance_uid: str) -> int:
             job = Job(study_id=study.id, version=(job.version + 1) if job else 1)
             session.add(job)
         if study.state is not StudyState.QUEUED:
-            study.transition(StudyState.QUEUED, "queued again by hand (mibi-node requeue)")
+            study.transition(StudyState.QUEUED, f"queued again by hand ({actor})")
         session.flush()
+        audit.add(
+            session,
+            "operator",
+            "requeue",
+            actor=actor,
+            study_id=study.id,
+            detail={"job": job.id, "version": job.version},
+        )
         return job.id
 
 

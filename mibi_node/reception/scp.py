@@ -21,6 +21,7 @@ from typing import Any
 from pynetdicom import AE, _config, evt
 from pynetdicom.transport import ThreadedAssociationServer
 
+from mibi_node import audit
 from mibi_node.config import Config
 from mibi_node.errors import ConfigError
 from mibi_node.reception.contexts import TRANSFER_SYNTAXES, VERIFICATION, storage_sop_classes
@@ -102,6 +103,8 @@ class _AssociationTally:
     stored: int = 0
     duplicates: int = 0
     failed: int = 0
+    #: Refused instances by DIMSE status (``0xA700`` ...), for the audit trail and metrics.
+    refused: dict[str, int] = field(default_factory=dict)
 
 
 class StorageSCP:
@@ -235,16 +238,20 @@ class StorageSCP:
         if dul is not None and hasattr(dul, "_run_loop_delay"):
             dul._run_loop_delay = _DUL_LOOP_DELAY
 
-    def _reject(self, event: Any, rsd: tuple[int, int, int], why: str) -> None:
+    def _reject(self, event: Any, rsd: tuple[int, int, int], why: str, reason: str) -> None:
         requestor = event.assoc.requestor
-        logger.info(
-            "association from %s (%s) rejected: %s",
-            requestor.primitive.calling_ae_title.strip(),
-            requestor.address,
-            why,
-        )
+        calling = requestor.primitive.calling_ae_title.strip()
+        logger.info("association from %s (%s) rejected: %s", calling, requestor.address, why)
         event.assoc.acse.send_reject(*rsd)
         event.assoc.kill()
+        audit.record(
+            self.store.database,
+            "association",
+            "rejected",
+            actor=f"{calling}@{requestor.address}",
+            message=why,
+            detail={"reason": reason},
+        )
 
     def _on_requested(self, event: Any) -> None:
         try:
@@ -255,16 +262,29 @@ class StorageSCP:
             if self.config.reception.require_called_ae_title and (
                 called != self.config.node.ae_title
             ):
-                self._reject(event, _REJECT_CALLED_AE, f"called AE title {called!r} is not ours")
+                self._reject(
+                    event,
+                    _REJECT_CALLED_AE,
+                    f"called AE title {called!r} is not ours",
+                    "called_ae_title",
+                )
                 return
             if self._allowed:
                 hosts = self._allowed.get(calling)
                 if hosts is None:
-                    self._reject(event, _REJECT_CALLING_AE, "calling AE title not allowed")
+                    self._reject(
+                        event,
+                        _REJECT_CALLING_AE,
+                        "calling AE title not allowed",
+                        "calling_ae_title",
+                    )
                     return
                 if hosts and address not in hosts:
                     self._reject(
-                        event, _REJECT_CALLING_AE, "calling AE title not allowed from this host"
+                        event,
+                        _REJECT_CALLING_AE,
+                        "calling AE title not allowed from this host",
+                        "calling_host",
                     )
                     return
             free = self.store.files.free_mb()
@@ -274,6 +294,7 @@ class StorageSCP:
                     _REJECT_CONGESTION,
                     f"only {free:.0f} MiB free, storage.min_free_mb is "
                     f"{self.config.storage.min_free_mb}",
+                    "disk_full",
                 )
                 return
             with self._lock:
@@ -302,6 +323,19 @@ class StorageSCP:
             tally.duplicates,
             tally.failed,
         )
+        audit.record(
+            self.store.database,
+            "association",
+            how,
+            actor=f"{tally.calling_ae_title}@{tally.address}",
+            detail={
+                "stored": tally.stored,
+                "duplicates": tally.duplicates,
+                "refused": tally.failed,
+                "refused_by_status": dict(tally.refused),
+                "seconds": round(time.monotonic() - tally.started, 3),
+            },
+        )
 
     def _on_conn_close(self, event: Any) -> None:
         # A connection that dropped without release or abort still gets its log line.
@@ -329,6 +363,8 @@ class StorageSCP:
             status = STATUS_OUT_OF_RESOURCES
         if status != STATUS_SUCCESS:
             tally.failed += 1
+            key = f"0x{status:04X}"
+            tally.refused[key] = tally.refused.get(key, 0) + 1
         return status
 
     def _store(self, event: Any, tally: _AssociationTally) -> int:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import enum
 from datetime import UTC, datetime
+from typing import Any
 
 from sqlalchemy import (
     JSON,
@@ -29,6 +30,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 from mibi_node.errors import MibiNodeError
 
 __all__ = [
+    "AuditEvent",
     "Base",
     "Delivery",
     "DeliveryState",
@@ -377,3 +379,25 @@ class Setting(Base):
 
     key: Mapped[str] = mapped_column(String(64), primary_key=True)
     value: Mapped[str] = mapped_column(Text)
+
+
+class AuditEvent(Base):
+    """One line of the audit trail: an association, a study result, a delivery, an operator.
+
+    ``kind`` is ``association``, ``result``, ``delivery``, ``operator`` or ``retention``;
+    ``outcome`` says how it ended (``accepted``, ``rejected``, ``done``, ``failed``, ``sent``,
+    ``requeue`` ...). ``detail`` holds counts and reasons, never patient names or IDs.
+    """
+
+    __tablename__ = "audit_event"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    at: Mapped[datetime] = mapped_column(_UTCDateTime, default=utcnow, index=True)
+    kind: Mapped[str] = mapped_column(String(16))
+    outcome: Mapped[str] = mapped_column(String(32))
+    actor: Mapped[str] = mapped_column(String(128), default="")
+    study_id: Mapped[int | None] = mapped_column(ForeignKey("study.id"), default=None, index=True)
+    message: Mapped[str] = mapped_column(Text, default="")
+    detail: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+
+    __table_args__ = (Index("ix_audit_kind_at", "kind", "at"),)
