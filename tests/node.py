@@ -57,6 +57,8 @@ class NodeProcess:
             "assembly": {"quiet_seconds": 1, "sweep_seconds": 0.2},
             # Reception tests need no analysis; tests that do ask for workers.
             "workers": {"count": 0},
+            # Many nodes run side by side in the tests: each status page on a free port.
+            "web": {"port": 0},
         }
         for section, values in (config or {}).items():
             sections.setdefault(section, {}).update(values)
