@@ -106,9 +106,15 @@ class InstanceStore:
         size = temporary.stat().st_size
         relative = self.files.relative_path(meta.study_instance_uid, meta.sop_instance_uid)
         # The path is a function of the UIDs, so a file already there is the only way this
-        # can be a re-send; new instances (the common case) cost no extra query.
+        # can be a re-send; new instances (the common case) cost no extra query. The same
+        # bytes without their row are what a crash between the rename and the commit
+        # leaves (the sender got no Success): that instance is recorded now.
         target = self.files.absolute(relative)
-        if target.is_file() and filecmp.cmp(temporary, target, shallow=False):
+        if (
+            target.is_file()
+            and filecmp.cmp(temporary, target, shallow=False)
+            and self._is_recorded(meta.sop_instance_uid, relative, digest)
+        ):
             return StoreOutcome.DUPLICATE
         self.files.place(temporary, relative)
         with self.database.write_lock():
@@ -121,6 +127,16 @@ class InstanceStore:
                 relative,
             )
         return outcome
+
+    def _is_recorded(self, sop_instance_uid: str, relative: str, digest: str) -> bool:
+        """Whether the instance's row names this file with these bytes."""
+        with self.database.engine.connect() as connection:
+            row = connection.execute(
+                select(_INSTANCE.c.path, _INSTANCE.c.sha256).where(
+                    _INSTANCE.c.sop_instance_uid == sop_instance_uid
+                )
+            ).first()
+        return row is not None and (row.path, row.sha256) == (relative, digest)
 
     def _commit(
         self, meta: InstanceMeta, relative: str, digest: str, size: int, calling_ae_title: str
