@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +14,7 @@ import pytest
 from scipy.optimize import nnls
 
 from mibi_node.phantom import CLASSES, LAYOUTS, generate_studies, make_study
-from mibi_node.phantom.anatomy import GROUPS
+from mibi_node.phantom.anatomy import GROUPS, PhantomConfig
 from mibi_node.phantom.physics import decay_factor
 
 
@@ -54,6 +55,34 @@ def test_class_mix_and_labels_match_the_lesions(tmp_path: Path) -> None:
             # The truth points at real extra delayed uptake: the lesion component peaks there.
             lesion = study.components["lesion"]
             assert lesion[int(round(r)), int(round(c))] > 0.5 * lesion.max()
+
+
+def test_cysts_sit_where_the_config_puts_them() -> None:
+    # Inside the lobe a cyst is a hole with thyroid around it; at the tip it only shortens the
+    # lobe, as an asymmetric normal lobe does (docs/phantom.md).
+    inside = PhantomConfig(
+        cyst_position=(0.2, 0.4), cyst_below_probability=0.0, cyst_diameter_mm=(16.0, 30.0)
+    )
+    for index in range(12):
+        study = make_study("cyst", seed=5, index=index, config=inside)
+        (cyst,) = study.parameters.lesions
+        assert cyst.pole == "lower"
+        x, y, _, half_length, tilt = study.parameters.lobes[("right", "left").index(cyst.side)][:5]
+        angle = math.radians(tilt)
+        along = (
+            -(cyst.x_mm - x) * math.sin(angle) + (cyst.y_mm - y) * math.cos(angle)
+        ) / half_length
+        assert 0.2 <= along <= 0.4
+        thyroid = study.components["thyroid"]
+        row, col = (int(round(v)) for v in study.pixel(cyst.x_mm, cyst.y_mm))
+        lobe_row, lobe_col = (int(round(v)) for v in study.pixel(x, y))
+        assert thyroid[row, col] < 0.6 * thyroid[lobe_row, lobe_col]
+    below = PhantomConfig(cyst_below_probability=1.0)
+    poles = {
+        make_study("cyst", seed=5, index=i, config=below).parameters.lesions[0].pole
+        for i in range(4)
+    }
+    assert poles == {"below"}
 
 
 def test_retention_measured_on_the_images_falls_in_the_ranges() -> None:

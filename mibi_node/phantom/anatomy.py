@@ -73,6 +73,13 @@ class PhantomConfig:
     cyst_diameter_mm, cyst_rim_uptake
         Diameter of a cyst (a cold defect), and its rim's concentration relative to the
         thyroid (*difficulty*).
+    cyst_position
+        Distance of a cyst's centre below its lobe's centre, in half-lengths of the lobe
+        (*difficulty*: near 1 the cyst only shortens the lobe's tip, which an asymmetric normal
+        lobe mimics; inside the lobe it is a hole with thyroid around it).
+    cyst_below_probability
+        Share of cysts under the lower pole instead, outside the thyroid (*difficulty*: they
+        displace only soft tissue and are nearly invisible).
     tissue_uptake
         Soft-tissue concentration relative to the thyroid (*difficulty*: contrast).
     impulse_fraction
@@ -81,7 +88,7 @@ class PhantomConfig:
         Share of normal studies with a retaining thyroid, or with asymmetric lobes.
     """
 
-    pixel_spacing_mm: Range = (2.4, 3.6)
+    pixel_spacing_mm: Range = (2.4, 3.0)
     psf_fwhm_mm: Range = (7.0, 10.0)
     early_counts: Range = (5.0e5, 1.0e6)
     early_minutes: Range = (10.0, 20.0)
@@ -94,15 +101,17 @@ class PhantomConfig:
     salivary_retention: Range = (0.3, 0.6)
     heart_retention: Range = (0.75, 0.95)
     rim_retention: Range = (0.15, 0.3)
-    adenoma_diameter_mm: Range = (8.0, 25.0)
-    adenoma_uptake: Range = (1.0, 2.2)
-    hyperplasia_diameter_mm: Range = (7.0, 14.0)
-    hyperplasia_uptake: Range = (0.9, 1.6)
+    adenoma_diameter_mm: Range = (12.0, 22.0)
+    adenoma_uptake: Range = (1.5, 2.3)
+    hyperplasia_diameter_mm: Range = (10.0, 15.0)
+    hyperplasia_uptake: Range = (1.4, 2.0)
     hyperplasia_foci: tuple[int, int] = (2, 4)
-    carcinoma_diameter_mm: Range = (20.0, 40.0)
-    carcinoma_uptake: Range = (2.0, 3.5)
-    cyst_diameter_mm: Range = (10.0, 30.0)
-    cyst_rim_uptake: Range = (0.3, 0.7)
+    carcinoma_diameter_mm: Range = (28.0, 40.0)
+    carcinoma_uptake: Range = (2.6, 3.5)
+    cyst_diameter_mm: Range = (16.0, 30.0)
+    cyst_rim_uptake: Range = (0.2, 0.5)
+    cyst_position: Range = (0.2, 0.6)
+    cyst_below_probability: float = 0.05
     tissue_uptake: Range = (0.035, 0.065)
     impulse_fraction: Range = (0.0005, 0.002)
     thyroiditis_probability: float = 0.25
@@ -300,16 +309,32 @@ def sample_parameters(
     )
 
 
+#: How far from a lobe's centre foci sit along its long axis, in half-lengths (upward for
+#: the upper pole, downward otherwise).
+_POLE_RANGES: dict[str, Range] = {
+    "upper": (0.55, 0.95),
+    "lower": (0.55, 1.05),
+    "below": (1.0, 1.4),
+}
+
+
 def _pole_position(
-    rng: np.random.Generator, lobe: list[float], pole: str, spread: float = 1.0
+    rng: np.random.Generator,
+    lobe: list[float],
+    pole: str,
+    spread: float = 1.0,
+    along_range: Range | None = None,
 ) -> tuple[float, float]:
-    """A point near the upper or lower pole (or under it) of a lobe."""
+    """A point near the upper or lower pole (or under it) of a lobe.
+
+    ``along_range`` replaces the pole's range of distances from the lobe's centre along its
+    long axis (half-lengths, see :data:`_POLE_RANGES`).
+    """
     x, y, half_width, half_length, tilt = lobe[:5]
-    along = {
-        "upper": -_u(rng, (0.55, 0.95)),
-        "lower": _u(rng, (0.55, 1.05)),
-        "below": _u(rng, (1.0, 1.4)),
-    }[pole] * half_length
+    # One draw per pole whichever is asked, so every study keeps its random stream.
+    fraction = dict(zip(_POLE_RANGES, rng.uniform(size=len(_POLE_RANGES)), strict=True))[pole]
+    low, high = along_range or _POLE_RANGES[pole]
+    along = (-1.0 if pole == "upper" else 1.0) * (low + (high - low) * fraction) * half_length
     across = float(rng.normal(0.0, 0.35 * spread)) * half_width
     angle = math.radians(tilt)
     return (
@@ -391,8 +416,14 @@ def _sample_lesions(
                 retention,
             )
         ]
-    pole = "lower" if rng.uniform() < 0.8 else "below"
-    x, y = _pole_position(rng, lobes[index], pole, spread=0.5)
+    pole = "lower" if rng.uniform() < 1.0 - config.cyst_below_probability else "below"
+    x, y = _pole_position(
+        rng,
+        lobes[index],
+        pole,
+        spread=0.5,
+        along_range=config.cyst_position if pole == "lower" else None,
+    )
     return [
         Lesion(
             "cyst",
