@@ -171,6 +171,39 @@ def requeue(
 
 
 @app.command()
+def retention(
+    config: ConfigOption = None,
+    data_dir: DataDirOption = None,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Only count what the sweep would remove.")
+    ] = False,
+) -> None:
+    """Remove instance files of studies delivered more than retention.days ago, now.
+
+    The running node does the same every retention.sweep_seconds.
+    """
+    from mibi_node.retention import expired_studies, sweep_retention
+    from mibi_node.storage.filestore import FileStore
+
+    resolved = _load(config, node={"data_dir": data_dir})
+    if resolved.retention.days <= 0:
+        raise _fail("retention.days is 0: instance files are kept for ever")
+    database = _open_existing(resolved)
+    try:
+        if dry_run:
+            count = len(expired_studies(database, resolved.retention.days, limit=1_000_000))
+            _out.print(f"{count} stud{'y' if count == 1 else 'ies'} would have files removed")
+            return
+        outcome = sweep_retention(database, FileStore(resolved.store_dir), resolved.retention)
+    finally:
+        database.dispose()
+    _out.print(
+        f"removed {outcome.files} file(s), {outcome.bytes / (1 << 20):.1f} MiB, "
+        f"of {outcome.studies} stud{'y' if outcome.studies == 1 else 'ies'}"
+    )
+
+
+@app.command()
 def resend(
     study: Annotated[str, typer.Option("--study", help="Study Instance UID whose SR to resend.")],
     config: ConfigOption = None,

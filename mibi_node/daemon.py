@@ -28,6 +28,7 @@ import os
 import signal
 import socket
 import time
+from datetime import UTC, datetime, timedelta
 from multiprocessing.process import BaseProcess
 from types import FrameType
 
@@ -39,6 +40,7 @@ from mibi_node.config import Config
 from mibi_node.dispatch.deliveries import deliver
 from mibi_node.jobs.queue import release_expired_jobs
 from mibi_node.reception.scp import StorageSCP, bind_listener
+from mibi_node.retention import sweep_retention
 from mibi_node.storage.database import Database, open_database
 from mibi_node.storage.filestore import FileStore
 from mibi_node.storage.instances import InstanceStore
@@ -159,6 +161,16 @@ class Node:
             max_instances=1,
             coalesce=True,
         )
+        if self.config.retention.days > 0:
+            self.scheduler.add_job(
+                self._retention,
+                "interval",
+                seconds=self.config.retention.sweep_seconds,
+                id="retention-sweep",
+                max_instances=1,
+                coalesce=True,
+                next_run_time=datetime.now(UTC) + timedelta(seconds=30),
+            )
         self._workers = [self._spawn_worker(index) for index in range(self.config.workers.count)]
         if self._workers:
             logger.info(
@@ -260,6 +272,14 @@ class Node:
             )
         except Exception:
             logger.exception("dispatch sweep failed; it runs again on schedule")
+
+    def _retention(self) -> None:
+        if self.database is None:
+            return
+        try:
+            sweep_retention(self.database, self.files, self.config.retention)
+        except Exception:
+            logger.exception("retention sweep failed; it runs again on schedule")
 
     def _ping_watchdog(self) -> None:
         """Send WATCHDOG=1 every half ``WatchdogSec`` while the assembly sweep keeps running.

@@ -1,0 +1,147 @@
+"""Retention: remove the instance files of studies whose results were delivered long ago.
+
+A study qualifies when its analysis is DONE, the latest version's result has at least one
+delivery and *every* delivery of it was acknowledged, the last of them more than
+``retention.days`` ago, and nothing arrived since (a late image reopens the study, which is
+then no longer DONE). Anything else is kept: a result still pending, failed or never sent
+(no destination configured), an ignored or failed study, a study being received. The
+database rows stay (what was received, when, from whom, what was answered); only the files
+go, and one ``retention`` audit event per study records how many. The SR files the node made
+stay too (``mibi-node resend`` needs them; they are a few kB each).
+
+The reception disk threshold (``storage.min_free_mb``) stays the last line of defence.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from pathlib import Path
+
+from sqlalchemy import exists, func, select
+
+from mibi_node import audit
+from mibi_node.config import RetentionConfig
+from mibi_node.storage.database import Database
+from mibi_node.storage.filestore import FileStore
+from mibi_node.storage.models import (
+    AuditEvent,
+    Delivery,
+    DeliveryState,
+    Instance,
+    Job,
+    JobState,
+    Study,
+    StudyState,
+    utcnow,
+)
+
+__all__ = ["RetentionOutcome", "expired_studies", "sweep_retention"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RetentionOutcome:
+    """What one retention sweep removed."""
+
+    studies: int
+    files: int
+    bytes: int
+
+
+def expired_studies(
+    database: Database, days: float, now: datetime | None = None, limit: int = 100
+) -> list[int]:
+    """Ids of studies whose instance files may go (the rules in the module's docstring)."""
+    cutoff = (now or utcnow()) - timedelta(days=days)
+    latest = (
+        select(Job.study_id, func.max(Job.version).label("version"))
+        .group_by(Job.study_id)
+        .subquery()
+    )
+    removed = exists().where(AuditEvent.kind == "retention", AuditEvent.study_id == Study.id)
+    with database.session() as session:
+        candidates = session.execute(
+            select(Study.id, Job.id)
+            .join(latest, latest.c.study_id == Study.id)
+            .join(Job, (Job.study_id == Study.id) & (Job.version == latest.c.version))
+            .where(
+                Study.state == StudyState.DONE,
+                Study.last_received_at < cutoff,
+                Job.state == JobState.DONE,
+                ~removed,
+            )
+            .order_by(Study.id)
+        ).all()
+        expired = []
+        for study_id, job_id in candidates:
+            states = session.execute(
+                select(Delivery.state, Delivery.delivered_at).where(Delivery.job_id == job_id)
+            ).all()
+            if not states or any(state is not DeliveryState.DONE for state, _ in states):
+                continue
+            delivered = [at for _, at in states if at is not None]
+            if delivered and max(delivered) < cutoff:
+                expired.append(study_id)
+                if len(expired) >= limit:
+                    break
+        return expired
+
+
+def sweep_retention(
+    database: Database, files: FileStore, config: RetentionConfig, now: datetime | None = None
+) -> RetentionOutcome:
+    """Remove the instance files of every expired study; ``days = 0`` keeps everything."""
+    if config.days <= 0:
+        return RetentionOutcome(0, 0, 0)
+    studies = removed_files = removed_bytes = 0
+    while batch := expired_studies(database, config.days, now):
+        for study_id in batch:
+            with database.session() as session:
+                rows = session.execute(
+                    select(Instance.path, Instance.size).where(Instance.study_id == study_id)
+                ).all()
+            count = size = 0
+            for path, nbytes in rows:
+                target = files.absolute(path)
+                if target.exists():
+                    files.remove(path)
+                    count += 1
+                    size += nbytes
+                _remove_empty_folder(files, target.parent)
+            # Files first, then the record: a crash in between removes nothing twice and
+            # the next sweep writes the record.
+            with database.write_lock(), database.session() as session, session.begin():
+                audit.add(
+                    session,
+                    "retention",
+                    "removed",
+                    actor="retention",
+                    study_id=study_id,
+                    message=f"instance files removed {config.days:g} days after delivery",
+                    detail={"files": count, "bytes": size, "instances": len(rows)},
+                )
+            studies += 1
+            removed_files += count
+            removed_bytes += size
+    if studies:
+        logger.info(
+            "retention: removed %d file(s), %.1f MiB, of %d delivered stud(ies)",
+            removed_files,
+            removed_bytes / (1 << 20),
+            studies,
+        )
+    return RetentionOutcome(studies, removed_files, removed_bytes)
+
+
+def _remove_empty_folder(files: FileStore, folder: Path) -> None:
+    """Remove a study's folder (and its hash-prefix parent) once they are empty."""
+    for candidate in (folder, folder.parent):
+        if candidate == files.root or files.root not in candidate.parents:
+            return
+        try:
+            candidate.rmdir()
+        except OSError:
+            return
