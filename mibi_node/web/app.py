@@ -1,0 +1,403 @@
+"""The FastAPI application: server-rendered pages, their JSON twins under ``/api/``, health.
+
+Pages (``docs/web.md``): studies, one study (with the focus picture and the requeue and
+resend buttons), workers, deliveries, configuration and the audit trail. Each page has a JSON
+twin under ``/api/`` built from the same :mod:`~mibi_node.web.summaries`. URLs name studies
+by their database id, never by anything about the patient.
+
+The buttons act through :func:`mibi_node.jobs.queue.requeue_study` and
+:func:`mibi_node.dispatch.deliveries.resend_study`, which write the audit trail (actor
+``web``); a refusal (a study being analysed, a study without result) is shown as the
+sentence the function gives.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+from collections.abc import Callable
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, urlencode
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, PlainTextResponse, RedirectResponse, Response
+from fastapi.templating import Jinja2Templates
+from starlette.middleware.base import RequestResponseEndpoint
+
+from mibi_node import __version__
+from mibi_node.config import Config
+from mibi_node.dispatch.deliveries import resend_study
+from mibi_node.errors import MibiNodeError
+from mibi_node.jobs.queue import requeue_study
+from mibi_node.storage.database import Database
+from mibi_node.storage.filestore import FileStore
+from mibi_node.storage.models import DeliveryState, Study, utcnow
+from mibi_node.web import auth, summaries
+from mibi_node.web.focus import render_focus
+from mibi_node.web.health import Readiness
+from mibi_node.web.reader import Reader
+
+__all__ = ["create_app"]
+
+logger = logging.getLogger(__name__)
+
+_TEMPLATES = Path(__file__).parent / "templates"
+_MAX_FORM_BYTES = 4096
+_NOTICES = {
+    "requeued": "Queued again as job #{job}: a worker analyses it shortly.",
+    "resent": "{count} delivery(ies) due now: the node sends them within seconds.",
+}
+
+
+def _timestamp(value: datetime | None) -> str:
+    return "" if value is None else value.strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _seconds(value: float | None) -> str:
+    if value is None:
+        return ""
+    if value < 120:
+        return f"{value:.1f} s"
+    if value < 7200:
+        return f"{value / 60:.1f} min"
+    return f"{value / 3600:.1f} h"
+
+
+def _percent(value: float | None) -> str:
+    return "" if value is None else f"{100 * value:.1f} %"
+
+
+def _label(key: str) -> str:
+    return key.replace("_", " ").capitalize()
+
+
+def _templates() -> Jinja2Templates:
+    templates = Jinja2Templates(directory=str(_TEMPLATES))
+    templates.env.filters.update(ts=_timestamp, secs=_seconds, pct=_percent, label=_label)
+    return templates
+
+
+def create_app(config: Config, database: Database, is_listening: Callable[[], bool]) -> FastAPI:
+    """Build the web application of one node.
+
+    Parameters
+    ----------
+    config
+        The node's resolved configuration (``web`` section: token, stale worker limit).
+    database
+        The node's database (shared with the parent process's scheduler).
+    is_listening
+        A callable that says whether the DICOM listener accepts associations.
+
+    The application keeps its ``/readyz`` checks in ``app.state.readiness`` and its
+    read-only sessions in ``app.state.reader``; whoever serves it closes both at the end.
+    """
+    app = FastAPI(
+        title="mibi-node",
+        version=__version__,
+        docs_url=None,
+        redoc_url=None,
+        openapi_url=None,
+    )
+    templates = _templates()
+    files = FileStore(config.store_dir)
+    reader = Reader(database)
+    ready = Readiness(config, database, is_listening, reader=reader)
+    token = config.web.token.get_secret_value()
+    app.state.readiness = ready
+    app.state.reader = reader
+
+    def page(
+        request: Request, name: str, nav: str, status_code: int = 200, **context: Any
+    ) -> Response:
+        context.update(
+            nav=nav,
+            version=__version__,
+            ae_title=config.node.ae_title,
+            now=_timestamp(utcnow()),
+        )
+        return templates.TemplateResponse(request, name, context, status_code=status_code)
+
+    # -- access -------------------------------------------------------------------------
+
+    @app.middleware("http")
+    async def guard(request: Request, call_next: RequestResponseEndpoint) -> Response:
+        path = request.url.path
+        if path in auth.PUBLIC_PATHS:
+            return await call_next(request)
+        if token:
+            how = auth.presented_token(request, token)
+            if how is None:
+                return _unauthorised(request)
+            if how == "query" and request.method == "GET" and not path.startswith("/api/"):
+                query = [(k, v) for k, v in request.query_params.multi_items() if k != "token"]
+                target = path + (f"?{urlencode(query)}" if query else "")
+                return _signed_in(request, RedirectResponse(target, status_code=303), token)
+            return await call_next(request)
+        if not auth.is_loopback_name(request.headers.get("host", "")):
+            return _refuse(
+                request, "Without web.token this page answers only on localhost / 127.0.0.1."
+            )
+        if request.method not in ("GET", "HEAD") and not auth.same_loopback_origin(request):
+            return _refuse(request, "This form was sent from another site; it was not run.")
+        return await call_next(request)
+
+    def _unauthorised(request: Request) -> Response:
+        if request.url.path.startswith("/api/"):
+            return JSONResponse(
+                {"error": "this needs the node's web token (Authorization: Bearer <token>)"},
+                status_code=401,
+                headers={"WWW-Authenticate": "Bearer"},
+            )
+        target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
+        return page(request, "login.html", "", status_code=401, target=target, title="Sign in")
+
+    def _refuse(request: Request, why: str) -> Response:
+        if request.url.path.startswith("/api/"):
+            return JSONResponse({"error": why}, status_code=403)
+        return PlainTextResponse(why + "\n", status_code=403)
+
+    def _signed_in(request: Request, response: Response, value: str) -> Response:
+        response.set_cookie(
+            auth.COOKIE_NAME,
+            auth.cookie_value(value),
+            httponly=True,
+            samesite="strict",
+            secure=request.url.scheme == "https",
+            path="/",
+        )
+        return response
+
+    @app.post("/login")
+    async def login(request: Request) -> Response:
+        body = await request.body()
+        form = parse_qs(body[:_MAX_FORM_BYTES].decode("utf-8", "replace"))
+        target = (form.get("target") or ["/studies"])[0]
+        if not target.startswith("/") or target.startswith("//"):
+            target = "/studies"
+        if not token:
+            return RedirectResponse(target, status_code=303)
+        if not auth.token_matches(token, (form.get("token") or [""])[0]):
+            return page(
+                request,
+                "login.html",
+                "",
+                status_code=401,
+                target=target,
+                title="Sign in",
+                error="That is not the node's web token.",
+            )
+        return _signed_in(request, RedirectResponse(target, status_code=303), token)
+
+    # -- health -------------------------------------------------------------------------
+
+    @app.get("/healthz")
+    def healthz() -> dict[str, str]:
+        return {"status": "alive", "version": __version__}
+
+    @app.get("/readyz")
+    def readyz() -> JSONResponse:
+        checks = ready.checks()
+        failed = [c.name for c in checks if not c.ok]
+        body = {
+            "ready": not failed,
+            "failed": failed,
+            "checks": {c.name: {"ok": c.ok, "detail": c.detail} for c in checks},
+        }
+        return JSONResponse(body, status_code=503 if failed else 200)
+
+    @app.get("/metrics")
+    def metrics() -> Response:
+        try:
+            module = importlib.import_module("mibi_node.metrics")
+        except ImportError:
+            return PlainTextResponse("metrics are not available in this version\n", 501)
+        body, content_type = module.render_metrics(database, config)
+        return Response(body, media_type=content_type)
+
+    # -- pages ----------------------------------------------------------------------------
+
+    @app.get("/")
+    def index() -> RedirectResponse:
+        return RedirectResponse("/studies", status_code=303)
+
+    @app.get("/studies")
+    def studies_page(request: Request) -> Response:
+        rows = summaries.study_rows(reader, files)
+        return page(request, "studies.html", "studies", title="Studies", studies=rows, refresh=30)
+
+    def _study_page(
+        request: Request, study_id: int, status_code: int = 200, error: str | None = None
+    ) -> Response:
+        detail = summaries.study_detail(reader, files, study_id)
+        if detail is None:
+            return _missing(request, f"There is no study #{study_id}.")
+        notice = None
+        template = _NOTICES.get(request.query_params.get("notice", ""))
+        if template is not None and error is None:
+            values = {k: request.query_params.get(k, "?") for k in ("job", "count")}
+            notice = template.format(**{k: v if v.isdigit() else "?" for k, v in values.items()})
+        return page(
+            request,
+            "study.html",
+            "studies",
+            status_code=status_code,
+            title=f"Study #{study_id}",
+            detail=detail,
+            notice=notice,
+            error=error,
+        )
+
+    @app.get("/studies/{study_id}")
+    def study_page(request: Request, study_id: int) -> Response:
+        return _study_page(request, study_id)
+
+    @app.get("/studies/{study_id}/focus.png")
+    def focus_png(study_id: int) -> Response:
+        sources = summaries.image_files(reader, files, study_id)
+        if not sources:
+            return PlainTextResponse(f"study #{study_id} has no stored images\n", 404)
+        try:
+            png = render_focus(sources, summaries.latest_result(reader, study_id))
+        except MibiNodeError as exc:
+            return PlainTextResponse(f"{exc}\n", 404)
+        return Response(png, media_type="image/png", headers={"Cache-Control": "no-cache"})
+
+    def _uid(study_id: int) -> str | None:
+        with reader.session() as session:
+            study = session.get(Study, study_id)
+            return None if study is None else study.study_instance_uid
+
+    def _requeue(study_id: int) -> int:
+        uid = _uid(study_id)
+        if uid is None:
+            raise LookupError(f"There is no study #{study_id}.")
+        return requeue_study(database, uid, actor="web")
+
+    def _resend(study_id: int) -> int:
+        uid = _uid(study_id)
+        if uid is None:
+            raise LookupError(f"There is no study #{study_id}.")
+        return resend_study(database, uid, (), actor="web")
+
+    def _missing(request: Request, why: str) -> Response:
+        return page(request, "message.html", "studies", 404, title="No such study", error=why)
+
+    @app.post("/studies/{study_id}/requeue")
+    def requeue_button(request: Request, study_id: int) -> Response:
+        try:
+            job = _requeue(study_id)
+        except LookupError as exc:
+            return _missing(request, str(exc))
+        except MibiNodeError as exc:
+            return _study_page(request, study_id, 409, f"Not queued again: {exc}")
+        return RedirectResponse(f"/studies/{study_id}?notice=requeued&job={job}", 303)
+
+    @app.post("/studies/{study_id}/resend")
+    def resend_button(request: Request, study_id: int) -> Response:
+        try:
+            count = _resend(study_id)
+        except LookupError as exc:
+            return _missing(request, str(exc))
+        except MibiNodeError as exc:
+            return _study_page(request, study_id, 409, f"Not sent again: {exc}")
+        return RedirectResponse(f"/studies/{study_id}?notice=resent&count={count}", 303)
+
+    @app.get("/workers")
+    def workers_page(request: Request) -> Response:
+        rows = summaries.worker_rows(reader, config.web.worker_stale_seconds)
+        return page(
+            request,
+            "workers.html",
+            "workers",
+            title="Workers",
+            workers=rows,
+            expected=config.workers.count,
+            stale_seconds=config.web.worker_stale_seconds,
+            refresh=30,
+        )
+
+    @app.get("/deliveries")
+    def deliveries_page(request: Request) -> Response:
+        return page(
+            request,
+            "deliveries.html",
+            "deliveries",
+            title="Deliveries",
+            open=summaries.delivery_rows(reader),
+            delivered=_delivered(),
+            destinations=[d.label for d in config.dispatch.destinations],
+            refresh=30,
+        )
+
+    def _delivered() -> list[summaries.DeliveryRow]:
+        return summaries.delivery_rows(reader, (DeliveryState.DONE,), limit=20, newest_first=True)
+
+    @app.get("/config")
+    def config_page(request: Request) -> Response:
+        return page(
+            request, "config.html", "config", title="Configuration", sections=config.masked()
+        )
+
+    @app.get("/audit")
+    def audit_page(request: Request) -> Response:
+        rows = summaries.audit_rows(reader)
+        return page(request, "audit.html", "audit", title="Audit trail", events=rows)
+
+    # -- JSON ---------------------------------------------------------------------------
+
+    @app.get("/api/studies")
+    def api_studies(limit: int = 200) -> Any:
+        limit = min(max(limit, 1), 1000)
+        return summaries.to_json(summaries.study_rows(reader, files, limit))
+
+    @app.get("/api/studies/{study_id}")
+    def api_study(study_id: int) -> Any:
+        detail = summaries.study_detail(reader, files, study_id)
+        if detail is None:
+            return JSONResponse({"error": f"there is no study #{study_id}"}, 404)
+        data = summaries.to_json(detail)
+        data["links"] = {"page": f"/studies/{study_id}", "focus": f"/studies/{study_id}/focus.png"}
+        return data
+
+    @app.post("/api/studies/{study_id}/requeue")
+    def api_requeue(study_id: int) -> Any:
+        try:
+            return {"job": _requeue(study_id)}
+        except LookupError as exc:
+            return JSONResponse({"error": str(exc)}, 404)
+        except MibiNodeError as exc:
+            return JSONResponse({"error": str(exc)}, 409)
+
+    @app.post("/api/studies/{study_id}/resend")
+    def api_resend(study_id: int) -> Any:
+        try:
+            return {"deliveries": _resend(study_id)}
+        except LookupError as exc:
+            return JSONResponse({"error": str(exc)}, 404)
+        except MibiNodeError as exc:
+            return JSONResponse({"error": str(exc)}, 409)
+
+    @app.get("/api/workers")
+    def api_workers() -> Any:
+        return summaries.to_json(summaries.worker_rows(reader, config.web.worker_stale_seconds))
+
+    @app.get("/api/deliveries")
+    def api_deliveries() -> Any:
+        return {
+            "open": summaries.to_json(summaries.delivery_rows(reader)),
+            "delivered": summaries.to_json(_delivered()),
+        }
+
+    @app.get("/api/config")
+    def api_config() -> Any:
+        return config.masked()
+
+    @app.get("/api/audit")
+    def api_audit(limit: int = 200) -> Any:
+        limit = min(max(limit, 1), 1000)
+        return summaries.to_json(summaries.audit_rows(reader, limit))
+
+    return app
