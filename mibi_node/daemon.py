@@ -31,6 +31,7 @@ import time
 from datetime import UTC, datetime, timedelta
 from multiprocessing.process import BaseProcess
 from types import FrameType
+from typing import TYPE_CHECKING
 
 from apscheduler.schedulers.background import BackgroundScheduler
 
@@ -38,6 +39,7 @@ from mibi_node.assembly.routing import route_stable_studies
 from mibi_node.assembly.stability import mark_stable_studies
 from mibi_node.config import Config
 from mibi_node.dispatch.deliveries import deliver
+from mibi_node.errors import MibiNodeError
 from mibi_node.jobs.queue import release_expired_jobs
 from mibi_node.reception.scp import StorageSCP, bind_listener
 from mibi_node.retention import sweep_retention
@@ -45,6 +47,9 @@ from mibi_node.storage.database import Database, open_database
 from mibi_node.storage.filestore import FileStore
 from mibi_node.storage.instances import InstanceStore
 from mibi_node.systemd import Notifier
+
+if TYPE_CHECKING:
+    from mibi_node.web import WebServer
 
 __all__ = ["Node"]
 
@@ -111,6 +116,7 @@ class Node:
         self.notifier = Notifier.from_environment()
         self._sweep_finished_at = time.monotonic()
         self._next_watchdog_ping = 0.0
+        self.web: WebServer | None = None
 
     # -- life cycle -----------------------------------------------------------------------
 
@@ -185,10 +191,32 @@ class Node:
             logger.warning("no dispatch destination: results are kept but sent nowhere")
         self._sweep_finished_at = time.monotonic()
         self.scheduler.start()
+        if self.config.web.enabled:
+            self._start_web()
         self.notifier.ready(
             f"listening as {node.ae_title} on {node.host}:{self.port}; "
             f"{count} acceptor(s), {len(self._workers)} worker(s)"
         )
+
+    def _start_web(self) -> None:
+        """Serve the status page; a port in use is logged, the DICOM node runs on without it."""
+        from mibi_node.web import WebServer
+
+        if self.database is None:
+            return
+        web = WebServer(self.config, self.database, self._is_listening)
+        try:
+            web.start()
+        except MibiNodeError as exc:
+            logger.error("%s; the node runs without its status page", exc)
+            return
+        self.web = web
+
+    def _is_listening(self) -> bool:
+        """Whether associations are accepted now (``/readyz`` asks from the web thread)."""
+        if self._stopping or self.listener is None:
+            return False
+        return self.scp is not None or any(p.is_alive() for p in self._acceptors)
 
     @property
     def port(self) -> int:
@@ -316,6 +344,9 @@ class Node:
         if self.listener is not None:
             self.listener.close()
             self.listener = None
+        if self.web is not None:  # up until here: /readyz says "not accepting" while draining
+            self.web.stop()
+            self.web = None
         if self.scheduler.running:
             self.scheduler.shutdown(wait=True)
         if self.database is not None:
