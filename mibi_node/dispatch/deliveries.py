@@ -5,8 +5,9 @@ worker right after the job, and the node's dispatch sweep for everything due) cl
 with a lease, sends their files in one association per destination and records the
 outcome: DONE with the status, or PENDING again after an exponential backoff (``30 s``
 doubling to ``1 h``), or FAILED after ``dispatch.max_attempts``. A sender killed mid-send
-leaves a SENDING row whose lease expires; it is sent again (PACS treats a re-sent SOP
-Instance UID as the same object, so the study never shows two copies).
+leaves a SENDING row whose lease expires once the send's timeouts are certainly over
+(``dispatch.timeout`` x (3 + files)); it is sent again (PACS treats a re-sent SOP Instance
+UID as the same object, so the study never shows two copies).
 """
 
 from __future__ import annotations
@@ -32,8 +33,8 @@ __all__ = ["DeliveryOutcome", "backoff_seconds", "deliver", "resend_study"]
 
 logger = logging.getLogger(__name__)
 
-#: Seconds a sender holds a claimed delivery before another may take it over.
-_SEND_LEASE_SECONDS = 300.0
+#: Timeouts one association may spend besides its C-STOREs: connect, associate, release.
+_ASSOCIATION_TIMEOUTS = 3
 
 
 @dataclass(frozen=True)
@@ -60,8 +61,19 @@ class _Claimed:
     files: tuple[str, ...]
 
 
+def _lease_seconds(claimed: Sequence[_Claimed], timeout: float) -> float:
+    """The longest the sends of ``claimed`` can take: every wait is bounded by ``timeout``.
+
+    A sender that was killed mid-send leaves its rows SENDING; they are taken over once this
+    much time has passed, not later (so a crash delays an SR by about this much).
+    """
+    destinations = len({item.destination for item in claimed})
+    files = sum(len(item.files) for item in claimed)
+    return timeout * (_ASSOCIATION_TIMEOUTS * destinations + files) + timeout
+
+
 def _claim(
-    database: Database, owner: str, delivery_ids: Sequence[int] | None, limit: int
+    database: Database, owner: str, delivery_ids: Sequence[int] | None, limit: int, timeout: float
 ) -> list[_Claimed]:
     now = utcnow()
     with database.write_lock(), database.session() as session, session.begin():
@@ -80,7 +92,6 @@ def _claim(
                 row.transition(DeliveryState.PENDING)  # taken over from a stopped sender
             row.transition(DeliveryState.SENDING)
             row.lease_owner = owner
-            row.lease_expires_at = now + timedelta(seconds=_SEND_LEASE_SECONDS)
             row.attempts += 1
             data: dict[str, Any] = dict(row.destination)
             files = tuple(str(f) for f in data.pop("files", ()))
@@ -91,12 +102,20 @@ def _claim(
                 row.last_message = f"the recorded destination is not valid: {exc}"
                 continue
             claimed.append(_Claimed(row.id, destination, files))
+        expires = now + timedelta(seconds=_lease_seconds(claimed, timeout))
+        for row in rows:
+            if row.state is DeliveryState.SENDING:
+                row.lease_expires_at = expires
         return claimed
 
 
 def _record(
-    database: Database, delivery_id: int, results: Sequence[SendResult], config: DispatchConfig
-) -> DeliveryOutcome:
+    database: Database,
+    delivery_id: int,
+    owner: str,
+    results: Sequence[SendResult],
+    config: DispatchConfig,
+) -> DeliveryOutcome | None:
     ok = bool(results) and all(result.success for result in results)
     failed = next((result for result in results if not result.success), None)
     shown = failed or (results[-1] if results else None)
@@ -104,6 +123,11 @@ def _record(
     message = shown.message if shown else "nothing to send"
     with database.write_lock(), database.session() as session, session.begin():
         row = session.get_one(Delivery, delivery_id)
+        if row.state is not DeliveryState.SENDING or row.lease_owner != owner:
+            # Another sender took the row over (this one outlived its lease): its outcome
+            # counts, this one's is dropped.
+            logger.warning("delivery #%d was taken over by another sender", row.id)
+            return None
         row.last_status = status
         row.last_message = message
         if ok:
@@ -164,7 +188,7 @@ def deliver(
 
     Never raises for a network or peer problem: each is recorded on its delivery.
     """
-    claimed = _claim(database, owner, delivery_ids, limit)
+    claimed = _claim(database, owner, delivery_ids, limit, config.timeout)
     by_destination: dict[Destination, list[_Claimed]] = {}
     for item in claimed:
         by_destination.setdefault(item.destination, []).append(item)
@@ -178,7 +202,9 @@ def deliver(
         for item in items:
             mine = sent[start : start + len(item.files)]
             start += len(item.files)
-            outcomes.append(_record(database, item.id, mine, config))
+            outcome = _record(database, item.id, owner, mine, config)
+            if outcome is not None:
+                outcomes.append(outcome)
     return outcomes
 
 
