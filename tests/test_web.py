@@ -707,6 +707,7 @@ def check_not_blank(pixels: np.ndarray) -> None:
     assert has_colour(pixels, (0x1F, 0x3A, 0x5F)) > 20000  # the header bar
 
 
+@pytest.mark.slow
 def test_every_page_renders_in_chromium(filled: Filled, tmp_path: Path) -> None:
     chromium_path()
     config = _config(filled.config.node.data_dir, token=TOKEN)
