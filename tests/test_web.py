@@ -424,6 +424,12 @@ def test_token_is_required_on_every_page_and_api_but_health(filled: Filled) -> N
         )
     assert client.get("/api/studies").headers["www-authenticate"] == "Bearer"
     assert 'name="token"' in client.get("/studies").text  # the sign-in form
+    wrong = client.get("/studies?token=guess&x=1")
+    assert (
+        wrong.status_code == 401
+        and "guess" not in wrong.text
+        and 'value="/studies?x=1"' in wrong.text
+    )
     assert client.post(f"/studies/{filled.done}/resend").status_code == 401
     # Health and metrics stay open (no 401) for monitoring.
     assert client.get("/healthz").status_code == 200

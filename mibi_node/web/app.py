@@ -151,7 +151,8 @@ def create_app(config: Config, database: Database, is_listening: Callable[[], bo
                 status_code=401,
                 headers={"WWW-Authenticate": "Bearer"},
             )
-        target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
+        query = [(k, v) for k, v in request.query_params.multi_items() if k != "token"]
+        target = request.url.path + (f"?{urlencode(query)}" if query else "")
         return page(request, "login.html", "", status_code=401, target=target, title="Sign in")
 
     def _refuse(request: Request, why: str) -> Response:
@@ -344,7 +345,7 @@ def create_app(config: Config, database: Database, is_listening: Callable[[], bo
     @app.get("/audit")
     def audit_page(request: Request) -> Response:
         rows = summaries.audit_rows(reader)
-        return page(request, "audit.html", "audit", title="Audit trail", events=rows)
+        return page(request, "audit.html", "audit", title="Audit trail", events=rows, refresh=30)
 
     # -- JSON ---------------------------------------------------------------------------
 
