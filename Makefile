@@ -21,7 +21,7 @@ peers:
 	bash scripts/install-peers.sh
 
 demo: venv
-	$(BIN)/python scripts/demo.py
+	$(BIN)/python scripts/demo.py $(DEMO_ARGS)
 
 test: venv
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

@@ -24,6 +24,8 @@ import sqlite3
 import subprocess
 import sys
 import time
+import urllib.request
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
@@ -386,6 +388,34 @@ def _show_sr(study: Study) -> None:
     console.rule()
 
 
+def _show_status_page(web_port: int) -> None:
+    """What the node's status page and metrics say about the demo's studies."""
+    base = f"http://127.0.0.1:{web_port}"
+    try:
+        with urllib.request.urlopen(f"{base}/api/studies", timeout=10) as response:
+            rows = json.load(response)
+        with urllib.request.urlopen(f"{base}/metrics", timeout=10) as response:
+            metrics = response.read().decode()
+    except OSError as exc:
+        raise DemoError(f"the status page at {base} did not answer: {exc}") from None
+    states = Counter(str(row["state"]) for row in rows)
+    delivered = sum(1 for row in rows if row.get("sr") == "delivered")
+    done = next(
+        (
+            line.rsplit(" ", 1)[1]
+            for line in metrics.splitlines()
+            if line.startswith('mibi_node_jobs_finished_total{outcome="done"}')
+        ),
+        "?",
+    )
+    console.print(
+        f"6. status page {base}/ lists {len(rows)} studies ("
+        + ", ".join(f"{count} {state}" for state, count in sorted(states.items()))
+        + f"), {delivered} with the SR delivered; /metrics counts {float(done):.0f} analyses "
+        "done. Run `make demo DEMO_ARGS=--keep` to keep the node up and browse it."
+    )
+
+
 def _diagnose(log: Path) -> None:
     console.rule(f"last lines of {_rel(log)}")
     if log.is_file():
@@ -420,6 +450,9 @@ def main() -> None:
             )
             _wait_for(sink_port, sink, "storescp", DATA / "sink.log")
             port = _free_port(11112)
+            web_port = _free_port(8080)
+            config = DATA / "demo.toml"
+            config.write_text(f"[web]\nport = {web_port}\n")
             console.print(
                 f"3. starting the node: AE MIBI_NODE on 127.0.0.1:{port}, data in {_rel(DATA)}, "
                 f"one CPU worker, results to DEMO_PACS (log: {_rel(node_log)})"
@@ -428,6 +461,8 @@ def main() -> None:
                 [
                     *NODE,
                     "serve",
+                    "--config",
+                    str(config),
                     "--host",
                     "127.0.0.1",
                     "--port",
@@ -463,6 +498,13 @@ def main() -> None:
             _wait_for_srs(studies, node)
             _show_results(studies)
             _show_sr(studies[0])
+            _show_status_page(web_port)
+            if "--keep" in sys.argv[1:]:
+                console.print(
+                    f"the node keeps running: open http://127.0.0.1:{web_port}/ (Ctrl-C stops it)"
+                )
+                while node.poll() is None:
+                    time.sleep(1)
     except DemoError as exc:
         console.print(f"[bold red]demo failed:[/] {exc}")
         if node is not None:
