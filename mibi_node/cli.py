@@ -139,16 +139,22 @@ def worker(
         node={"data_dir": data_dir},
         workers={"bundle": bundle, "device": device},
     )
-    worker_main(resolved, resolved.workers.device, index=0)
+    try:
+        worker_main(resolved, resolved.workers.device, index=0)
+    except MibiNodeError as exc:  # e.g. an outdated schema: the message names the command
+        raise _fail(str(exc)) from None
 
 
-def _open_existing(resolved: Config) -> Any:
-    from mibi_node.storage.database import open_database
+def _open_existing(resolved: Config, check: bool = True) -> Any:
+    from mibi_node.storage.database import Database, open_database
 
     database_file = resolved.node.data_dir / "mibi-node.sqlite3"
     if not resolved.database.url.get_secret_value() and not database_file.is_file():
         raise _fail(f"no mibi-node database in {resolved.node.data_dir} (has the node run?)")
-    return open_database(resolved.database_url)
+    try:
+        return open_database(resolved.database_url) if check else Database(resolved.database_url)
+    except MibiNodeError as exc:
+        raise _fail(str(exc)) from None
 
 
 @app.command()
@@ -321,6 +327,63 @@ def check_config(
     except MibiNodeError as exc:
         raise _fail(str(exc), 2) from None
     sys.stdout.write(json.dumps(resolved.masked(), indent=2) + "\n")
+
+
+db_app = typer.Typer(
+    help="The database schema: its revision, and migrating it (Alembic).", no_args_is_help=True
+)
+app.add_typer(db_app, name="db")
+
+
+@db_app.command("current")
+def db_current(config: ConfigOption = None, data_dir: DataDirOption = None) -> None:
+    """Show the database's schema revision and whether it is the one this version needs."""
+    from mibi_node.storage.schema import schema_status
+
+    resolved = _load(config, node={"data_dir": data_dir})
+    database = _open_existing(resolved, check=False)
+    try:
+        status = schema_status(database)
+    finally:
+        database.dispose()
+    _out.print(f"{_database_label(resolved)}: {status.describe()}", highlight=False)
+    if not status.up_to_date and not status.empty:
+        raise typer.Exit(1)
+
+
+@db_app.command("upgrade")
+def db_upgrade(config: ConfigOption = None, data_dir: DataDirOption = None) -> None:
+    """Migrate the database to this version's schema (stop the node and workers first).
+
+    An empty database is created; one made before migrations is adopted (its missing tables
+    are created).
+    """
+    from mibi_node.storage.database import Database
+    from mibi_node.storage.schema import upgrade_schema
+
+    resolved = _load(config, node={"data_dir": data_dir})
+    try:
+        database = Database(resolved.database_url)
+        try:
+            before, after = upgrade_schema(database)
+        finally:
+            database.dispose()
+    except MibiNodeError as exc:
+        raise _fail(str(exc)) from None
+    label = _database_label(resolved)
+    if before.up_to_date:
+        _out.print(f"{label}: already at revision {after.current}", highlight=False)
+    else:
+        _out.print(
+            f"{label}: {before.current or 'no revision'} -> {after.current}", highlight=False
+        )
+
+
+def _database_label(resolved: Config) -> str:
+    """The database named without its password."""
+    from sqlalchemy.engine import make_url
+
+    return make_url(resolved.database_url).render_as_string(hide_password=True)
 
 
 _PEER = re.compile(r"^(?P<ae>[^@]{1,16})@(?P<host>[^:]+|\[[^\]]+\]):(?P<port>\d{1,5})$")

@@ -7,6 +7,7 @@ with the TOML key that is wrong, never later in the middle of a C-STORE.
 from __future__ import annotations
 
 import re
+import socket
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -105,9 +106,19 @@ class ReceptionConfig(_Section):
 
 
 class StorageConfig(_Section):
-    """The file store and its safety margin."""
+    """The file stores and their safety margin."""
 
     min_free_mb: int = Field(default=500, ge=0)
+    #: Folder of the received instance files; empty = ``<node.data_dir>/store``. Workers on
+    #: other hosts read the same store-relative paths, so there it is a shared mount.
+    root: Path | None = None
+    #: Folder of the SR (and key image) files; empty = ``<node.data_dir>/results``.
+    results_root: Path | None = None
+
+    @field_validator("root", "results_root", mode="before")
+    @classmethod
+    def _empty_is_default(cls, value: object) -> object:
+        return None if value == "" else value
 
 
 class DatabaseConfig(_Section):
@@ -295,13 +306,24 @@ class Config(_Section):
 
     @property
     def store_dir(self) -> Path:
-        """Folder of the received instance files."""
-        return self.node.data_dir / "store"
+        """Folder of the received instance files (``storage.root``)."""
+        return self.storage.root or self.node.data_dir / "store"
+
+    @property
+    def incoming_name(self) -> str:
+        """Folder of partial received files in the store, per receiver when it is shared.
+
+        With ``storage.root`` set, several receivers may share the store: each gets
+        ``.incoming/<host>-<port>`` so that one starting up cleans only its own leftovers.
+        """
+        if self.storage.root is None:
+            return ".incoming"
+        return f".incoming/{socket.gethostname()}-{self.node.port}"
 
     @property
     def results_dir(self) -> Path:
-        """Folder of the SR (and key image) files the node made."""
-        return self.node.data_dir / "results"
+        """Folder of the SR (and key image) files the node made (``storage.results_root``)."""
+        return self.storage.results_root or self.node.data_dir / "results"
 
     @property
     def calling_ae_title(self) -> str:

@@ -1,12 +1,13 @@
-"""Shared fixtures: free loopback ports, fresh data folders, real DICOM peers."""
+"""Shared fixtures: free loopback ports, fresh data folders, real DICOM peers, databases."""
 
 from __future__ import annotations
 
 import shutil
 import socket
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -67,5 +68,29 @@ def node_factory(tmp_path: Path):
         node.stop()
 
 
-# tests/ holds helper modules (factory, node) imported by name.
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[Any]:
+    """A real PostgreSQL server (Debian's packages) on loopback for the whole session.
+
+    Skips with the reason when PostgreSQL is not installed (``.ci/run`` installs it).
+    """
+    from postgres import INSTALL_HINT, PostgresServer, find_bin
+
+    if find_bin() is None:
+        pytest.skip(INSTALL_HINT)
+    server = PostgresServer().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgresql)])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """The URL of a fresh, empty database: an SQLite file, then a PostgreSQL database."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'db.sqlite3'}"
+    server = request.getfixturevalue("postgres_server")
+    return str(server.create_database())
+
+
+# tests/ holds helper modules (factory, node, postgres) imported by name.
 sys.path.insert(0, str(Path(__file__).parent))

@@ -1,9 +1,14 @@
-"""The analysis queue on a real SQLite database: claims, leases, retries, routing, versions."""
+"""The analysis queue on real databases: claims, leases, retries, routing, versions.
+
+Every test with a database runs on SQLite and on PostgreSQL (``database_url``): leases,
+retries and delivery scheduling must behave the same on both.
+"""
 
 from __future__ import annotations
 
 import multiprocessing
 import time
+from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 
@@ -15,7 +20,8 @@ from sqlalchemy import select
 from factory import CT_STORAGE, nm_dataset, write
 from mibi_node.assembly.routing import decide, route_stable_studies
 from mibi_node.config import DispatchConfig, RoutingConfig
-from mibi_node.dispatch.deliveries import backoff_seconds
+from mibi_node.dispatch.deliveries import _claim as _claim_deliveries
+from mibi_node.dispatch.deliveries import backoff_seconds, deliver, resend_study
 from mibi_node.jobs.queue import (
     CompletedJob,
     claim_jobs,
@@ -31,6 +37,7 @@ from mibi_node.storage.filestore import FileStore
 from mibi_node.storage.instances import InstanceMeta, InstanceStore
 from mibi_node.storage.models import (
     Delivery,
+    DeliveryState,
     InvalidTransitionError,
     Job,
     JobState,
@@ -42,8 +49,11 @@ from mibi_node.storage.models import (
 
 
 @pytest.fixture
-def database(tmp_path: Path) -> Database:
-    return open_database(f"sqlite:///{tmp_path / 'db.sqlite3'}")
+def database(database_url: str) -> Iterator[Database]:
+    """A fresh database: an SQLite file, then a PostgreSQL database."""
+    database = open_database(database_url)
+    yield database
+    database.dispose()
 
 
 def _queued_studies(database: Database, count: int) -> list[int]:
@@ -167,6 +177,86 @@ def test_requeue_failed_and_done_studies(database: Database) -> None:
         assert session.get_one(Job, new).version == 2
     with pytest.raises(Exception, match="no study"):
         requeue_study(database, "9.9.9")
+
+
+def _done_job_with_delivery(database: Database, port: int) -> int:
+    _queued_studies(database, 1)
+    [job] = claim_jobs(database, "w", 60, 1)
+    done = CompletedJob(
+        {}, {}, "b", "sr.dcm", "1.2.9", "1.2.8", ("sr.dcm",),
+        ({"ae_title": "PACS", "host": "127.0.0.1", "port": port},),
+    )  # fmt: skip
+    [delivery_id] = complete_job(database, "w", job.id, done)
+    return delivery_id
+
+
+def test_delivery_backoff_retries_and_gives_up(database: Database, tmp_path: Path) -> None:
+    from conftest import free_port
+
+    delivery_id = _done_job_with_delivery(database, free_port())  # nothing listens there
+    (tmp_path / "sr.dcm").write_bytes(b"not sent anyway")
+    config = DispatchConfig(max_attempts=2, initial_backoff_seconds=30, timeout=2)
+    [outcome] = deliver(database, tmp_path, config, calling_ae_title="NODE", owner="s1")
+    assert outcome.state is DeliveryState.PENDING
+    with database.session() as session:
+        row = session.get_one(Delivery, delivery_id)
+        wait = (row.next_attempt_at - utcnow()).total_seconds()
+        assert row.attempts == 1 and 25 < wait <= 30 and row.lease_owner is None
+    assert deliver(database, tmp_path, config, calling_ae_title="NODE", owner="s2") == []
+    with database.session() as session, session.begin():
+        session.get_one(Delivery, delivery_id).next_attempt_at = utcnow()
+    [outcome] = deliver(database, tmp_path, config, calling_ae_title="NODE", owner="s2")
+    assert outcome.state is DeliveryState.FAILED  # two attempts were all it had
+    assert resend_study(database, "1.2.3.0") == 1
+    with database.session() as session:
+        row = session.get_one(Delivery, delivery_id)
+        assert row.state is DeliveryState.PENDING and row.attempts == 0
+
+
+def test_a_stopped_senders_delivery_is_taken_over_after_its_lease(database: Database) -> None:
+    delivery_id = _done_job_with_delivery(database, 104)
+    [claimed] = _claim_deliveries(database, "dead-sender", None, 8, 1.0)
+    assert claimed.id == delivery_id
+    assert _claim_deliveries(database, "other", None, 8, 1.0) == []  # its lease holds
+    with database.session() as session, session.begin():
+        session.get_one(Delivery, delivery_id).lease_expires_at = utcnow() - timedelta(seconds=1)
+    [again] = _claim_deliveries(database, "other", None, 8, 1.0)
+    with database.session() as session:
+        row = session.get_one(Delivery, again.id)
+        assert row.state is DeliveryState.SENDING and row.lease_owner == "other"
+        assert row.attempts == 2
+
+
+def _claim_deliveries_all(url: str, owner: str, queue: multiprocessing.Queue) -> None:  # type: ignore[type-arg]
+    database = Database(url)
+    mine: list[int] = []
+    while batch := _claim_deliveries(database, owner, None, 2, 60.0):
+        mine.extend(item.id for item in batch)
+    queue.put(mine)
+
+
+def test_two_processes_never_claim_the_same_delivery(database: Database) -> None:
+    _queued_studies(database, 30)
+    done = CompletedJob(
+        {}, {}, "b", "sr.dcm", "1.2.9", "1.2.8", ("sr.dcm",),
+        ({"ae_title": "PACS", "host": "127.0.0.1", "port": 104},),
+    )  # fmt: skip
+    while batch := claim_jobs(database, "w", 60, 8):
+        for job in batch:
+            complete_job(database, "w", job.id, done)
+    context = multiprocessing.get_context("spawn")
+    queue = context.Queue()
+    senders = [
+        context.Process(target=_claim_deliveries_all, args=(database.url, f"s{i}", queue))
+        for i in range(2)
+    ]
+    for sender in senders:
+        sender.start()
+    claimed = [queue.get(timeout=60) for _ in senders]
+    for sender in senders:
+        sender.join(30)
+    assert sorted(claimed[0] + claimed[1]) == list(range(1, 31))
+    assert not set(claimed[0]) & set(claimed[1])
 
 
 def test_job_state_machine() -> None:

@@ -1,9 +1,13 @@
-"""Storage and assembly in-process: rows, idempotency, state machine, stability sweep."""
+"""Storage and assembly in-process: rows, idempotency, state machine, stability sweep.
+
+The tests that touch a database run on SQLite and on PostgreSQL (``database_url``).
+"""
 
 from __future__ import annotations
 
 import shutil
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -23,9 +27,11 @@ from mibi_node.storage.queries import list_studies
 
 
 @pytest.fixture
-def store(tmp_path: Path) -> InstanceStore:
-    database = open_database(f"sqlite:///{tmp_path / 'db.sqlite3'}")
-    return InstanceStore(database, FileStore(tmp_path / "store"))
+def store(tmp_path: Path, database_url: str) -> Iterator[InstanceStore]:
+    """An instance store on an SQLite file, then on a PostgreSQL database."""
+    database = open_database(database_url)
+    yield InstanceStore(database, FileStore(tmp_path / "store"))
+    database.dispose()
 
 
 def _receive(store: InstanceStore, tmp_path: Path, ds, name: str) -> StoreOutcome:  # type: ignore[no-untyped-def]

@@ -169,7 +169,7 @@ def route_stable_studies(database: Database, files: FileStore, rules: RoutingCon
         return queued
     with database.write_lock(), database.session() as session, session.begin():
         for study_id, decision in plans:
-            study = session.get(Study, study_id)
+            study = session.get(Study, study_id, with_for_update=True)  # PostgreSQL: row lock
             if study is None or study.state is not StudyState.STABLE:
                 continue  # an instance arrived meanwhile: the study is RECEIVING again
             waiting = session.scalars(

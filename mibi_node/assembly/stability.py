@@ -34,6 +34,7 @@ def mark_stable_studies(database: Database, quiet_seconds: float) -> list[int]:
             select(Study)
             .where(Study.state == StudyState.RECEIVING, Study.last_received_at <= cutoff)
             .order_by(Study.last_received_at)
+            .with_for_update(skip_locked=True)  # PostgreSQL: another receiver's sweep has those
         ).all()
         for study in studies:
             study.transition(StudyState.STABLE, f"no instance for {quiet_seconds:g} s")

@@ -85,7 +85,10 @@ def _claim(
         )
         if delivery_ids is not None:
             query = query.where(Delivery.id.in_(delivery_ids))
-        rows = session.scalars(query.order_by(Delivery.next_attempt_at).limit(limit)).all()
+        # PostgreSQL: rows another sender is claiming right now are skipped (SQLite's
+        # BEGIN IMMEDIATE already makes this the only writer; its SQL has no FOR UPDATE).
+        query = query.order_by(Delivery.next_attempt_at).limit(limit)
+        rows = session.scalars(query.with_for_update(skip_locked=True)).all()
         claimed = []
         for row in rows:
             if row.state is DeliveryState.SENDING:
@@ -122,7 +125,7 @@ def _record(
     status = shown.status if shown else None
     message = shown.message if shown else "nothing to send"
     with database.write_lock(), database.session() as session, session.begin():
-        row = session.get_one(Delivery, delivery_id)
+        row = session.get_one(Delivery, delivery_id, with_for_update=True)
         if row.state is not DeliveryState.SENDING or row.lease_owner != owner:
             # Another sender took the row over (this one outlived its lease): its outcome
             # counts, this one's is dropped.
@@ -237,7 +240,9 @@ def resend_study(
         ).first()
         if job is None or not job.sr_path:
             raise MibiNodeError("the study has no result yet; nothing to resend")
-        rows = session.scalars(select(Delivery).where(Delivery.job_id == job.id)).all()
+        rows = session.scalars(
+            select(Delivery).where(Delivery.job_id == job.id).with_for_update()
+        ).all()
         files: list[str] = [job.sr_path]
         if rows:
             recorded = rows[0].destination.get("files")

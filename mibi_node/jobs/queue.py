@@ -1,12 +1,18 @@
 """The analysis queue: atomic claims with leases, renewals, retries and completion.
 
 A worker claims jobs with one ``UPDATE ... RETURNING`` (inside ``BEGIN IMMEDIATE`` on
-SQLite, ``FOR UPDATE SKIP LOCKED`` elsewhere), so two workers never hold the same job. The
+SQLite; on PostgreSQL its candidates are picked with ``FOR UPDATE SKIP LOCKED``, together
+with their studies' rows), so two workers never hold the same job. The
 claim writes a lease (owner, expiry) that the worker renews while it works; a lease that
 expires (the worker was killed, the machine froze) returns the job to the queue, and after
 ``jobs.max_attempts`` claims the job FAILED. Every change to a job changes its study's state
 in the same transaction, and every transition goes through the state machines of
 :mod:`mibi_node.storage.models`.
+
+On PostgreSQL (READ COMMITTED) every function locks the rows it reads before it changes
+them, jobs before their studies (``FOR UPDATE``; sweeps and claims skip rows another
+transaction holds), which SQLite's compiler leaves out: there ``BEGIN IMMEDIATE`` and the
+write lock already make every transaction the only writer.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from typing import Any
 
 from pydicom.uid import generate_uid
 from sqlalchemy import select, update
+from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.orm import Session
 
 from mibi_node import audit
@@ -106,14 +113,25 @@ def claim_jobs(
         )
         .order_by(Job.attempts.desc(), Job.id)
     )
-    if not database.is_sqlite:
-        due = due.with_for_update(skip_locked=True)
+    if database.is_postgresql:
+        # The job and its study are locked together, and a job whose row or study another
+        # transaction holds (another worker's claim, a receiver's instance) is skipped.
+        due = due.join(Study, Study.id == Job.study_id).with_for_update(
+            skip_locked=True, of=(Job, Study)
+        )
     with database.write_lock(), database.session() as session, session.begin():
         first = session.execute(due.limit(1)).scalar()
         if first is None:
             return []
         retried = session.scalar(select(Job.attempts).where(Job.id == first)) or 0
-        chosen = due.limit(1 if retried else limit).scalar_subquery()
+        count = 1 if retried else limit
+        chosen: Any
+        if database.is_postgresql:
+            # Pick and lock them in a statement of their own: as a subquery of the UPDATE,
+            # PostgreSQL may run it again for every row and so claim more than ``count``.
+            chosen = list(session.scalars(due.limit(count)))
+        else:
+            chosen = due.limit(count).scalar_subquery()
         ids = session.scalars(
             update(Job)
             .where(Job.id.in_(chosen), Job.state == JobState.QUEUED)
@@ -175,7 +193,7 @@ def renew_leases(database: Database, owner: str, lease_seconds: float) -> int:
 
 
 def _owned(session: Session, job_id: int, owner: str) -> Job | None:
-    job = session.get(Job, job_id)
+    job = session.get(Job, job_id, with_for_update=True)
     if job is None or job.state is not JobState.RUNNING or job.lease_owner != owner:
         logger.warning(
             "job #%d is no longer held by %s (lease expired?); result dropped", job_id, owner
@@ -204,7 +222,7 @@ def complete_job(database: Database, owner: str, job_id: int, done: CompletedJob
         job.sr_sop_instance_uid = done.sr_sop_instance_uid
         job.sr_series_instance_uid = done.sr_series_instance_uid
         job.error = job.traceback = None
-        study = session.get_one(Study, job.study_id)
+        study = session.get_one(Study, job.study_id, with_for_update=True)
         predicted = done.result.get("predicted", "?")
         if study.state is StudyState.RUNNING:
             study.transition(StudyState.DONE, f"version {job.version}: {predicted}")
@@ -253,7 +271,7 @@ def fail_job(
         if job is None:
             return None
         job.traceback = traceback
-        study = session.get_one(Study, job.study_id)
+        study = session.get_one(Study, job.study_id, with_for_update=True)
         if retry and job.attempts < max_attempts:
             job.transition(JobState.QUEUED)
             job.error = error
@@ -290,7 +308,7 @@ def defer_job(database: Database, owner: str, job_id: int, until: datetime, reas
         job.attempts -= 1
         job.not_before = until
         job.partial = True
-        study = session.get_one(Study, job.study_id)
+        study = session.get_one(Study, job.study_id, with_for_update=True)
         if study.state is StudyState.RUNNING:
             study.transition(StudyState.AWAITING_PHASE, reason)
         return True
@@ -302,10 +320,12 @@ def release_expired_jobs(database: Database, max_attempts: int) -> list[int]:
     released = []
     with database.write_lock(), database.session() as session, session.begin():
         expired = session.scalars(
-            select(Job).where(Job.state == JobState.RUNNING, Job.lease_expires_at < now)
+            select(Job)
+            .where(Job.state == JobState.RUNNING, Job.lease_expires_at < now)
+            .with_for_update(skip_locked=True)  # another receiver's sweep has those
         ).all()
         for job in expired:
-            study = session.get_one(Study, job.study_id)
+            study = session.get_one(Study, job.study_id, with_for_update=True)
             error = f"the worker stopped while analysing (attempt {job.attempts})"
             if job.attempts >= max_attempts:
                 job.transition(JobState.FAILED, f"{error}; no attempts left")
@@ -347,13 +367,18 @@ def requeue_study(database: Database, study_instance_uid: str, actor: str = "cli
         ).first()
         if study is None:
             raise MibiNodeError(f"no study with Study Instance UID {study_instance_uid}")
+        # Jobs before their study, as everywhere (PostgreSQL); the study is read again locked.
+        job = session.scalars(
+            select(Job)
+            .where(Job.study_id == study.id)
+            .order_by(Job.version.desc())
+            .with_for_update()
+        ).first()
+        study = session.get_one(Study, study.id, with_for_update=True, populate_existing=True)
         if study.state in (StudyState.RECEIVING, StudyState.STABLE, StudyState.RUNNING):
             raise MibiNodeError(
                 f"the study is {study.state.value.lower()}; requeue it when that has ended"
             )
-        job = session.scalars(
-            select(Job).where(Job.study_id == study.id).order_by(Job.version.desc())
-        ).first()
         if job is not None and job.state is JobState.QUEUED:
             job.not_before = None
         elif job is not None and job.state is JobState.FAILED:
@@ -384,7 +409,15 @@ def device_uid(database: Database, configured: str = "") -> str:
         return configured
     with database.write_lock(), database.session() as session, session.begin():
         setting = session.get(Setting, "device_uid")
-        if setting is None:
+        if setting is None and database.is_postgresql:
+            # Workers on other hosts may make it at this very moment: the first one wins.
+            session.execute(
+                pg_insert(Setting)
+                .values(key="device_uid", value=generate_uid())
+                .on_conflict_do_nothing(index_elements=["key"])
+            )
+            setting = session.get_one(Setting, "device_uid")
+        elif setting is None:
             setting = Setting(key="device_uid", value=generate_uid())
             session.add(setting)
         return setting.value

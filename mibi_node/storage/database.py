@@ -3,6 +3,11 @@
 SQLite runs in WAL mode with ``synchronous=FULL`` so a committed transaction survives a
 power cut, and every transaction starts with ``BEGIN IMMEDIATE`` so concurrent writers
 queue on the busy timeout instead of failing with "database is locked" half-way.
+
+PostgreSQL (``postgresql+psycopg://``, for several receivers and worker hosts sharing one
+queue, docs/scale-out.md) runs at its default READ COMMITTED; there the code that changes a
+row it has read locks it (``SELECT ... FOR UPDATE``, ``SKIP LOCKED`` for claims and sweeps),
+which SQLite's compiler leaves out: its ``BEGIN IMMEDIATE`` already holds the whole file.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
-from mibi_node.storage.models import Base
+from mibi_node.errors import ConfigError
 
 __all__ = ["Database", "open_database"]
 
@@ -34,13 +39,34 @@ class Database:
     Parameters
     ----------
     url
-        SQLAlchemy URL, e.g. ``sqlite:///var/mibi-node.sqlite3``.
+        SQLAlchemy URL, e.g. ``sqlite:///var/mibi-node.sqlite3`` or
+        ``postgresql+psycopg://mibi@db.example.org/mibi`` (``postgresql://`` means the same).
+
+    Raises
+    ------
+    ConfigError
+        The URL names a database other than SQLite or PostgreSQL.
     """
 
     def __init__(self, url: str) -> None:
-        self.url = url
         parsed = make_url(url)
-        self.is_sqlite = parsed.get_backend_name() == "sqlite"
+        backend = parsed.get_backend_name()
+        if backend not in ("sqlite", "postgresql"):
+            raise ConfigError(
+                f"database.url: mibi-node runs on SQLite or PostgreSQL "
+                f"(postgresql+psycopg://...), not {backend}"
+            )
+        if backend == "postgresql" and parsed.drivername != "postgresql+psycopg":
+            if parsed.drivername != "postgresql":
+                raise ConfigError(
+                    f"database.url: use the psycopg driver (postgresql+psycopg://...), "
+                    f"not {parsed.drivername}"
+                )
+            parsed = parsed.set(drivername="postgresql+psycopg")
+            url = parsed.render_as_string(hide_password=False)
+        self.url = url
+        self.is_sqlite = backend == "sqlite"
+        self.is_postgresql = backend == "postgresql"
         kwargs: dict[str, Any] = {}
         if self.is_sqlite:
             if parsed.database:
@@ -49,6 +75,9 @@ class Database:
                 "timeout": _BUSY_TIMEOUT_MS / 1000,
                 "check_same_thread": False,
             }
+        else:
+            # A server restart must not break the first query of every pooled connection.
+            kwargs["pool_pre_ping"] = True
         self.engine: Engine = create_engine(url, **kwargs)
         self._thread_lock = threading.Lock()
         self._lock_path: Path | None = None
@@ -78,8 +107,16 @@ class Database:
                 fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
 
     def create_schema(self) -> None:
-        """Create the tables that do not exist yet."""
-        Base.metadata.create_all(self.engine)
+        """Create an empty database at the newest schema revision, or check its revision.
+
+        Raises
+        ------
+        SchemaError
+            The schema is at another revision (see :mod:`mibi_node.storage.schema`).
+        """
+        from mibi_node.storage.schema import prepare_schema
+
+        prepare_schema(self)
 
     def session(self) -> Session:
         """A new session; use it as a context manager."""
@@ -108,7 +145,13 @@ def _tune_sqlite(engine: Engine) -> None:
 
 
 def open_database(url: str) -> Database:
-    """Open the database at ``url`` and create missing tables."""
+    """Open the database at ``url``, creating its schema when it is empty.
+
+    Raises
+    ------
+    SchemaError
+        The schema is older or newer than this version's: the message says what to run.
+    """
     database = Database(url)
     database.create_schema()
     return database

@@ -49,11 +49,15 @@ class FileStore:
     ----------
     root
         Folder of the store; created when missing, with ``.incoming/`` for partial files.
+    incoming
+        Store-relative folder of this process's partial files: receivers that share one
+        store each have their own (``.incoming/<host>-<port>``), so that one starting up
+        removes only what it left behind itself.
     """
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, incoming: str = ".incoming") -> None:
         self.root = Path(root).resolve()
-        self.incoming = self.root / ".incoming"
+        self.incoming = self.root / incoming
         self.incoming.mkdir(parents=True, exist_ok=True)
 
     def relative_path(self, study_instance_uid: str, sop_instance_uid: str) -> str:

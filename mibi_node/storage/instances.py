@@ -10,10 +10,12 @@ import enum
 import filecmp
 import logging
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any, cast
 
-from sqlalchemy import Row, Table, insert, select, update
+from sqlalchemy import Connection, Row, Table, insert, select, update
+from sqlalchemy.dialects.postgresql import insert as pg_insert
 
 from mibi_node.storage.database import Database
 from mibi_node.storage.filestore import FileStore, sha256_file
@@ -138,16 +140,46 @@ class InstanceStore:
             ).first()
         return row is not None and (row.path, row.sha256) == (relative, digest)
 
+    def _lock_study(
+        self, connection: Connection, meta: InstanceMeta, calling_ae_title: str, now: datetime
+    ) -> Row[Any, Any, Any] | None:
+        """The study's row, locked on PostgreSQL (``None``: the study is new, insert it).
+
+        SQLite's ``BEGIN IMMEDIATE`` already makes this transaction the only writer. On
+        PostgreSQL the instances of one study commit one at a time (the study's row lock),
+        and a study that another receiver is inserting right now is waited for and used.
+        """
+        query = (
+            select(_STUDY.c.id, _STUDY.c.state, _STUDY.c.modalities)
+            .where(_STUDY.c.study_instance_uid == meta.study_instance_uid)
+            .with_for_update()
+        )
+        study = connection.execute(query).first()
+        if study is not None or not self.database.is_postgresql:
+            return study
+        connection.execute(
+            pg_insert(_STUDY)
+            .values(
+                study_instance_uid=meta.study_instance_uid,
+                state=StudyState.RECEIVING.value,
+                calling_ae_title=calling_ae_title,
+                study_description=meta.study_description,
+                first_received_at=now,
+                last_received_at=now,
+                state_changed_at=now,
+                instance_count=0,
+                modalities="",
+            )
+            .on_conflict_do_nothing(index_elements=["study_instance_uid"])
+        )
+        return connection.execute(query).first()
+
     def _commit(
         self, meta: InstanceMeta, relative: str, digest: str, size: int, calling_ae_title: str
     ) -> tuple[StoreOutcome, str | None]:
         now = utcnow()
         with self.database.engine.begin() as connection:
-            study = connection.execute(
-                select(_STUDY.c.id, _STUDY.c.state, _STUDY.c.modalities).where(
-                    _STUDY.c.study_instance_uid == meta.study_instance_uid
-                )
-            ).first()
+            study = self._lock_study(connection, meta, calling_ae_title, now)
             if study is None:
                 inserted = connection.execute(
                     insert(_STUDY).values(

@@ -1,0 +1,159 @@
+"""The schema under Alembic: created at head, adopted from before migrations, refused when old.
+
+Each database test runs on SQLite and on PostgreSQL (``database_url``).
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from alembic.autogenerate import compare_metadata
+from alembic.runtime.migration import MigrationContext
+from sqlalchemy import inspect, select, text
+from typer.testing import CliRunner
+
+from conftest import free_port
+from mibi_node.cli import app
+from mibi_node.storage import schema
+from mibi_node.storage.database import Database, open_database
+from mibi_node.storage.models import Base, Study, StudyState
+from mibi_node.storage.schema import (
+    BASELINE,
+    SchemaError,
+    prepare_schema,
+    schema_status,
+    upgrade_schema,
+)
+
+
+def _pre_migrations(url: str, without: tuple[str, ...] = ()) -> Database:
+    """A database as ``create_all`` made it before migrations, with one study in it."""
+    database = Database(url)
+    tables = [table for name, table in Base.metadata.tables.items() if name not in without]
+    Base.metadata.create_all(database.engine, tables=tables)
+    with database.session() as session, session.begin():
+        session.add(Study(study_instance_uid="1.2.3", state=StudyState.DONE))
+    return database
+
+
+def _study_uids(database: Database) -> list[str]:
+    with database.session() as session:
+        return list(session.scalars(select(Study.study_instance_uid)))
+
+
+def test_an_empty_database_is_created_at_head_as_the_models_say(database_url: str) -> None:
+    database = open_database(database_url)
+    status = schema_status(database)
+    assert status.up_to_date and status.current == schema.head_revision()
+    assert status.tables == frozenset(Base.metadata.tables)
+    # A model changed without a migration shows up here.
+    with database.engine.connect() as connection:
+        context = MigrationContext.configure(connection, opts={"compare_type": True})
+        assert compare_metadata(context, Base.metadata) == []
+    database.dispose()
+
+
+def test_a_database_from_before_migrations_is_adopted(database_url: str) -> None:
+    database = _pre_migrations(database_url)
+    assert schema_status(database).before_migrations
+    prepare_schema(database)  # what `serve` and `worker` do at start
+    assert schema_status(database).current == BASELINE
+    assert _study_uids(database) == ["1.2.3"]
+    database.dispose()
+
+
+def test_missing_tables_are_refused_until_db_upgrade(database_url: str) -> None:
+    database = _pre_migrations(database_url, without=("audit_event",))
+    with pytest.raises(SchemaError, match=r"lacks audit_event: run `mibi-node db upgrade`"):
+        prepare_schema(database)
+    before, after = upgrade_schema(database)
+    assert before.current is None and after.up_to_date
+    assert "audit_event" in inspect(database.engine).get_table_names()
+    assert _study_uids(database) == ["1.2.3"]
+    database.dispose()
+
+
+def test_an_older_revision_is_refused_until_db_upgrade(
+    database_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    database = open_database(database_url)  # at 0001
+    newer = tmp_path / "migrations"
+    shutil.copytree(schema.MIGRATIONS, newer)
+    (newer / "versions" / "0002_note.py").write_text(
+        '"""A later revision (test only)."""\n'
+        "import sqlalchemy as sa\nfrom alembic import op\n\n"
+        'revision = "0002"\ndown_revision = "0001"\nbranch_labels = None\ndepends_on = None\n\n\n'
+        "def upgrade() -> None:\n"
+        '    op.add_column("study", sa.Column("note", sa.Text(), nullable=True))\n'
+    )
+    monkeypatch.setattr(schema, "MIGRATIONS", newer)
+    with pytest.raises(SchemaError, match=r"at revision 0001 .* needs 0002.*mibi-node db upgrade"):
+        open_database(database_url)
+    before, after = upgrade_schema(database)
+    assert (before.current, after.current) == ("0001", "0002")
+    columns = {column["name"] for column in inspect(database.engine).get_columns("study")}
+    assert "note" in columns
+    open_database(database_url).dispose()
+    database.dispose()
+
+
+def test_a_revision_from_a_newer_version_is_refused(database_url: str) -> None:
+    database = open_database(database_url)
+    with database.engine.begin() as connection:
+        connection.execute(text("UPDATE alembic_version SET version_num = 'f00d'"))
+    with pytest.raises(SchemaError, match="f00d, which this mibi-node does not know"):
+        open_database(database_url)
+    database.dispose()
+
+
+def _open(url: str) -> None:
+    open_database(url).dispose()
+
+
+def test_processes_that_start_at_once_create_the_schema_once(database_url: str) -> None:
+    context = multiprocessing.get_context("spawn")
+    processes = [context.Process(target=_open, args=(database_url,)) for _ in range(4)]
+    for process in processes:
+        process.start()
+    for process in processes:
+        process.join(60)
+    assert [process.exitcode for process in processes] == [0, 0, 0, 0]
+    database = Database(database_url)
+    assert schema_status(database).up_to_date
+    database.dispose()
+
+
+def test_serve_and_worker_refuse_an_outdated_schema_and_db_upgrade_fixes_it(
+    tmp_path: Path,
+) -> None:
+    data = tmp_path / "var"
+    data.mkdir()
+    _pre_migrations(f"sqlite:///{data / 'mibi-node.sqlite3'}", without=("audit_event",)).dispose()
+    config = tmp_path / "node.toml"
+    config.write_text("[web]\nenabled = false\n[workers]\ncount = 0\n")
+    for command in (["serve", "--port", str(free_port())], ["worker", "--device", "cpu"]):
+        run = subprocess.run(
+            [sys.executable, "-m", "mibi_node.cli", *command, "--config", str(config)]
+            + ["--data-dir", str(data)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert run.returncode == 1, run.stderr
+        assert "run `mibi-node db upgrade`" in run.stderr, run.stderr
+        assert "Traceback" not in run.stderr
+    runner = CliRunner()
+    current = runner.invoke(app, ["db", "current", "--data-dir", str(data)])
+    assert current.exit_code == 1 and "made before migrations" in current.output
+    upgrade = runner.invoke(app, ["db", "upgrade", "--data-dir", str(data)])
+    assert upgrade.exit_code == 0, upgrade.output
+    assert f"no revision -> {BASELINE}" in upgrade.output
+    current = runner.invoke(app, ["db", "current", "--data-dir", str(data)])
+    assert current.exit_code == 0 and "up to date" in current.output
+    again = runner.invoke(app, ["db", "upgrade", "--data-dir", str(data)])
+    assert "already at revision" in again.output
