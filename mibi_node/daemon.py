@@ -41,6 +41,7 @@ from mibi_node.config import Config
 from mibi_node.dispatch.deliveries import deliver
 from mibi_node.errors import MibiNodeError
 from mibi_node.jobs.queue import release_expired_jobs
+from mibi_node.reception.limit import AssociationLimit
 from mibi_node.reception.scp import StorageSCP, bind_listener
 from mibi_node.retention import sweep_retention
 from mibi_node.storage.database import Database, open_database
@@ -68,7 +69,9 @@ def _die_with_parent() -> None:
         pass
 
 
-def _acceptor_main(config: Config, listener: socket.socket, index: int, parent: int) -> None:
+def _acceptor_main(
+    config: Config, listener: socket.socket, index: int, parent: int, limit: AssociationLimit
+) -> None:
     """Body of one acceptor process: serve C-ECHO/C-STORE on the shared socket until told."""
     _die_with_parent()
     # A signal handler must not take locks (threading.Event.set does: a second signal
@@ -81,7 +84,8 @@ def _acceptor_main(config: Config, listener: socket.socket, index: int, parent: 
     signal.signal(signal.SIGTERM, _on_signal)
     signal.signal(signal.SIGINT, _on_signal)
     database = Database(config.database_url)
-    scp = StorageSCP(config, InstanceStore(database, FileStore(config.store_dir)), listener)
+    store = InstanceStore(database, FileStore(config.store_dir))
+    scp = StorageSCP(config, store, listener, limit=limit, acceptor=index)
     scp.start()
     while not stopping and os.getppid() == parent:  # ppid changes if the parent died
         time.sleep(0.2)
@@ -106,6 +110,7 @@ class Node:
         self.database: Database | None = None
         self.listener: socket.socket | None = None
         self.scp: StorageSCP | None = None
+        self.limit: AssociationLimit | None = None
         self._acceptors: list[BaseProcess] = []
         self._workers: list[BaseProcess] = []
         self.results = FileStore(config.results_dir)
@@ -128,12 +133,21 @@ class Node:
             logger.info("removed %d partial file(s) left by an earlier stop", removed)
         # Create the schema once, before any acceptor opens the database.
         open_database(self.config.database_url).dispose()
+        # One association limit for the whole node, in memory the acceptors share.
+        self.limit = AssociationLimit(
+            self.config.reception.max_associations,
+            self.config.reception.acceptors,
+            self.config.node.data_dir / "associations.lock",
+        )
         self.listener = self._bind()
         count = self.config.reception.acceptors
         if count == 1:
             self.database = Database(self.config.database_url)
             self.scp = StorageSCP(
-                self.config, InstanceStore(self.database, self.files), self.listener
+                self.config,
+                InstanceStore(self.database, self.files),
+                self.listener,
+                limit=self.limit,
             )
             self.scp.start()
         else:
@@ -241,7 +255,7 @@ class Node:
         context = multiprocessing.get_context("fork")
         process = context.Process(
             target=_acceptor_main,
-            args=(self.config, self.listener, index, os.getpid()),
+            args=(self.config, self.listener, index, os.getpid(), self.limit),
             name=f"mibi-node-acceptor-{index}",
             daemon=False,
         )
@@ -267,6 +281,8 @@ class Node:
                 logger.warning(
                     "acceptor %d exited with status %s; starting a new one", index, process.exitcode
                 )
+                if self.limit is not None:  # its associations died with it
+                    self.limit.reset(index)
                 self._acceptors[index] = self._spawn(index)
         for index, process in enumerate(self._workers):
             if not process.is_alive() and not self._stopping:

@@ -7,7 +7,6 @@ sender nothing): every outcome is a precise DICOM status, logged once with its r
 from __future__ import annotations
 
 import logging
-import math
 import socket
 import socketserver
 import ssl
@@ -25,6 +24,7 @@ from mibi_node import audit
 from mibi_node.config import Config
 from mibi_node.errors import ConfigError
 from mibi_node.reception.contexts import TRANSFER_SYNTAXES, VERIFICATION, storage_sop_classes
+from mibi_node.reception.limit import AssociationLimit
 from mibi_node.reception.validation import RejectedInstanceError, read_instance_meta
 from mibi_node.storage.instances import InstanceStore, StoreOutcome
 
@@ -40,6 +40,7 @@ STATUS_OUT_OF_RESOURCES = 0xA700
 _REJECT_CALLING_AE = (0x01, 0x01, 0x03)
 _REJECT_CALLED_AE = (0x01, 0x01, 0x07)
 _REJECT_CONGESTION = (0x02, 0x03, 0x01)
+_REJECT_LIMIT = (0x02, 0x03, 0x02)
 
 # pynetdicom polls its sockets, sleeping this long between passes while a peer is idle.
 # Its default (1 ms) adds about a millisecond to every PDU exchange; 0.1 ms is what
@@ -116,14 +117,28 @@ class StorageSCP:
         The node's configuration (AE title, port, allow-list, TLS, timeouts, disk margin).
     store
         Where acknowledged instances go.
+    listener
+        A listening socket shared with other acceptor processes (default: bind one).
+    limit, acceptor
+        The node-wide association limit and this acceptor's slot in it (default: a limit
+        of this process alone).
     """
 
     def __init__(
-        self, config: Config, store: InstanceStore, listener: socket.socket | None = None
+        self,
+        config: Config,
+        store: InstanceStore,
+        listener: socket.socket | None = None,
+        limit: AssociationLimit | None = None,
+        acceptor: int = 0,
     ) -> None:
         self.config = config
         self.store = store
         self._listener = listener
+        self.limit = limit or AssociationLimit(
+            config.reception.max_associations, 1, config.node.data_dir / "associations.lock"
+        )
+        self._acceptor = acceptor
         self._server: ThreadedAssociationServer | None = None
         self._thread: threading.Thread | None = None
         self._tallies: dict[int, _AssociationTally] = {}
@@ -138,10 +153,9 @@ class StorageSCP:
     def _build_ae(self) -> AE:
         reception = self.config.reception
         ae = AE(ae_title=self.config.node.ae_title)
-        # Each acceptor process takes its share of the association limit.
-        ae.maximum_associations = max(
-            1, math.ceil(reception.max_associations / reception.acceptors)
-        )
+        # The limit is the node's (self.limit, checked in _on_requested); pynetdicom's own
+        # check is only a backstop, with room for associations whose threads are ending.
+        ae.maximum_associations = 2 * reception.max_associations
         ae.maximum_pdu_size = reception.max_pdu_size
         ae.acse_timeout = reception.acse_timeout
         ae.dimse_timeout = reception.dimse_timeout
@@ -297,7 +311,15 @@ class StorageSCP:
                     "disk_full",
                 )
                 return
-            with self._lock:
+            if not self.limit.acquire(self._acceptor):
+                self._reject(
+                    event,
+                    _REJECT_LIMIT,
+                    f"{self.limit.maximum} associations already open (reception.max_associations)",
+                    "association_limit",
+                )
+                return
+            with self._lock:  # from here on the slot is given back in _on_closed
                 self._tallies[id(event.assoc)] = _AssociationTally(calling, address)
         except Exception:  # never let a handler exception reach pynetdicom
             logger.exception("association check failed; rejecting")
@@ -312,6 +334,7 @@ class StorageSCP:
             tally = self._tallies.pop(id(event.assoc), None)
         if tally is None:
             return
+        self.limit.release(self._acceptor)
         how = "released" if event.event is evt.EVT_RELEASED else "aborted"
         logger.info(
             "association from %s (%s) %s after %.1f s: %d stored, %d duplicate, %d refused",
