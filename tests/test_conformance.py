@@ -51,6 +51,7 @@ from factory import CT_STORAGE, NM_STORAGE, nm_dataset, write
 from mibi_node.config import Config, DispatchConfig
 from mibi_node.dispatch import Destination, DestinationTLS, send_files
 from mibi_node.dispatch.deliveries import deliver, resend_study
+from mibi_node.dispatch.scu import _ssl_context as _dispatch_ssl_context
 from mibi_node.errors import ConfigError
 from mibi_node.imaging.study import PhaseImage
 from mibi_node.inference.result import Focus, StudyResult
@@ -399,6 +400,9 @@ def test_accept_all_storage_accepts_appendix_a_too(nodes) -> None:
     accepted, refused = _accepted_classes(node.port)
     assert accepted == listed | set(appendix)
     assert set(refused) == set(OTHER_SERVICES)
+    syntaxes = [row["UID"] for row in doc_table("scp-transfer-syntaxes")]
+    for uid in (appendix[0], appendix[-1]):
+        _syntax_checks(node.port, uid, syntaxes)
     # ... and the statement's count of them.
     assert f"adds the {len(appendix)} storage SOP classes" in " ".join(_doc().split())
     assert f"{len(appendix) + len(listed) - 1} in all" in " ".join(_doc().split())
@@ -646,6 +650,18 @@ def test_association_limit_is_node_wide(nodes) -> None:
             for assoc in held:
                 assoc.release()
         time.sleep(0.1)
+    # An aborted association gives its place back too.
+    held = [_held(node.port), _held(node.port)]
+    held[0].abort()
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        again = associate(node.port, ECHO)
+        if again.is_established:
+            break
+        time.sleep(0.1)
+    assert again.is_established
+    for assoc in (held[1], again):
+        assoc.release()
     deadline = time.monotonic() + 5  # each rejection is audited just after it is sent
     while node.query(sql)[0][0] < before + 5 and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -1302,6 +1318,8 @@ def test_worker_documents_and_what_dispatch_proposes_and_sends(
         assert (sr.SeriesNumber, key.SeriesNumber) == (77, 78)
         assert (sr.InstanceNumber, key.InstanceNumber) == (3, 3)
         assert sr.InstitutionName == "Klinik Nord"
+        assert key.SeriesInstanceUID != sr.SeriesInstanceUID
+        assert key.StudyInstanceUID == sr.StudyInstanceUID
         observer = [
             item.UID
             for item in _walk(sr.ContentSequence)
@@ -1434,7 +1452,13 @@ def test_dispatch_tls_check_hostname(pki: Path, tmp_path: Path) -> None:
         strict = scp.destination(**trusted, check_hostname=True)
         [checked] = send_files([sr], strict, calling_ae_title="MIBI_NODE")
         assert not checked.success and "TLS handshake" in checked.message
+        # Without ca_certificates the system's CAs decide, and they do not know ours.
+        [system] = send_files([sr], scp.destination(enabled=True), calling_ae_title="MIBI_NODE")
+        assert not system.success and "PACS certificate not trusted" in system.message
         assert len(scp.stores) == 1
+        assert _dispatch_ssl_context(DestinationTLS(enabled=True)).minimum_version == (
+            ssl.TLSVersion.TLSv1_2
+        )
     finally:
         scp.stop()
 
@@ -1464,6 +1488,10 @@ def test_echo_command(recorder: RecordingSCP) -> None:
     recorder.echo_status = 0x0122
     assert echo().returncode == 1
     assert recorder.echoes == 2
+    deadline = time.monotonic() + 5
+    while recorder.released < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert recorder.released == 2
 
 
 # --- 8 the SR and the key image ------------------------------------------------------------
@@ -1668,6 +1696,8 @@ def test_intended_use_texts(variants) -> None:
         [text] = [str(i.TextValue) for i in _walk(sr.ContentSequence) if _concept(i)[1] == "MN0003"]
         return text
 
+    demo = Path(__file__).resolve().parents[1] / "config" / "ensemble-demo.toml"
+    assert tomllib.loads(demo.read_text(encoding="utf-8"))["intended_use"] == "demonstration"
     by_use = {result.intended_use: intended_use(sr) for sr, result, _ in variants}
     assert by_use == {
         "demonstration": doc_value("disclaimer"),
