@@ -304,6 +304,22 @@ def test_latin1_source_is_kept_or_upgraded_to_utf8_when_our_text_needs_it() -> N
     assert device.observer_identifying_attributes.manufacturer_name == "東芝"
 
 
+@pytest.mark.parametrize(
+    ("charset", "name"),
+    [(["", "ISO 2022 IR 87"], "Yamada^Tarou=山田^太郎"), ("ISO 2022 IR 100", "Gómez^Inés")],
+)
+def test_character_sets_highdicom_does_not_write_become_utf8(charset, name: str) -> None:
+    # Japanese with an empty first value (the usual form) and a lone code extension: the
+    # SR and the key image are written in UTF-8 with the patient's name intact.
+    result, sources = make_case(SpecificCharacterSet=charset, PatientName=name)
+    sr = round_trip(build_sr(result, sources, device_uid=DEVICE_UID))
+    assert sr.SpecificCharacterSet == "ISO_IR 192"
+    assert str(sr.PatientName) == name
+    key = dcmread(_bytes(build_key_image(result, sources, size=128)))
+    assert key.SpecificCharacterSet == "ISO_IR 192"
+    assert str(key.PatientName) == name
+
+
 # --- validation at the boundary --------------------------------------------------------
 
 

@@ -7,6 +7,7 @@ import math
 import re
 from collections.abc import Iterable, Mapping, Sequence
 
+from highdicom.valuerep import _check_specific_character_set
 from pydicom.charset import python_encoding
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
@@ -218,6 +219,10 @@ def character_set(source: object, texts: Iterable[str]) -> str | list[str] | Non
     pydicom re-encodes the copied patient and study attributes.
     """
     text = "".join(texts)
+    if source is not None and source != "" and not _writable(source):
+        # A value highdicom does not write (e.g. ``\\ISO 2022 IR 87``, Japanese with an empty
+        # first value, or a lone code extension): UTF-8 holds every character of the source.
+        return "ISO_IR 192"
     if text.isascii():
         return source  # type: ignore[return-value]
     if isinstance(source, str) and source:
@@ -230,6 +235,20 @@ def character_set(source: object, texts: Iterable[str]) -> str | list[str] | Non
             else:
                 return source
     return "ISO_IR 192"
+
+
+def _writable(source: object) -> bool:
+    """Whether highdicom accepts ``source`` as the Specific Character Set it writes.
+
+    Asks highdicom's own check (private, but the rule it enforces when building is exactly
+    the one that matters here), so the two cannot disagree.
+    """
+    values = [source] if isinstance(source, str) else list(source)  # type: ignore[call-overload]
+    try:
+        _check_specific_character_set(values[0] if len(values) == 1 else values)
+    except (ValueError, TypeError):
+        return False
+    return True
 
 
 def check_positive(value: object, name: str) -> None:
