@@ -63,6 +63,10 @@ class NodeProcess:
         for section, values in (config or {}).items():
             sections.setdefault(section, {}).update(values)
         self.config_path = write_config(data_dir.parent / f"node-{port}.toml", sections)
+        #: The node's database: its SQLite file, or ``database.url`` (e.g. PostgreSQL).
+        self.database_url = str(sections.get("database", {}).get("url", "")) or (
+            f"sqlite:///{data_dir / 'mibi-node.sqlite3'}"
+        )
         self.log_path = data_dir.parent / f"node-{port}.log"
         self.process: subprocess.Popen[bytes] | None = None
 
@@ -126,7 +130,7 @@ class NodeProcess:
 
     def query(self, sql: str) -> list[tuple[Any, ...]]:
         """Run a read-only SQL query on the node's database."""
-        engine = create_engine(f"sqlite:///{self.data_dir / 'mibi-node.sqlite3'}")
+        engine = create_engine(self.database_url)
         try:
             with engine.connect() as connection:
                 return [tuple(row) for row in connection.execute(text(sql))]

@@ -1,7 +1,8 @@
 """From storescu to an SR in PACS, with real peers: the node, DCMTK storescp, dciodvfy.
 
 Every test runs ``mibi-node serve`` with a worker process and a small random-weight bundle
-(the result's class does not matter here; that the loop closes does).
+(the result's class does not matter here; that the loop closes does), once on the default
+SQLite file and once on a PostgreSQL database (``node_database``).
 """
 
 from __future__ import annotations
@@ -138,6 +139,12 @@ def pacs(require_tool: Callable[[str], str], tmp_path: Path) -> Iterator[StoreSC
     server.stop()
 
 
+@pytest.fixture
+def node_database(database_url: str) -> dict[str, str]:
+    """The node's ``[database]``: none (its default SQLite file), then a PostgreSQL URL."""
+    return {} if database_url.startswith("sqlite") else {"url": database_url}
+
+
 def _node(
     node_factory: Callable[..., NodeProcess],
     bundle: Path,
@@ -155,7 +162,8 @@ def _node(
         "jobs": {"lease_seconds": 2},
     }
     for section, values in sections.items():
-        config.setdefault(section, {}).update(values)
+        if values:
+            config.setdefault(section, {}).update(values)
     return node_factory(config)
 
 
@@ -176,6 +184,8 @@ def _status(node: NodeProcess) -> dict:
             "-m",
             "mibi_node.cli",
             "status",
+            "--config",
+            str(node.config_path),
             "--data-dir",
             str(node.data_dir),
             "--json",
@@ -194,13 +204,20 @@ def _dciodvfy_errors(tool: str, path: Path) -> list[str]:
 
 
 def test_study_to_sr_in_pacs(
-    node_factory, pacs: StoreSCP, tiny_bundle: Path, studies, require_tool, tmp_path: Path
+    node_factory,
+    pacs: StoreSCP,
+    tiny_bundle: Path,
+    studies,
+    require_tool,
+    tmp_path: Path,
+    node_database: dict[str, str],
 ) -> None:
     dciodvfy = require_tool("dciodvfy")
     node = _node(
         node_factory,
         tiny_bundle,
         pacs.port,
+        database=node_database,
         reception={"accept_all_storage": True},
         report={"key_image": True},
     )
@@ -246,8 +263,13 @@ def test_study_to_sr_in_pacs(
     assert status["jobs"] == {"DONE": 2}
     assert status["deliveries"] == []
     timings = node.query("SELECT timings FROM job")
-    for (row,) in timings:
-        assert set(json.loads(row)) == {"read", "denoise", "inference", "sr"}
+    for (row,) in timings:  # SQLite gives the JSON text, PostgreSQL the parsed value
+        assert set(row if isinstance(row, dict) else json.loads(row)) == {
+            "read",
+            "denoise",
+            "inference",
+            "sr",
+        }
     # The log names no patient and no UID at INFO.
     source = pydicom.dcmread(studies[0][0], stop_before_pixels=True)
     log = node.log()
@@ -256,11 +278,20 @@ def test_study_to_sr_in_pacs(
 
 
 def test_phases_versions_and_a_phase_that_never_comes(
-    node_factory, pacs: StoreSCP, tiny_bundle: Path, studies, tmp_path: Path
+    node_factory, pacs: StoreSCP, tiny_bundle: Path, studies, tmp_path: Path, node_database
 ) -> None:
-    node = _node(node_factory, tiny_bundle, pacs.port, assembly={"max_phase_wait": 6})
+    node = _node(
+        node_factory,
+        tiny_bundle,
+        pacs.port,
+        assembly={"max_phase_wait": 6},
+        database=node_database,
+    )
     early, delayed = studies[2]
     lonely_early, _ = studies[3]
+    # The phase wait starts with the study: a worker still loading its bundle under load
+    # would find it over already.
+    _wait(lambda: node.query("SELECT state FROM worker") == [("ready",)], 60, "the worker", node)
     assert storescu(node.port, [early, lonely_early]).returncode == 0
     _wait(
         lambda: node.query("SELECT state FROM study") == [("AWAITING_PHASE",)] * 2,
@@ -300,11 +331,11 @@ def test_phases_versions_and_a_phase_that_never_comes(
 
 
 def test_pacs_down_then_back(
-    node_factory, require_tool, tiny_bundle: Path, studies, tmp_path: Path
+    node_factory, require_tool, tiny_bundle: Path, studies, tmp_path: Path, node_database
 ) -> None:
     require_tool("storescp")
     port = free_port()
-    node = _node(node_factory, tiny_bundle, port)
+    node = _node(node_factory, tiny_bundle, port, database=node_database)
     assert storescu(node.port, studies[4]).returncode == 0
     _wait(
         lambda: node.query("SELECT attempts FROM delivery WHERE attempts >= 2"),
@@ -338,10 +369,16 @@ def _kill_worker_when_running(node: NodeProcess, study_uid: str, timeout: float 
 
 
 def test_killed_worker_and_poison_study(
-    node_factory, pacs: StoreSCP, studies, tmp_path_factory: pytest.TempPathFactory
+    node_factory, pacs: StoreSCP, studies, tmp_path_factory: pytest.TempPathFactory, node_database
 ) -> None:
     bundle = _bundle(tmp_path_factory.mktemp("slow"), SLOW_RECIPE)
-    node = _node(node_factory, bundle, pacs.port, jobs={"max_attempts": 2, "lease_seconds": 2})
+    node = _node(
+        node_factory,
+        bundle,
+        pacs.port,
+        jobs={"max_attempts": 2, "lease_seconds": 2},
+        database=node_database,
+    )
     uid = str(pydicom.dcmread(studies[0][0], stop_before_pixels=True).StudyInstanceUID)
     assert storescu(node.port, studies[0]).returncode == 0
     job = _kill_worker_when_running(node, uid)
@@ -396,11 +433,11 @@ def test_sr_lands_in_orthanc_in_the_same_study(
 
 
 def test_without_a_bundle_reception_goes_on_and_status_says_why(
-    node_factory, studies, tmp_path: Path, require_tool
+    node_factory, studies, tmp_path: Path, require_tool, node_database
 ) -> None:
     require_tool("storescu")
     missing = tmp_path / "no-bundle-here"
-    node = _node(node_factory, missing, free_port())
+    node = _node(node_factory, missing, free_port(), database=node_database)
     assert storescu(node.port, studies[0]).returncode == 0
     _wait(
         lambda: (
@@ -414,7 +451,8 @@ def test_without_a_bundle_reception_goes_on_and_status_says_why(
     [worker] = _status(node)["workers"]
     assert str(missing) in worker["message"]
     out = subprocess.run(
-        [sys.executable, "-m", "mibi_node.cli", "status", "--data-dir", str(node.data_dir)],
+        [sys.executable, "-m", "mibi_node.cli", "status", "--config", str(node.config_path)]
+        + ["--data-dir", str(node.data_dir)],
         capture_output=True,
         text=True,
         timeout=60,

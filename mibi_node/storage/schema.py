@@ -43,6 +43,9 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
+# Alembic says which dialect and plugins it uses at INFO on every start of every process;
+# what changed is logged here instead.
+logging.getLogger("alembic").setLevel(logging.WARNING)
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 #: The first revision: the tables as ``create_all`` made them before migrations.

@@ -1,0 +1,212 @@
+"""Scale-out: two receivers and three worker processes on one PostgreSQL and a shared store.
+
+Two ``mibi-node serve`` (own ports, own data folders, no workers of their own) and three
+``mibi-node worker`` processes share one PostgreSQL database and one store folder
+(``storage.root`` and ``storage.results_root``), as hosts sharing an NFS mount would; DCMTK
+``storescp`` is the PACS. Studies go to either receiver, one of them split across both; every
+study must be analysed exactly once (one job, one attempt, one SR in the PACS). Then a worker
+is killed while it analyses a study (its job is retried by another), and a receiver is killed
+right after it acknowledged a study (the other receiver's sweep takes the study on).
+docs/scale-out.md describes this run.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pydicom
+import pytest
+
+from node import NodeProcess, storescu
+from test_pipeline import SLOW_RECIPE, StoreSCP, _bundle
+
+pytestmark = [pytest.mark.peers, pytest.mark.postgresql, pytest.mark.slow]
+
+STUDIES = 8
+
+
+@pytest.fixture(scope="module")
+def phantoms(tmp_path_factory: pytest.TempPathFactory) -> list[tuple[str, list[Path]]]:
+    """Ten phantom studies as (Study Instance UID, files)."""
+    folder = tmp_path_factory.mktemp("phantoms")
+    command = [sys.executable, "-m", "mibi_node.cli", "synth", "--out", str(folder)]
+    subprocess.run([*command, "--studies", "10", "--seed", "23"], check=True, capture_output=True)
+    studies = []
+    for path in sorted(folder.glob("study-*")):
+        files = sorted(path.glob("*.dcm"))
+        uid = str(pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
+        studies.append((uid, files))
+    return studies
+
+
+class Workers:
+    """``mibi-node worker`` processes, as on separate hosts (their own data folders)."""
+
+    def __init__(self, config: Path, folder: Path) -> None:
+        self.config = config
+        self.folder = folder
+        self.processes: list[subprocess.Popen[bytes]] = []
+
+    def start(self, count: int) -> Workers:
+        for index in range(count):
+            data = self.folder / f"worker{index}"
+            data.mkdir(parents=True)
+            log = open(self.folder / f"worker{index}.log", "ab")  # noqa: SIM115 - the child's
+            self.processes.append(
+                subprocess.Popen(
+                    [sys.executable, "-m", "mibi_node.cli", "worker", "--config", str(self.config)]
+                    + ["--data-dir", str(data), "--device", "cpu"],
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    env={**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"},
+                    start_new_session=True,
+                )
+            )
+        return self
+
+    def logs(self) -> str:
+        return "\n".join(
+            f"--- {path.name} ---\n{path.read_text(errors='replace')[-3000:]}"
+            for path in sorted(self.folder.glob("worker*.log"))
+        )
+
+    def stop(self) -> None:
+        for process in self.processes:
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+        for process in self.processes:
+            try:
+                process.wait(30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait(5)
+
+
+@pytest.fixture
+def pacs(require_tool: Callable[[str], str], tmp_path: Path) -> Iterator[StoreSCP]:
+    require_tool("storescp")
+    require_tool("storescu")
+    server = StoreSCP(tmp_path / "pacs").start()
+    yield server
+    server.stop()
+
+
+def _wait(condition: Callable[[], Any], timeout: float, what: str, logs: Callable[[], str]) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}\n{logs()[-12000:]}")
+
+
+def _sr_studies(pacs: StoreSCP) -> Counter[str]:
+    """Study Instance UID -> SRs of that study in the PACS."""
+    found: Counter[str] = Counter()
+    for path in pacs.files():
+        try:
+            ds = pydicom.dcmread(path, stop_before_pixels=True)
+        except Exception:  # storescp may still be writing it
+            continue
+        if ds.Modality == "SR":
+            found[str(ds.StudyInstanceUID)] += 1
+    return found
+
+
+def test_two_receivers_three_workers_every_study_analysed_once(
+    postgres_server: Any,
+    node_factory: Callable[..., NodeProcess],
+    pacs: StoreSCP,
+    phantoms: list[tuple[str, list[Path]]],
+    tmp_path_factory: pytest.TempPathFactory,
+    tmp_path: Path,
+) -> None:
+    # About a second a study on two cores: long enough to kill a worker in the middle.
+    bundle = _bundle(tmp_path_factory.mktemp("slow"), SLOW_RECIPE)
+    shared = tmp_path / "shared"  # the NFS mount of a real deployment
+    config: dict[str, dict[str, Any]] = {
+        "database": {"url": postgres_server.create_database()},
+        "storage": {"root": shared / "store", "results_root": shared / "results"},
+        "workers": {"count": 0, "device": "cpu", "bundle": bundle, "poll_seconds": 0.1},
+        "jobs": {"lease_seconds": 3, "batch_size": 1, "max_attempts": 3},
+        "dispatch": {
+            "destinations": [{"ae_title": "PACS", "host": "127.0.0.1", "port": pacs.port}],
+            "initial_backoff_seconds": 0.5,
+            "max_backoff_seconds": 1.0,
+        },
+    }
+    first, second = node_factory(config), node_factory(config)
+    workers = Workers(first.config_path, tmp_path / "workers").start(3)
+
+    def logs() -> str:
+        return f"{workers.logs()}\n--- receiver 1 ---\n{first.log()[-3000:]}" + (
+            f"\n--- receiver 2 ---\n{second.log()[-3000:]}"
+        )
+
+    try:
+        _wait(
+            lambda: first.query("SELECT count(*) FROM worker WHERE state = 'ready'") == [(3,)],
+            180,
+            "three workers with their bundle loaded",
+            logs,
+        )
+        # Half the studies to each receiver, one of them split: early to one, delayed to the other.
+        batch = phantoms[:STUDIES]
+        early, delayed = batch[0][1]
+        assert storescu(first.port, [early]).returncode == 0
+        assert storescu(second.port, [delayed]).returncode == 0
+        for index, (_, files) in enumerate(batch[1:], start=1):
+            assert storescu((first, second)[index % 2].port, files).returncode == 0
+        uids = {uid for uid, _ in batch}
+        _wait(lambda: set(_sr_studies(pacs)) >= uids, 240, f"{STUDIES} SRs in the PACS", logs)
+        time.sleep(2.0)  # a second analysis or a second send would show up here
+        assert _sr_studies(pacs) == Counter(dict.fromkeys(uids, 1))
+        jobs = first.query(
+            "SELECT study.study_instance_uid, count(*), max(job.version), max(job.attempts), "
+            "min(job.state) FROM job JOIN study ON study.id = job.study_id "
+            "GROUP BY study.study_instance_uid"
+        )
+        assert sorted(jobs) == sorted((uid, 1, 1, 1, "DONE") for uid in uids)
+        [(instances,)] = first.query("SELECT count(*) FROM instance")
+        assert instances == 2 * STUDIES  # early + delayed of each, stored once
+        analysed_by = first.query(
+            "SELECT actor, count(*) FROM audit_event WHERE kind = 'result' GROUP BY actor"
+        )
+        assert sum(count for _, count in analysed_by) == STUDIES
+        print(f"studies analysed per worker: {sorted(count for _, count in analysed_by)}")
+
+        # A worker dies in the middle of a study: its lease runs out, another worker takes it.
+        uid, files = phantoms[STUDIES]
+        assert storescu(second.port, files).returncode == 0
+        sql = (
+            "SELECT job.id, worker.pid FROM job JOIN study ON study.id = job.study_id "
+            "JOIN worker ON worker.name = job.lease_owner "
+            f"WHERE job.state = 'RUNNING' AND study.study_instance_uid = '{uid}'"
+        )
+        job, pid = _wait(lambda: first.query(sql), 60, "the job to run", logs)[0]
+        os.kill(pid, signal.SIGKILL)
+        _wait(lambda: _sr_studies(pacs)[uid], 90, "the SR after the worker was killed", logs)
+        assert first.query(f"SELECT state, attempts FROM job WHERE id = {job}") == [("DONE", 2)]
+
+        # A receiver dies right after it acknowledged a study: the other one's sweep finds the
+        # study stable and routes it; the two remaining workers analyse it.
+        uid, files = phantoms[STUDIES + 1]
+        assert storescu(first.port, files).returncode == 0
+        first.kill()
+        _wait(lambda: _sr_studies(pacs)[uid], 90, "the SR of the dead receiver's study", logs)
+        time.sleep(1.0)
+        assert _sr_studies(pacs) == Counter(
+            dict.fromkeys([*uids, *(u for u, _ in phantoms[8:])], 1)
+        )
+        assert second.query("SELECT count(*) FROM job WHERE state != 'DONE'") == [(0,)]
+    finally:
+        workers.stop()
