@@ -84,7 +84,7 @@ def _acceptor_main(
     signal.signal(signal.SIGTERM, _on_signal)
     signal.signal(signal.SIGINT, _on_signal)
     database = Database(config.database_url)
-    store = InstanceStore(database, FileStore(config.store_dir))
+    store = InstanceStore(database, FileStore(config.store_dir, config.incoming_name))
     scp = StorageSCP(config, store, listener, limit=limit, acceptor=index)
     scp.start()
     while not stopping and os.getppid() == parent:  # ppid changes if the parent died
@@ -105,7 +105,7 @@ class Node:
 
     def __init__(self, config: Config) -> None:
         self.config = config
-        self.files = FileStore(config.store_dir)
+        self.files = FileStore(config.store_dir, config.incoming_name)
         self.scheduler = BackgroundScheduler(timezone="UTC")
         self.database: Database | None = None
         self.listener: socket.socket | None = None
@@ -131,7 +131,8 @@ class Node:
         removed = self.files.clean_incoming()
         if removed:
             logger.info("removed %d partial file(s) left by an earlier stop", removed)
-        # Create the schema once, before any acceptor opens the database.
+        # Create the schema of an empty database once, before any acceptor opens it; an
+        # outdated one stops the node here, with the command to run (mibi-node db upgrade).
         open_database(self.config.database_url).dispose()
         # One association limit for the whole node, in memory the acceptors share.
         self.limit = AssociationLimit(
