@@ -10,6 +10,18 @@ import logging
 from mibi_node.errors import MibiNodeError
 
 __version__ = "0.1.0"
-__all__ = ["MibiNodeError", "__version__"]
+
+#: Implementation Class UID of mibi-node (a UUID-derived UID, PS3.5 B.2), announced in every
+#: association and written into the File Meta of every file the node makes.
+IMPLEMENTATION_CLASS_UID = "2.25.88449298483801219055411050429656492791"
+#: Implementation Version Name (at most 16 characters).
+IMPLEMENTATION_VERSION_NAME = f"MIBI_NODE_{__version__}"
+
+__all__ = [
+    "IMPLEMENTATION_CLASS_UID",
+    "IMPLEMENTATION_VERSION_NAME",
+    "MibiNodeError",
+    "__version__",
+]
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())

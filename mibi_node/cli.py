@@ -16,7 +16,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from mibi_node import __version__
+from mibi_node import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME, __version__
 from mibi_node.config import DEFAULT_CONFIG_PATH, Config, load_config
 from mibi_node.errors import MibiNodeError
 
@@ -412,6 +412,8 @@ def echo(
 
     ae_title, host, port = parse_peer(peer)
     ae = AE(ae_title=calling_ae_title)
+    ae.implementation_class_uid = IMPLEMENTATION_CLASS_UID
+    ae.implementation_version_name = IMPLEMENTATION_VERSION_NAME
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
     ae.add_requested_context(VERIFICATION)
     assoc = ae.associate(host, port, ae_title=ae_title)

@@ -1329,8 +1329,9 @@ def test_worker_documents_and_what_dispatch_proposes_and_sends(
         for document in (sr, key):
             meta = document.file_meta
             assert meta.TransferSyntaxUID == EXPLICIT_LE
-            assert meta.ImplementationClassUID == "1.2.826.0.1.3680043.9.7433.1.1"
-            assert meta.ImplementationVersionName == f"highdicom{highdicom.__version__}"
+            implementation = {row[""]: row["Value"] for row in doc_table("implementation")}
+            assert meta.ImplementationClassUID == implementation["Implementation Class UID"]
+            assert meta.ImplementationVersionName == implementation["Implementation Version Name"]
 
     # 4.2.2: one association for both deliveries, SR then key image, as proposed in the table.
     outcomes = deliver(

@@ -24,6 +24,7 @@ from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, _config, evt
 from pynetdicom.association import Association
 
+from mibi_node import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 from mibi_node.dispatch.destinations import Destination, DestinationTLS, check_ae_title
 
 __all__ = ["SUCCESS_STATUSES", "SendResult", "send_file", "send_files"]
@@ -257,6 +258,8 @@ def _send_over_association(
     contexts = _requested_contexts(files)
     too_many = {(sop_class, syntaxes[0]) for sop_class, syntaxes in contexts[_MAX_CONTEXTS:]}
     ae = AE(ae_title=calling_ae_title)
+    ae.implementation_class_uid = IMPLEMENTATION_CLASS_UID
+    ae.implementation_version_name = IMPLEMENTATION_VERSION_NAME
     ae.acse_timeout = timeout
     ae.dimse_timeout = timeout
     ae.network_timeout = timeout

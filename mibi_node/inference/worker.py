@@ -30,9 +30,10 @@ from types import FrameType
 from typing import TYPE_CHECKING
 
 import pydicom
-from pydicom.dataset import Dataset
-from pydicom.uid import generate_uid
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import UID, generate_uid
 
+from mibi_node import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 from mibi_node.config import Config
 from mibi_node.dispatch.deliveries import deliver
 from mibi_node.errors import MibiNodeError, MissingPhaseError, UnusableStudyError
@@ -387,6 +388,9 @@ class Worker:
             )
             handle, temporary = tempfile.mkstemp(dir=self.results.incoming, suffix=".dcm")
             os.close(handle)
+            document.file_meta = FileMetaDataset(getattr(document, "file_meta", Dataset()))
+            document.file_meta.ImplementationClassUID = UID(IMPLEMENTATION_CLASS_UID)
+            document.file_meta.ImplementationVersionName = IMPLEMENTATION_VERSION_NAME
             document.save_as(temporary, enforce_file_format=True)
             self.results.place(Path(temporary), relative)
             names.append(relative)

@@ -20,7 +20,7 @@ from typing import Any
 from pynetdicom import AE, _config, evt
 from pynetdicom.transport import ThreadedAssociationServer
 
-from mibi_node import audit
+from mibi_node import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME, audit
 from mibi_node.config import Config
 from mibi_node.errors import ConfigError
 from mibi_node.reception.contexts import TRANSFER_SYNTAXES, VERIFICATION, storage_sop_classes
@@ -153,6 +153,8 @@ class StorageSCP:
     def _build_ae(self) -> AE:
         reception = self.config.reception
         ae = AE(ae_title=self.config.node.ae_title)
+        ae.implementation_class_uid = IMPLEMENTATION_CLASS_UID
+        ae.implementation_version_name = IMPLEMENTATION_VERSION_NAME
         # The limit is the node's (self.limit, checked in _on_requested); pynetdicom's own
         # check is only a backstop, with room for associations whose threads are ending.
         ae.maximum_associations = 2 * reception.max_associations
