@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import struct
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
@@ -31,7 +32,7 @@ from pathlib import Path
 import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
-from pydicom.errors import InvalidDicomError
+from pydicom.errors import BytesLengthException, InvalidDicomError
 from pydicom.uid import JPEGBaseline8Bit, JPEGExtended12Bit
 
 from mibi_node.errors import MissingPhaseError, UnusableStudyError
@@ -63,6 +64,29 @@ _TC99M_KEV = 140.5
 _SATURATED_SHARE = 0.05
 #: Vectors that separate frames into different images; the others are summed over.
 _SEPARATING = ("EnergyWindowVector", "DetectorVector", "PhaseVector", "RRIntervalVector")
+#: What pydicom raises on a damaged file, when reading it or (it parses lazily) when an
+#: element is first used: the reader turns each into a sentence, never a traceback.
+_DAMAGED = (
+    BytesLengthException,
+    RecursionError,
+    ValueError,
+    TypeError,
+    LookupError,
+    AttributeError,
+    NotImplementedError,
+    struct.error,
+    EOFError,
+    OverflowError,
+)
+_MAX_REASON = 160
+
+
+def _reason(error: BaseException) -> str:
+    """One short line saying what pydicom found wrong."""
+    text = " ".join(str(error).split()) or "no detail"
+    if len(text) > _MAX_REASON:
+        text = text[: _MAX_REASON - 3] + "..."
+    return f"{type(error).__name__}: {text}"
 
 
 @dataclass(frozen=True)
@@ -111,16 +135,31 @@ def read_study(
         raise TypeError('Argument "paths" should be a sequence of paths, not a single path.')
     files = list(_expand(Path(p) for p in paths))
     datasets = []
+    damaged: list[str] = []
     for file in files:
         try:
             datasets.append(pydicom.dcmread(file))
-        except (InvalidDicomError, OSError, EOFError) as error:
+        except (InvalidDicomError, OSError) as error:
             logger.info("skipping %s: not a readable DICOM file (%s)", file, error)
-    if not datasets:
+        except _DAMAGED as error:
+            logger.warning("skipping %s: a damaged DICOM file (%s)", file, _reason(error))
+            damaged.append(f"{file.name} ({_reason(error)})")
+    if not datasets and not damaged:
         raise UnusableStudyError(
             f"No DICOM files were found in {', '.join(str(p) for p in paths) or 'nothing'}."
         )
-    return read_datasets(datasets, required)
+    try:
+        if not datasets:
+            raise UnusableStudyError("No file of the study could be read.")
+        return read_datasets(datasets, required)
+    except UnusableStudyError as error:
+        if not damaged:
+            raise
+        # The damaged files are the likely cause: name them in the same sentence.
+        message = f"{error} Damaged file(s) that could not be read: {'; '.join(damaged)}."
+        if isinstance(error, MissingPhaseError):
+            raise MissingPhaseError(message, error.missing, error.found) from error
+        raise UnusableStudyError(message) from error
 
 
 def read_datasets(
@@ -146,6 +185,17 @@ def read_datasets(
         The instances hold no usable study; the message says why.
     """
     required = _check_required(required)
+    try:
+        return _interpret(datasets, required)
+    except UnusableStudyError:
+        raise
+    except _DAMAGED as error:  # an element pydicom cannot parse, or a missing attribute
+        raise UnusableStudyError(
+            f"An image of this study is damaged or incomplete: {_reason(error)}."
+        ) from error
+
+
+def _interpret(datasets: Sequence[Dataset], required: tuple[str, ...]) -> StudyInput:
     if not datasets:
         raise UnusableStudyError("The study holds no instances.")
     studies = sorted({str(ds.get("StudyInstanceUID", "")) for ds in datasets})
