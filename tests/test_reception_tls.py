@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import socket
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -142,3 +144,30 @@ def test_client_certificate_is_verified(
     )
     assert trusted.returncode == 0, trusted.stderr
     assert node.query("SELECT count(*) FROM instance") == [(2,)]
+
+
+def test_silent_connections_do_not_block_tls_reception(
+    node_factory, pki: Path, tmp_path: Path, require_tool
+) -> None:
+    # Peers that open TCP and never start the TLS handshake (a port scanner, a stalled
+    # camera) must not hold the accept loop: other cameras still get in at once.
+    require_tool("storescu")
+    config = _tls(pki, require_client=False)
+    config["reception"] = {"acceptors": 1, "acse_timeout": 30}
+    node = node_factory(config)
+    silent = [socket.create_connection(("127.0.0.1", node.port)) for _ in range(3)]
+    try:
+        time.sleep(0.5)
+        started = time.monotonic()
+        result = storescu(
+            node.port,
+            nm_files(tmp_path / "in", 1),
+            extra=["+tla", "+cf", str(pki / "ca.crt"), "-to", "10", "-ta", "10"],
+            timeout=60,
+        )
+        assert result.returncode == 0, result.stderr
+        assert time.monotonic() - started < 20  # not behind the 30 s ACSE timeout
+    finally:
+        for connection in silent:
+            connection.close()
+    assert node.query("SELECT count(*) FROM instance") == [(1,)]

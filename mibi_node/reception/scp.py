@@ -85,7 +85,12 @@ class _SharedListenerServer(ThreadedAssociationServer):
         client, address = self._listener.accept()  # BlockingIOError when another won
         client.setblocking(True)
         if self.ssl_context:
-            client = self.ssl_context.wrap_socket(client, server_side=True)
+            # The handshake happens in the association's own thread, at its first read
+            # (OpenSSL negotiates inside SSL_read), under the ACSE timeout: a peer that
+            # connects and says nothing cannot hold this accept loop.
+            client = self.ssl_context.wrap_socket(
+                client, server_side=True, do_handshake_on_connect=False
+            )
         return client, address
 
     def server_close(self) -> None:
