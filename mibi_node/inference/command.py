@@ -73,9 +73,14 @@ def _group_by_study(files: list[Path]) -> tuple[dict[str, list[Path]], list[str]
                 path, stop_before_pixels=True, specific_tags=["StudyInstanceUID"]
             )
             uid = str(header.StudyInstanceUID)
-        except (InvalidDicomError, AttributeError, OSError, ValueError) as exc:
-            reason = "no Study Instance UID" if isinstance(exc, AttributeError) else "not DICOM"
-            skipped.append(f"{path}: skipped ({reason})")
+        except (InvalidDicomError, OSError):
+            skipped.append(f"{path}: skipped (not DICOM)")
+            continue
+        except AttributeError:
+            skipped.append(f"{path}: skipped (no Study Instance UID)")
+            continue
+        except Exception as exc:  # a damaged file: pydicom raises many kinds; one line each
+            skipped.append(f"{path}: skipped (damaged: {type(exc).__name__})")
             continue
         groups.setdefault(uid, []).append(path)
     return groups, skipped
