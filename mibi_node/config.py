@@ -89,6 +89,14 @@ class TLSConfig(_Section):
     ca_certificates: Path | None = None
     require_client_certificate: bool = False
 
+    @model_validator(mode="after")
+    def _complete(self) -> TLSConfig:
+        if self.enabled and (self.certificate is None or self.private_key is None):
+            raise ValueError("certificate and private_key are required when TLS is enabled")
+        if self.enabled and self.require_client_certificate and self.ca_certificates is None:
+            raise ValueError("ca_certificates is required to verify client certificates")
+        return self
+
 
 class ReceptionConfig(_Section):
     """Associations, presentation contexts and the peers allowed to send."""

@@ -42,7 +42,7 @@ from mibi_node.dispatch.deliveries import deliver
 from mibi_node.errors import MibiNodeError
 from mibi_node.jobs.queue import release_expired_jobs
 from mibi_node.reception.limit import AssociationLimit
-from mibi_node.reception.scp import StorageSCP, bind_listener
+from mibi_node.reception.scp import StorageSCP, bind_listener, server_ssl_context
 from mibi_node.retention import sweep_retention
 from mibi_node.storage.database import Database, open_database
 from mibi_node.storage.filestore import FileStore
@@ -140,6 +140,8 @@ class Node:
             self.config.reception.acceptors,
             self.config.node.data_dir / "associations.lock",
         )
+        # Load the TLS certificates once here: a bad file stops the start with its reason.
+        server_ssl_context(self.config.reception.tls)
         self.listener = self._bind()
         count = self.config.reception.acceptors
         if count == 1:

@@ -52,7 +52,6 @@ from mibi_node.config import Config, DispatchConfig
 from mibi_node.dispatch import Destination, DestinationTLS, send_files
 from mibi_node.dispatch.deliveries import deliver, resend_study
 from mibi_node.dispatch.scu import _ssl_context as _dispatch_ssl_context
-from mibi_node.errors import ConfigError
 from mibi_node.imaging.study import PhaseImage
 from mibi_node.inference.result import Focus, StudyResult
 from mibi_node.inference.worker import Worker
@@ -1040,32 +1039,48 @@ def test_tls_reception_without_required_client_certificates(nodes, pki: Path) ->
         assoc.release()
 
 
-def test_tls_misconfiguration_leaves_acceptors_failing(pki: Path, tmp_path: Path) -> None:
+def test_tls_misconfiguration_is_refused_at_start(pki: Path, tmp_path: Path) -> None:
+    from node import write_config
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "mibi_node.cli", *args],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+
     without_key = {"enabled": True, "certificate": str(pki / "node.crt")}
-    folder = tmp_path / "var"
-    folder.mkdir()
-    node = NodeProcess(
-        folder, free_port(), {"web": {"enabled": False}, "reception.tls": without_key}
+    without_ca = {
+        **without_key,
+        "private_key": str(pki / "node.key"),
+        "require_client_certificate": True,
+    }
+    for tls, reason in (
+        (without_key, "certificate and private_key are required"),
+        (without_ca, "ca_certificates is required"),
+    ):
+        path = write_config(tmp_path / "bad.toml", {"reception.tls": tls})
+        checked = run("check-config", str(path))
+        assert checked.returncode != 0
+        assert "reception.tls" in checked.stderr + checked.stdout
+        assert reason in checked.stderr + checked.stdout
+    # A file named but not there: serve stops before it listens, naming the problem.
+    missing = {**without_key, "private_key": str(tmp_path / "no-such.key")}
+    path = write_config(
+        tmp_path / "missing.toml",
+        {"reception.tls": missing, "web": {"enabled": False}, "workers": {"count": 0}},
     )
-    try:
-        node.start(timeout=20)  # the port is bound: TCP connections are accepted ...
-        assoc = associate(node.port, ECHO, tls=_client(pki, "camera"), timeout=1)
-        assert not assoc.is_established  # ... but no association ever is
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and node.log().count("starting a new one") < 2:
-            time.sleep(0.2)
-        log = node.log()
-        assert "certificate and private_key are required" in log
-        assert log.count("exited with status 1; starting a new one") >= 2
-        assert node.process is not None and node.process.poll() is None
-    finally:
-        node.stop()
-    # The other missing file fails the same way, at the same point of an acceptor's start.
-    without_ca = {**without_key, "private_key": str(pki / "node.key")}
-    without_ca["require_client_certificate"] = True
-    scp = scp_here(tmp_path / "other", {"reception": {"tls": without_ca}})
-    with pytest.raises(ConfigError, match="ca_certificates is required"):
-        scp._ssl_context()  # what StorageSCP.start() calls
+    port = free_port()
+    served = run(
+        "serve", "--config", str(path), "--port", str(port), "--data-dir", str(tmp_path / "v")
+    )
+    assert served.returncode != 0
+    assert "cannot load certificates" in served.stderr + served.stdout
+    assert "Traceback" not in served.stderr
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
 
 
 # --- 4.2.2 DISPATCH and 4.2.3 ECHO: a recording SCP ----------------------------------------

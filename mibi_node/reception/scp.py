@@ -21,7 +21,7 @@ from pynetdicom import AE, _config, evt
 from pynetdicom.transport import ThreadedAssociationServer
 
 from mibi_node import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME, audit
-from mibi_node.config import Config
+from mibi_node.config import Config, TLSConfig
 from mibi_node.errors import ConfigError
 from mibi_node.reception.contexts import TRANSFER_SYNTAXES, VERIFICATION, storage_sop_classes
 from mibi_node.reception.limit import AssociationLimit
@@ -63,6 +63,40 @@ def bind_listener(host: str, port: int, backlog: int = 128) -> socket.socket:
     # connection must get EAGAIN, not block in accept().
     listener.setblocking(False)
     return listener
+
+
+def server_ssl_context(tls: TLSConfig) -> ssl.SSLContext | None:
+    """The reception's TLS context (``None`` when TLS is off), certificates loaded.
+
+    The node builds it once before it listens, so a missing or unreadable file stops the
+    start with its reason instead of failing in every acceptor.
+
+    Raises
+    ------
+    ConfigError
+        A certificate, key or CA file is missing or cannot be loaded.
+    """
+    if not tls.enabled:
+        return None
+    if tls.certificate is None or tls.private_key is None:
+        raise ConfigError(
+            "reception.tls: certificate and private_key are required when TLS is enabled"
+        )
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        context.load_cert_chain(tls.certificate, tls.private_key)
+        if tls.ca_certificates is not None:
+            context.load_verify_locations(cafile=str(tls.ca_certificates))
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(f"reception.tls: cannot load certificates: {exc}") from None
+    if tls.require_client_certificate:
+        if tls.ca_certificates is None:
+            raise ConfigError(
+                "reception.tls.ca_certificates is required to verify client certificates"
+            )
+        context.verify_mode = ssl.CERT_REQUIRED
+    return context
 
 
 class _SharedListenerServer(ThreadedAssociationServer):
@@ -176,28 +210,7 @@ class StorageSCP:
         return ae
 
     def _ssl_context(self) -> ssl.SSLContext | None:
-        tls = self.config.reception.tls
-        if not tls.enabled:
-            return None
-        if tls.certificate is None or tls.private_key is None:
-            raise ConfigError(
-                "reception.tls: certificate and private_key are required when TLS is enabled"
-            )
-        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        context.minimum_version = ssl.TLSVersion.TLSv1_2
-        try:
-            context.load_cert_chain(tls.certificate, tls.private_key)
-            if tls.ca_certificates is not None:
-                context.load_verify_locations(cafile=str(tls.ca_certificates))
-        except (OSError, ssl.SSLError) as exc:
-            raise ConfigError(f"reception.tls: cannot load certificates: {exc}") from None
-        if tls.require_client_certificate:
-            if tls.ca_certificates is None:
-                raise ConfigError(
-                    "reception.tls.ca_certificates is required to verify client certificates"
-                )
-            context.verify_mode = ssl.CERT_REQUIRED
-        return context
+        return server_ssl_context(self.config.reception.tls)
 
     def start(self) -> None:
         """Listen on the configured address; returns once the socket accepts connections."""
