@@ -623,14 +623,17 @@ def test_host_binding_on_a_dual_stack_listener(nodes) -> None:
                 "allowed_peers": [
                     {"ae_title": "CAM4", "hosts": ["127.0.0.1"]},
                     {"ae_title": "CAM6", "hosts": ["::ffff:127.0.0.1", "::1"]},
+                    {"ae_title": "ELSEWHERE", "hosts": ["10.9.9.9"]},
                 ]
             },
         },
     )
-    # An IPv4 peer is seen as ::ffff:127.0.0.1, so a plain IPv4 entry does not match.
-    assert rejection(associate(node.port, ECHO, calling="CAM4")) == (1, 1, 3)
+    # An IPv4 peer is seen as ::ffff:127.0.0.1 and matches an entry in either form.
+    _held(node.port, calling="CAM4").release()
     _held(node.port, calling="CAM6").release()
     _held(node.port, calling="CAM6", host="::1").release()
+    assert rejection(associate(node.port, ECHO, calling="CAM4", host="::1")) == (1, 1, 3)
+    assert rejection(associate(node.port, ECHO, calling="ELSEWHERE")) == (1, 1, 3)
 
 
 def test_association_limit_is_node_wide(nodes) -> None:

@@ -6,6 +6,7 @@ sender nothing): every outcome is a precise DICOM status, logged once with its r
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import socket
 import socketserver
@@ -97,6 +98,18 @@ def server_ssl_context(tls: TLSConfig) -> ssl.SSLContext | None:
             )
         context.verify_mode = ssl.CERT_REQUIRED
     return context
+
+
+def _address_forms(address: str) -> frozenset[str]:
+    """A peer's address as written in ``allowed_peers``: an IPv4 peer of a dual-stack
+    listener arrives as ``::ffff:a.b.c.d`` and matches both that and ``a.b.c.d``."""
+    try:
+        mapped = ipaddress.ip_address(address.split("%")[0])
+    except ValueError:
+        return frozenset({address})
+    if isinstance(mapped, ipaddress.IPv6Address) and mapped.ipv4_mapped is not None:
+        return frozenset({address, str(mapped.ipv4_mapped)})
+    return frozenset({address})
 
 
 class _SharedListenerServer(ThreadedAssociationServer):
@@ -313,7 +326,7 @@ class StorageSCP:
                         "calling_ae_title",
                     )
                     return
-                if hosts and address not in hosts:
+                if hosts and not hosts & _address_forms(address):
                     self._reject(
                         event,
                         _REJECT_CALLING_AE,
