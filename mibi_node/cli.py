@@ -251,7 +251,7 @@ def status(
     database = _open_existing(resolved)
     try:
         studies = list_studies(database, limit=limit)
-        workers = list_workers(database, stale_after=resolved.jobs.lease_seconds)
+        workers = list_workers(database, stale_after=resolved.web.worker_stale_seconds)
         jobs = count_jobs(database)
         deliveries = list_deliveries(database)
     finally:
