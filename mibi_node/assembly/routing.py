@@ -17,7 +17,6 @@ from dataclasses import dataclass
 
 import pydicom
 from pydicom.dataset import Dataset
-from pydicom.errors import InvalidDicomError
 from sqlalchemy import func, select
 
 from mibi_node.config import RoutingConfig
@@ -121,14 +120,39 @@ def _headers(files: FileStore, paths: Sequence[str]) -> list[Dataset]:
     headers: list[Dataset] = []
     for relative in paths:
         try:
-            headers.append(
-                pydicom.dcmread(
-                    files.absolute(relative), stop_before_pixels=True, specific_tags=_HEADER_TAGS
-                )
+            header = pydicom.dcmread(
+                files.absolute(relative), stop_before_pixels=True, specific_tags=_HEADER_TAGS
             )
-        except (InvalidDicomError, OSError, ValueError) as exc:
-            logger.warning("routing could not read a stored instance (%s): %s", relative, exc)
+        except Exception as exc:  # noqa: BLE001 - pydicom raises many kinds on damaged files
+            logger.warning(
+                "routing could not read a stored instance (%s): %s", relative, type(exc).__name__
+            )
+            continue
+        headers.append(_without_damaged_elements(header, relative))
     return headers
+
+
+def _without_damaged_elements(header: Dataset, relative: str) -> Dataset:
+    """Drop the routing elements that cannot be parsed (pydicom parses on first use).
+
+    Reception stores instances as sent and checks only their identifying UIDs, so a stored
+    header may hold an element with an unknown VR or a bad length: it must not stop routing
+    (of this study, or of every study after it). Such an element simply matches no rule.
+    """
+    for keyword in _HEADER_TAGS:
+        try:
+            value = header.get(keyword)
+            if keyword == "RadiopharmaceuticalInformationSequence" and value is not None:
+                _radiopharmaceutical_codes(header)
+        except Exception as exc:  # noqa: BLE001 - any parse error of that one element
+            logger.warning(
+                "routing ignores a damaged %s in a stored instance (%s): %s",
+                keyword,
+                relative,
+                type(exc).__name__,
+            )
+            delattr(header, keyword)
+    return header
 
 
 def route_stable_studies(database: Database, files: FileStore, rules: RoutingConfig) -> list[int]:
@@ -163,7 +187,12 @@ def route_stable_studies(database: Database, files: FileStore, rules: RoutingCon
                 if is_image_instance(modality, sop_class):
                     first_per_series.setdefault(series, path)
             headers = _headers(files, list(first_per_series.values()))
-            plans.append((study_id, decide(headers, calling_ae_title, rules)))
+            try:
+                plans.append((study_id, decide(headers, calling_ae_title, rules)))
+            except Exception as exc:  # noqa: BLE001 - one study must never stop the sweep
+                logger.exception("routing study #%d failed", study_id)
+                reason = f"routing failed ({type(exc).__name__}); requeue it to analyse it"
+                plans.append((study_id, RoutingDecision(False, reason)))
     queued: list[int] = []
     if not plans:
         return queued
