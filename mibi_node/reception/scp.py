@@ -130,7 +130,11 @@ class _SharedListenerServer(ThreadedAssociationServer):
 
     def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
         client, address = self._listener.accept()  # BlockingIOError when another won
-        client.setblocking(True)
+        # Every read and write on the connection is bounded by the network timeout:
+        # pynetdicom reads a PDU with blocking recv() calls, and without a timeout a peer
+        # that sends part of a PDU (or of a TLS record) and stops would hold the
+        # association's thread for ever, beyond the reach of its ARTIM and idle timers.
+        client.settimeout(self.ae.network_timeout)
         if self.ssl_context:
             # The handshake happens in the association's own thread, at its first read
             # (OpenSSL negotiates inside SSL_read), under the ACSE timeout: a peer that
