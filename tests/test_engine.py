@@ -90,7 +90,7 @@ def test_result_contract(engine: InferenceEngine) -> None:
     assert list(result.probabilities) == KEYS
     assert abs(sum(result.probabilities.values()) - 1) < 1e-9
     assert result.predicted in KEYS
-    assert list(result.member_probabilities) == ["resnet18", "efficientnet_b0", "densenet121"]
+    assert list(result.member_probabilities) == ["resnet10t", "resnet18d", "efficientnet_b0"]
     for probs in result.member_probabilities.values():
         assert list(probs) == KEYS and abs(sum(probs.values()) - 1) < 1e-5
     assert 0 < result.agreement <= 1 and 0 <= result.normalised_entropy <= 1
