@@ -152,6 +152,26 @@ class _SharedListenerServer(ThreadedAssociationServer):
         socketserver.BaseServer.shutdown(self)
 
 
+def _discard_partial_instance(assoc: Any) -> None:
+    """Delete the temporary file of a C-STORE whose data set never arrived in full.
+
+    pynetdicom writes a data set to a file under ``.incoming/`` as its fragments arrive
+    (``STORE_RECV_CHUNKED_DATASET``) and removes it after the handler; when the peer aborts
+    or vanishes half-way, nobody does, and a peer that keeps doing so would fill the disk.
+    """
+    message = getattr(getattr(assoc, "dimse", None), "message", None)
+    handle = getattr(message, "_data_set_file", None)
+    path = getattr(message, "_data_set_path", None)
+    try:
+        if handle is not None:
+            handle.close()
+        if path is not None:
+            Path(path).unlink(missing_ok=True)
+            logger.debug("removed the partial data set of an unfinished C-STORE")
+    except OSError as exc:  # pragma: no cover - the next start cleans .incoming anyway
+        logger.warning("could not remove the partial data set of a C-STORE: %s", exc)
+
+
 @dataclass
 class _AssociationTally:
     calling_ae_title: str
@@ -195,6 +215,7 @@ class StorageSCP:
             config.reception.max_associations, 1, config.node.data_dir / "associations.lock"
         )
         self._acceptor = acceptor
+        self._janitor_stop = threading.Event()
         self._server: ThreadedAssociationServer | None = None
         self._thread: threading.Thread | None = None
         self._tallies: dict[int, _AssociationTally] = {}
@@ -262,9 +283,42 @@ class StorageSCP:
         )
         self._thread.start()
         self._server = server
+        self._janitor_stop.clear()
+        threading.Thread(target=self._janitor, daemon=True, name="incoming-janitor").start()
+
+    def _orphan_seconds(self) -> float:
+        """Age after which a file in ``.incoming/`` cannot belong to a live C-STORE."""
+        reception = self.config.reception
+        return 2 * max(reception.network_timeout, reception.dimse_timeout) + 5
+
+    def _janitor(self) -> None:
+        """Remove partial data sets that no association will finish.
+
+        :func:`_discard_partial_instance` removes them when an association ends; this catches
+        the rest (pynetdicom ends an association without any event when its state machine
+        fails, e.g. on a PDV for a presentation context never negotiated). A transfer whose
+        file has not changed for that long is stalled; only a peer that dribbles a few bytes
+        at a time stays below the file's write buffer that long, and its C-STORE is then
+        answered 0xC210 (the file is gone) instead of taking disk space for ever.
+        """
+        age = self._orphan_seconds()
+        while not self._janitor_stop.wait(age / 3):
+            cutoff = time.time() - age
+            try:
+                entries = list(self.store.files.incoming.iterdir())
+            except OSError:
+                continue
+            for entry in entries:
+                try:
+                    if entry.is_file() and entry.stat().st_mtime < cutoff:
+                        entry.unlink(missing_ok=True)
+                        logger.info("removed a partial data set left by an ended association")
+                except OSError:
+                    continue  # gone meanwhile, or another acceptor's janitor was first
 
     def stop(self, timeout: float = 30.0) -> None:
         """Stop accepting associations and let the ones in progress finish (up to ``timeout``)."""
+        self._janitor_stop.set()
         if self._server is not None:
             self._server.shutdown()
             self._server = None
@@ -367,6 +421,7 @@ class StorageSCP:
                 pass
 
     def _on_closed(self, event: Any) -> None:
+        _discard_partial_instance(event.assoc)
         with self._lock:
             tally = self._tallies.pop(id(event.assoc), None)
         if tally is None:
