@@ -7,7 +7,13 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-BENCHMARKS = ["bench_ingest.py", "bench_denoise.py", "bench_inference.py", "bench_e2e.py"]
+BENCHMARKS = [
+    "bench_ingest.py",
+    "bench_denoise.py",
+    "bench_inference.py",
+    "bench_e2e.py",
+    "bench_queue.py",
+]
 
 
 def main() -> None:
