@@ -26,6 +26,7 @@ from mibi_node.config import Config, TLSConfig
 from mibi_node.errors import ConfigError
 from mibi_node.reception.contexts import TRANSFER_SYNTAXES, VERIFICATION, storage_sop_classes
 from mibi_node.reception.limit import AssociationLimit
+from mibi_node.reception.pdu import guard_pdu_lengths
 from mibi_node.reception.validation import RejectedInstanceError, read_instance_meta
 from mibi_node.storage.instances import InstanceStore, StoreOutcome
 
@@ -342,6 +343,7 @@ class StorageSCP:
         dul = getattr(event.assoc, "dul", None)
         if dul is not None and hasattr(dul, "_run_loop_delay"):
             dul._run_loop_delay = _DUL_LOOP_DELAY
+        guard_pdu_lengths(event.assoc, self.config.reception.max_pdu_size)
 
     def _reject(self, event: Any, rsd: tuple[int, int, int], why: str, reason: str) -> None:
         requestor = event.assoc.requestor
