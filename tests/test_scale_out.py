@@ -194,7 +194,9 @@ def test_two_receivers_three_workers_every_study_analysed_once(
         )
         job, pid = _wait(lambda: first.query(sql), 60, "the job to run", logs)[0]
         os.kill(pid, signal.SIGKILL)
+        killed = time.monotonic()
         _wait(lambda: _sr_studies(pacs)[uid], 90, "the SR after the worker was killed", logs)
+        print(f"worker killed mid-study: its SR {time.monotonic() - killed:.1f} s later")
         assert first.query(f"SELECT state, attempts FROM job WHERE id = {job}") == [("DONE", 2)]
 
         # A receiver dies right after it acknowledged a study: the other one's sweep finds the
@@ -202,7 +204,9 @@ def test_two_receivers_three_workers_every_study_analysed_once(
         uid, files = phantoms[STUDIES + 1]
         assert storescu(first.port, files).returncode == 0
         first.kill()
+        killed = time.monotonic()
         _wait(lambda: _sr_studies(pacs)[uid], 90, "the SR of the dead receiver's study", logs)
+        print(f"receiver killed after its study: the SR {time.monotonic() - killed:.1f} s later")
         time.sleep(1.0)
         assert _sr_studies(pacs) == Counter(
             dict.fromkeys([*uids, *(u for u, _ in phantoms[8:])], 1)

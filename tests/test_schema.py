@@ -19,6 +19,7 @@ from typer.testing import CliRunner
 
 from conftest import free_port
 from mibi_node.cli import app
+from mibi_node.errors import ConfigError
 from mibi_node.storage import schema
 from mibi_node.storage.database import Database, open_database
 from mibi_node.storage.models import Base, Study, StudyState
@@ -157,3 +158,11 @@ def test_serve_and_worker_refuse_an_outdated_schema_and_db_upgrade_fixes_it(
     assert current.exit_code == 0 and "up to date" in current.output
     again = runner.invoke(app, ["db", "upgrade", "--data-dir", str(data)])
     assert "already at revision" in again.output
+
+
+def test_database_url_is_sqlite_or_postgresql_through_psycopg() -> None:
+    assert Database("postgresql://mibi@db.example.org/mibi").url.startswith("postgresql+psycopg://")
+    with pytest.raises(ConfigError, match="database.url: mibi-node runs on SQLite or PostgreSQL"):
+        Database("mysql://mibi@db.example.org/mibi")
+    with pytest.raises(ConfigError, match=r"psycopg driver \(postgresql\+psycopg"):
+        Database("postgresql+pg8000://mibi@db.example.org/mibi")
