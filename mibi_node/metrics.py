@@ -78,6 +78,9 @@ STAGES = ("read", "denoise", "inference", "sr")
 #: Audit rows folded in per database round trip.
 _PAGE = 5000
 
+#: How many ids back each scrape looks for rows that committed after higher ids.
+_LATE = 1000
+
 
 @dataclass
 class _Histogram:
@@ -144,36 +147,51 @@ class DatabaseCollector:
         self.database = database
         self.config = config
         self._totals = _Totals()
+        #: Ids counted among the last _LATE (see :meth:`_fold`).
+        self._seen: set[int] = set()
         self._lock = threading.Lock()
 
     # -- folding the audit trail in --------------------------------------------------------
 
     def _fold(self) -> None:
         totals = self._totals
+        # Ids are handed out when a row is inserted, not when it commits: on PostgreSQL a
+        # transaction that commits late leaves a lower id behind a higher one already read.
+        # Each scrape therefore looks back _LATE ids and counts what it has not seen yet.
+        cursor = max(0, totals.last_id - _LATE)
         while True:
             with self.database.session() as session:
-                rows = session.scalars(
-                    select(AuditEvent)
-                    .where(AuditEvent.id > totals.last_id)
-                    .order_by(AuditEvent.id)
-                    .limit(_PAGE)
-                ).all()
+                rows = [
+                    row
+                    for row in session.scalars(
+                        select(AuditEvent)
+                        .where(AuditEvent.id > cursor)
+                        .order_by(AuditEvent.id)
+                        .limit(_PAGE)
+                    ).all()
+                ]
+                fetched = len(rows)
+                if rows:
+                    cursor = rows[-1].id
+                rows = [row for row in rows if row.id not in self._seen]
                 done_jobs = [int(r.detail["job"]) for r in rows if self._is(r, "result", "done")]
                 sent = [int(r.detail["delivery"]) for r in rows if self._is(r, "delivery", "sent")]
                 jobs = self._jobs(session, done_jobs)
                 deliveries = self._deliveries(session, sent)
             for row in rows:
                 self._count(row)
+                self._seen.add(row.id)
             for job, study_last_received in jobs:
                 self._observe_job(job, study_last_received)
             for delivered_at, finished_at in deliveries:
                 seconds = _seconds(delivered_at, finished_at)
                 if seconds is not None:
                     totals.result_to_delivered.observe(seconds)
-            if rows:
-                totals.last_id = rows[-1].id
-            if len(rows) < _PAGE:
-                return
+            totals.last_id = max(totals.last_id, cursor)
+            if fetched < _PAGE:
+                break
+        floor = totals.last_id - _LATE
+        self._seen = {seen for seen in self._seen if seen > floor}
 
     @staticmethod
     def _is(row: AuditEvent, kind: str, outcome: str) -> bool:

@@ -174,3 +174,22 @@ def test_results_deliveries_and_workers(tmp_path: Path) -> None:
     assert _value(_samples(fresh), "mibi_node_jobs_finished_total", outcome="done") == 2
     fresh.dispose()
     database.dispose()
+
+
+def test_a_row_that_commits_after_a_higher_id_is_still_counted(tmp_path: Path) -> None:
+    # On PostgreSQL ids are taken at insert and rows become visible at commit: id 3 may
+    # appear after id 4 was scraped. Both are counted, each once.
+    database = open_database(f"sqlite:///{tmp_path / 'db.sqlite3'}")
+
+    def add(event_id: int) -> None:
+        with database.session() as session, session.begin():
+            session.add(AuditEvent(id=event_id, kind="operator", outcome="requeue", actor="cli:x"))
+
+    for event_id in (1, 2, 4):
+        add(event_id)
+    name = "mibi_node_operator_actions_total"
+    assert _value(_samples(database), name, outcome="requeue") == 3
+    add(3)
+    assert _value(_samples(database), name, outcome="requeue") == 4
+    assert _value(_samples(database), name, outcome="requeue") == 4
+    database.dispose()
