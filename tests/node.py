@@ -120,6 +120,15 @@ class NodeProcess:
             os.killpg(self.process.pid, signal.SIGKILL)
             self.process.wait(10)
 
+    def wait_for_acceptors(self, count: int, timeout: float = 15.0) -> list[int]:
+        """The acceptor pids once there are ``count`` of them (the port listens first)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            pids = self.acceptor_pids()
+            if len(pids) == count or time.monotonic() > deadline:
+                return pids
+            time.sleep(0.1)
+
     def acceptor_pids(self) -> list[int]:
         """Process ids of the node's acceptor children."""
         assert self.process is not None

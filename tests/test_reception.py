@@ -306,7 +306,7 @@ def test_a_killed_acceptor_is_replaced_and_reception_goes_on(node_factory, tmp_p
     import signal
 
     node = node_factory({"reception": {"acceptors": 2}})
-    pids = node.acceptor_pids()
+    pids = node.wait_for_acceptors(2)
     assert len(pids) == 2
     os.kill(pids[0], signal.SIGKILL)
     deadline = time.monotonic() + 15
@@ -328,7 +328,7 @@ def test_repeated_sigterm_stops_the_node_and_every_acceptor(node_factory) -> Non
     import signal
 
     node = node_factory({"reception": {"acceptors": 2}})
-    children = node.acceptor_pids()
+    children = node.wait_for_acceptors(2)
     assert len(children) == 2
     for _ in range(3):  # an impatient operator (or systemd plus a user) signalling repeatedly
         node.process.send_signal(signal.SIGTERM)
