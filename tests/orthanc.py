@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 
-from conftest import free_port
+from ports import free_port
 
 __all__ = ["OrthancServer", "find_orthanc", "orthanc_server"]
 

@@ -105,7 +105,7 @@ def test_status_without_database_says_so(tmp_path: Path) -> None:
 def test_echo_bad_peer_and_unreachable_peer(tmp_path: Path) -> None:
     bad = run_cli("echo", "not-a-peer")
     assert bad.returncode == 2 and "AE@HOST:PORT" in bad.stderr
-    from conftest import free_port
+    from ports import free_port
 
     down = run_cli("echo", f"NOBODY@127.0.0.1:{free_port()}", "--timeout", "2")
     assert down.returncode == 1 and "refused or peer unreachable" in down.stderr

@@ -46,7 +46,6 @@ from pynetdicom.pdu_primitives import (
 from sqlalchemy import select, update
 
 import mibi_node
-from conftest import free_port
 from factory import CT_STORAGE, NM_STORAGE, nm_dataset, write
 from mibi_node.config import Config, DispatchConfig
 from mibi_node.dispatch import Destination, DestinationTLS, send_files
@@ -69,6 +68,7 @@ from mibi_node.storage import (
 )
 from mibi_node.storage.models import Delivery, DeliveryState, Job, utcnow
 from node import NodeProcess
+from ports import free_port
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "conformance.md"
 VERIFICATION = "1.2.840.10008.1.1"

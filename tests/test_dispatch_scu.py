@@ -22,7 +22,6 @@ from pydicom.uid import ImplicitVRLittleEndian, generate_uid
 from pynetdicom import AE, evt
 from pynetdicom.dsutils import split_dataset
 
-from conftest import free_port
 from factory import nm_dataset, write
 from mibi_node.dispatch import (
     Destination,
@@ -38,6 +37,7 @@ from mibi_node.inference.result import Focus, StudyResult
 from mibi_node.report import build_sr
 from node import dcmtk_env
 from orthanc import OrthancServer, orthanc_server  # noqa: F401
+from ports import free_port
 
 pytestmark = pytest.mark.peers
 

@@ -191,7 +191,7 @@ def _done_job_with_delivery(database: Database, port: int) -> int:
 
 
 def test_delivery_backoff_retries_and_gives_up(database: Database, tmp_path: Path) -> None:
-    from conftest import free_port
+    from ports import free_port
 
     delivery_id = _done_job_with_delivery(database, free_port())  # nothing listens there
     (tmp_path / "sr.dcm").write_bytes(b"not sent anyway")

@@ -19,12 +19,12 @@ from pathlib import Path
 import pydicom
 import pytest
 
-from conftest import free_port
 from factory import CT_STORAGE, nm_dataset, write
 from mibi_node.inference.bundle import init_random_bundle
 from mibi_node.report import read_probabilities
 from node import NodeProcess, dcmtk_env, storescu
 from orthanc import OrthancServer, orthanc_server  # noqa: F401 - a fixture
+from ports import free_port
 
 pytestmark = pytest.mark.peers
 

@@ -13,7 +13,6 @@ from pathlib import Path
 import pytest
 from sqlalchemy import select
 
-from conftest import free_port
 from factory import nm_dataset, write
 from mibi_node.assembly.routing import route_stable_studies
 from mibi_node.assembly.stability import mark_stable_studies
@@ -26,6 +25,7 @@ from mibi_node.storage.filestore import FileStore
 from mibi_node.storage.instances import InstanceMeta, InstanceStore
 from mibi_node.storage.models import AuditEvent, Instance, Study, utcnow
 from node import write_config
+from ports import free_port
 
 
 def _receive(store: InstanceStore, folder: Path, count: int) -> str:

@@ -17,7 +17,6 @@ from alembic.runtime.migration import MigrationContext
 from sqlalchemy import inspect, select, text
 from typer.testing import CliRunner
 
-from conftest import free_port
 from mibi_node.cli import app
 from mibi_node.errors import ConfigError
 from mibi_node.storage import schema
@@ -30,6 +29,7 @@ from mibi_node.storage.schema import (
     schema_status,
     upgrade_schema,
 )
+from ports import free_port
 
 
 def _pre_migrations(url: str, without: tuple[str, ...] = ()) -> Database:

@@ -27,10 +27,10 @@ from pathlib import Path
 
 import pytest
 
-from conftest import free_port
 from mibi_node.config import load_config
 from mibi_node.systemd import Notifier
 from node import write_config
+from ports import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 UNITS = ROOT / "systemd"

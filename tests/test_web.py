@@ -30,7 +30,6 @@ from fastapi.testclient import TestClient
 from PIL import Image
 from pydicom.uid import generate_uid
 
-from conftest import free_port
 from factory import CT_STORAGE, nm_dataset, write
 from mibi_node.assembly.routing import route_stable_studies
 from mibi_node.assembly.stability import mark_stable_studies
@@ -47,6 +46,7 @@ from mibi_node.storage.instances import InstanceMeta, InstanceStore
 from mibi_node.storage.models import AuditEvent, WorkerStatus, utcnow
 from mibi_node.web import WebServer, create_app
 from mibi_node.web.focus import FOCUS_COLOUR
+from ports import free_port
 
 TOKEN = "correct-horse-battery-staple"
 CLASSES = ("normal", "adenoma", "hyperplasia", "carcinoma", "cyst")
