@@ -205,7 +205,13 @@ def test_refused_association_is_reported(storescp, study: tuple[Path, Path]) -> 
     destination, folder = storescp("--refuse")
     results = send_files(list(study), destination, calling_ae_title=CALLING)
     assert [r.success for r in results] == [False, False]
-    assert results[0].message == "PACS refused the association: no reason given"
+    # storescp --refuse sends A-ASSOCIATE-RJ and closes the socket at once; on a busy machine
+    # pynetdicom sometimes sees the close before it reads the reject. Both are refusals.
+    assert results[0].message in (
+        "PACS refused the association: no reason given",
+        f"127.0.0.1:{destination.port} closed the connection before accepting the association "
+        "(if that port expects DICOM TLS, enable tls for this destination)",
+    )
     assert results[0].status is None
     assert list(folder.iterdir()) == []
 
