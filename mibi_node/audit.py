@@ -33,49 +33,40 @@ def add(
     message: str = "",
     detail: dict[str, Any] | None = None,
 ) -> None:
-    """Add one audit event to ``session``: it commits (or not) with the change it describes.
+    """Log one audit event and add it to ``session``: the row commits (or not) with the
+    change it describes; the journal line is written first, whatever happens to the row.
 
     Parameters are those of :func:`record`.
     """
-    _log(kind, outcome, actor, study_id, message, detail)
-    session.add(_event(kind, outcome, actor, study_id, message, detail))
-
-
-def _event(
-    kind: str,
-    outcome: str,
-    actor: str,
-    study_id: int | None,
-    message: str,
-    detail: dict[str, Any] | None,
-) -> AuditEvent:
-    return AuditEvent(
-        kind=kind,
-        outcome=outcome,
-        actor=actor[:128],
-        study_id=study_id,
-        message=message,
-        detail=dict(detail or {}),
+    logger.info("%s", _line(kind, outcome, actor, study_id, message, detail))
+    session.add(
+        AuditEvent(
+            kind=kind,
+            outcome=outcome,
+            actor=actor[:128],
+            study_id=study_id,
+            message=message,
+            detail=dict(detail or {}),
+        )
     )
 
 
-def _log(
+def _line(
     kind: str,
     outcome: str,
     actor: str,
     study_id: int | None,
     message: str,
     detail: dict[str, Any] | None,
-) -> None:
+) -> str:
+    """The journal line of an event: ``audit KIND OUTCOME actor=... study=... k=v: message``."""
     facts = " ".join(f"{key}={value}" for key, value in sorted((detail or {}).items()))
-    logger.info(
-        "audit %s %s%s%s%s%s",
-        kind,
-        outcome,
-        f" actor={actor}" if actor else "",
-        f" study={study_id}" if study_id is not None else "",
-        f" {facts}" if facts else "",
-        f": {message}" if message else "",
+    return (
+        f"audit {kind} {outcome}"
+        + (f" actor={actor}" if actor else "")
+        + (f" study={study_id}" if study_id is not None else "")
+        + (f" {facts}" if facts else "")
+        + (f": {message}" if message else "")
     )
 
 
@@ -106,12 +97,22 @@ def record(
     detail
         Counts and reasons (JSON-serialisable); no patient data.
 
-    An audit write never raises: a failure is logged and the caller's work goes on (the
-    journal line is written first, so the event is never lost entirely).
+    An audit write never raises: when the row cannot be written, the event's journal line
+    is logged at ERROR instead, and the caller's work goes on.
     """
-    _log(kind, outcome, actor, study_id, message, detail)
     try:
         with database.write_lock(), database.session() as session, session.begin():
-            session.add(_event(kind, outcome, actor, study_id, message, detail))
+            add(
+                session,
+                kind,
+                outcome,
+                actor=actor,
+                study_id=study_id,
+                message=message,
+                detail=detail,
+            )
     except Exception:
-        logger.exception("could not write the audit event (%s %s) to the database", kind, outcome)
+        logger.exception(
+            "could not write the audit event to the database: %s",
+            _line(kind, outcome, actor, study_id, message, detail),
+        )

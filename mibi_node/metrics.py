@@ -161,15 +161,14 @@ class DatabaseCollector:
         cursor = max(0, totals.last_id - _LATE)
         while True:
             with self.database.session() as session:
-                rows = [
-                    row
-                    for row in session.scalars(
+                rows = list(
+                    session.scalars(
                         select(AuditEvent)
                         .where(AuditEvent.id > cursor)
                         .order_by(AuditEvent.id)
                         .limit(_PAGE)
                     ).all()
-                ]
+                )
                 fetched = len(rows)
                 if rows:
                     cursor = rows[-1].id

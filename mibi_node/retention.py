@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
 
-from sqlalchemy import exists, func, select
+from sqlalchemy import case, exists, func, select
 
 from mibi_node import audit
 from mibi_node.config import RetentionConfig
@@ -62,32 +62,27 @@ def expired_studies(
         .subquery()
     )
     removed = exists().where(AuditEvent.kind == "retention", AuditEvent.study_id == Study.id)
+    # Per study, its latest job's deliveries: at least one, all DONE, the last before cutoff.
+    undelivered = func.sum(case((Delivery.state == DeliveryState.DONE, 0), else_=1))
     with database.session() as session:
-        candidates = session.execute(
-            select(Study.id, Job.id)
-            .join(latest, latest.c.study_id == Study.id)
-            .join(Job, (Job.study_id == Study.id) & (Job.version == latest.c.version))
-            .where(
-                Study.state == StudyState.DONE,
-                Study.last_received_at < cutoff,
-                Job.state == JobState.DONE,
-                ~removed,
-            )
-            .order_by(Study.id)
-        ).all()
-        expired = []
-        for study_id, job_id in candidates:
-            states = session.execute(
-                select(Delivery.state, Delivery.delivered_at).where(Delivery.job_id == job_id)
+        return list(
+            session.scalars(
+                select(Study.id)
+                .join(latest, latest.c.study_id == Study.id)
+                .join(Job, (Job.study_id == Study.id) & (Job.version == latest.c.version))
+                .join(Delivery, Delivery.job_id == Job.id)
+                .where(
+                    Study.state == StudyState.DONE,
+                    Study.last_received_at < cutoff,
+                    Job.state == JobState.DONE,
+                    ~removed,
+                )
+                .group_by(Study.id)
+                .having(undelivered == 0, func.max(Delivery.delivered_at) < cutoff)
+                .order_by(Study.id)
+                .limit(limit)
             ).all()
-            if not states or any(state is not DeliveryState.DONE for state, _ in states):
-                continue
-            delivered = [at for _, at in states if at is not None]
-            if delivered and max(delivered) < cutoff:
-                expired.append(study_id)
-                if len(expired) >= limit:
-                    break
-        return expired
+        )
 
 
 def sweep_retention(
@@ -110,7 +105,8 @@ def sweep_retention(
                     files.remove(path)
                     count += 1
                     size += nbytes
-                _remove_empty_folder(files, target.parent)
+            if rows:  # every instance of a study shares one folder (FileStore.relative_path)
+                _remove_empty_folder(files, files.absolute(rows[0][0]).parent)
             # Files first, then the record: a crash in between removes nothing twice and
             # the next sweep writes the record.
             with database.write_lock(), database.session() as session, session.begin():

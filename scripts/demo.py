@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
+from prometheus_client.parser import text_string_to_metric_families
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
@@ -400,18 +401,16 @@ def _show_status_page(web_port: int) -> None:
         raise DemoError(f"the status page at {base} did not answer: {exc}") from None
     states = Counter(str(row["state"]) for row in rows)
     delivered = sum(1 for row in rows if row.get("sr") == "delivered")
-    done = next(
-        (
-            line.rsplit(" ", 1)[1]
-            for line in metrics.splitlines()
-            if line.startswith('mibi_node_jobs_finished_total{outcome="done"}')
-        ),
-        "?",
+    done = sum(
+        sample.value
+        for family in text_string_to_metric_families(metrics)
+        for sample in family.samples
+        if sample.name == "mibi_node_jobs_finished_total" and sample.labels["outcome"] == "done"
     )
     console.print(
         f"6. status page {base}/ lists {len(rows)} studies ("
         + ", ".join(f"{count} {state}" for state, count in sorted(states.items()))
-        + f"), {delivered} with the SR delivered; /metrics counts {float(done):.0f} analyses "
+        + f"), {delivered} with the SR delivered; /metrics counts {done:.0f} analyses "
         "done. Run `make demo DEMO_ARGS=--keep` to keep the node up and browse it."
     )
 
