@@ -1,8 +1,9 @@
 """The analysis queue: atomic claims with leases, renewals, retries and completion.
 
-A worker claims jobs with one ``UPDATE ... RETURNING`` (inside ``BEGIN IMMEDIATE`` on
-SQLite; on PostgreSQL its candidates are picked with ``FOR UPDATE SKIP LOCKED``, together
-with their studies' rows), so two workers never hold the same job. The
+A worker claims jobs by picking them and marking them RUNNING with an ``UPDATE ... RETURNING``
+in one transaction (``BEGIN IMMEDIATE`` on SQLite; on PostgreSQL the pick is a ``SELECT ...
+FOR UPDATE SKIP LOCKED`` that locks the jobs together with their studies' rows), so two
+workers never hold the same job. The
 claim writes a lease (owner, expiry) that the worker renews while it works; a lease that
 expires (the worker was killed, the machine froze) returns the job to the queue, and after
 ``jobs.max_attempts`` claims the job FAILED. Every change to a job changes its study's state
@@ -18,6 +19,7 @@ write lock already make every transaction the only writer.
 from __future__ import annotations
 
 import logging
+from collections.abc import Collection
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -39,6 +41,7 @@ from mibi_node.storage.models import (
     Setting,
     Study,
     StudyState,
+    check_transition,
     utcnow,
 )
 
@@ -103,38 +106,38 @@ def claim_jobs(
 
     A job whose earlier attempt ended with its worker's death may be the cause (a poison
     study), so it is claimed on its own: it cannot take a batch of good studies down with it.
+
+    One claim is six statements whatever ``limit`` is (pick, claim, read the studies, move
+    them, read their instances, read their earlier results), so a batch costs the database
+    about as much as a single job (benchmarks/bench_queue.py).
     """
     now = utcnow()
     due = (
-        select(Job.id)
+        select(Job.id, Job.attempts)
         .where(
             Job.state == JobState.QUEUED,
             (Job.not_before.is_(None)) | (Job.not_before <= now),
         )
         .order_by(Job.attempts.desc(), Job.id)
+        .limit(limit)
     )
     if database.is_postgresql:
         # The job and its study are locked together, and a job whose row or study another
-        # transaction holds (another worker's claim, a receiver's instance) is skipped.
+        # transaction holds (another worker's claim, a receiver's instance) is skipped. The
+        # pick is a statement of its own: as a subquery of the UPDATE, PostgreSQL may run it
+        # again for every row and so claim more than ``limit``.
         due = due.join(Study, Study.id == Job.study_id).with_for_update(
             skip_locked=True, of=(Job, Study)
         )
     with database.write_lock(), database.session() as session, session.begin():
-        first = session.execute(due.limit(1)).scalar()
-        if first is None:
+        picked = session.execute(due).all()
+        if not picked:
             return []
-        retried = session.scalar(select(Job.attempts).where(Job.id == first)) or 0
-        count = 1 if retried else limit
-        chosen: Any
-        if database.is_postgresql:
-            # Pick and lock them in a statement of their own: as a subquery of the UPDATE,
-            # PostgreSQL may run it again for every row and so claim more than ``count``.
-            chosen = list(session.scalars(due.limit(count)))
-        else:
-            chosen = due.limit(count).scalar_subquery()
-        ids = session.scalars(
+        if picked[0].attempts:
+            picked = picked[:1]
+        returned = session.execute(
             update(Job)
-            .where(Job.id.in_(chosen), Job.state == JobState.QUEUED)
+            .where(Job.id.in_([row.id for row in picked]), Job.state == JobState.QUEUED)
             .values(
                 state=JobState.RUNNING,
                 lease_owner=owner,
@@ -142,64 +145,113 @@ def claim_jobs(
                 attempts=Job.attempts + 1,
                 started_at=now,
             )
-            .returning(Job.id)
+            .returning(Job.id, Job.study_id, Job.version, Job.attempts, Job.partial)
             .execution_options(synchronize_session=False)
         ).all()
+        if not returned:
+            return []
+        jobs = sorted(returned, key=lambda job: job.id)
+        study_ids = [job.study_id for job in jobs]
+        studies = {
+            row.id: row
+            for row in session.execute(
+                select(
+                    Study.id, Study.state, Study.study_instance_uid, Study.first_received_at
+                ).where(Study.id.in_(study_ids))
+            )
+        }
+        moves = []
+        for job in jobs:
+            state = StudyState(studies[job.study_id].state)
+            if state in _CLAIMABLE_STUDY_STATES:
+                check_transition(state, StudyState.RUNNING)
+                moves.append(
+                    {
+                        "id": job.study_id,
+                        "state": StudyState.RUNNING,
+                        "state_reason": f"analysing version {job.version}",
+                        "state_changed_at": now,
+                    }
+                )
+        if moves:
+            # One executemany by primary key (the ORM's bulk UPDATE), not one UPDATE each.
+            session.execute(update(Study), moves)
+        paths: dict[int, list[str]] = {study_id: [] for study_id in study_ids}
+        for study_id, path, modality, sop_class in session.execute(
+            select(Instance.study_id, Instance.path, Instance.modality, Instance.sop_class_uid)
+            .where(Instance.study_id.in_(study_ids))
+            .order_by(Instance.id)
+        ):
+            if is_image_instance(modality, sop_class):
+                paths[study_id].append(path)
+        done = session.execute(
+            select(Job.study_id, Job.version, Job.sr_path, Job.sr_series_instance_uid)
+            .where(Job.study_id.in_(study_ids), Job.state == JobState.DONE)
+            .order_by(Job.version.desc())
+        ).all()
         claimed = []
-        for job in session.scalars(select(Job).where(Job.id.in_(ids)).order_by(Job.id)):
-            study = session.get_one(Study, job.study_id)
-            if study.state in _CLAIMABLE_STUDY_STATES:
-                study.transition(StudyState.RUNNING, f"analysing version {job.version}")
-            claimed.append(_describe(session, job, study))
+        for job in jobs:
+            study = studies[job.study_id]
+            earlier = next(
+                (row for row in done if row.study_id == job.study_id and row.version < job.version),
+                None,
+            )
+            claimed.append(
+                ClaimedJob(
+                    id=job.id,
+                    study_id=job.study_id,
+                    study_instance_uid=study.study_instance_uid,
+                    version=job.version,
+                    attempts=job.attempts,
+                    partial=job.partial,
+                    first_received_at=study.first_received_at,
+                    paths=tuple(paths[job.study_id]),
+                    predecessor_sr_path=earlier.sr_path if earlier else None,
+                    sr_series_instance_uid=earlier.sr_series_instance_uid if earlier else None,
+                )
+            )
         return claimed
 
 
-def _describe(session: Session, job: Job, study: Study) -> ClaimedJob:
-    rows = session.execute(
-        select(Instance.path, Instance.modality, Instance.sop_class_uid)
-        .where(Instance.study_id == study.id)
-        .order_by(Instance.id)
-    ).all()
-    paths = tuple(path for path, modality, sop in rows if is_image_instance(modality, sop))
-    earlier = session.scalars(
-        select(Job)
-        .where(Job.study_id == study.id, Job.state == JobState.DONE, Job.version < job.version)
-        .order_by(Job.version.desc())
-    ).first()
-    return ClaimedJob(
-        id=job.id,
-        study_id=study.id,
-        study_instance_uid=study.study_instance_uid,
-        version=job.version,
-        attempts=job.attempts,
-        partial=job.partial,
-        first_received_at=study.first_received_at,
-        paths=paths,
-        predecessor_sr_path=earlier.sr_path if earlier else None,
-        sr_series_instance_uid=earlier.sr_series_instance_uid if earlier else None,
-    )
+def renew_leases(
+    database: Database, owner: str, lease_seconds: float, job_ids: Collection[int]
+) -> int:
+    """Extend the leases ``owner`` holds on ``job_ids``; returns how many it still holds.
 
-
-def renew_leases(database: Database, owner: str, lease_seconds: float) -> int:
-    """Extend the leases of every job ``owner`` runs; returns how many it still holds."""
+    Only the jobs the worker is working on: a claim whose commit the worker never saw (the
+    connection broke in the middle of it) is not renewed, so its lease runs out and the
+    job goes back to the queue.
+    """
+    if not job_ids:
+        return 0
     with database.write_lock(), database.session() as session, session.begin():
         result = session.execute(
             update(Job)
-            .where(Job.lease_owner == owner, Job.state == JobState.RUNNING)
+            .where(
+                Job.id.in_(list(job_ids)),
+                Job.lease_owner == owner,
+                Job.state == JobState.RUNNING,
+            )
             .values(lease_expires_at=utcnow() + timedelta(seconds=lease_seconds))
             .execution_options(synchronize_session=False)
         )
         return int(getattr(result, "rowcount", 0) or 0)
 
 
-def _owned(session: Session, job_id: int, owner: str) -> Job | None:
-    job = session.get(Job, job_id, with_for_update=True)
-    if job is None or job.state is not JobState.RUNNING or job.lease_owner != owner:
+def _owned(session: Session, job_id: int, owner: str) -> tuple[Job, Study] | None:
+    """The job ``owner`` holds and its study, both locked (one statement), else ``None``."""
+    row = session.execute(
+        select(Job, Study)
+        .join(Study, Study.id == Job.study_id)
+        .where(Job.id == job_id)
+        .with_for_update()
+    ).first()
+    if row is None or row[0].state is not JobState.RUNNING or row[0].lease_owner != owner:
         logger.warning(
             "job #%d is no longer held by %s (lease expired?); result dropped", job_id, owner
         )
         return None
-    return job
+    return row[0], row[1]
 
 
 def complete_job(database: Database, owner: str, job_id: int, done: CompletedJob) -> list[int]:
@@ -211,9 +263,10 @@ def complete_job(database: Database, owner: str, job_id: int, done: CompletedJob
         Ids of the new deliveries (empty when the lease was lost: then nothing is recorded).
     """
     with database.write_lock(), database.session() as session, session.begin():
-        job = _owned(session, job_id, owner)
-        if job is None:
+        owned = _owned(session, job_id, owner)
+        if owned is None:
             return []
+        job, study = owned
         job.transition(JobState.DONE)
         job.result = done.result
         job.timings = done.timings
@@ -222,7 +275,6 @@ def complete_job(database: Database, owner: str, job_id: int, done: CompletedJob
         job.sr_sop_instance_uid = done.sr_sop_instance_uid
         job.sr_series_instance_uid = done.sr_series_instance_uid
         job.error = job.traceback = None
-        study = session.get_one(Study, job.study_id, with_for_update=True)
         predicted = done.result.get("predicted", "?")
         if study.state is StudyState.RUNNING:
             study.transition(StudyState.DONE, f"version {job.version}: {predicted}")
@@ -267,11 +319,11 @@ def fail_job(
     Returns the job's new state, or ``None`` when the lease was lost.
     """
     with database.write_lock(), database.session() as session, session.begin():
-        job = _owned(session, job_id, owner)
-        if job is None:
+        owned = _owned(session, job_id, owner)
+        if owned is None:
             return None
+        job, study = owned
         job.traceback = traceback
-        study = session.get_one(Study, job.study_id, with_for_update=True)
         if retry and job.attempts < max_attempts:
             job.transition(JobState.QUEUED)
             job.error = error
@@ -301,14 +353,14 @@ def defer_job(database: Database, owner: str, job_id: int, until: datetime, reas
     The attempt does not count: nothing failed, the study is just not complete yet.
     """
     with database.write_lock(), database.session() as session, session.begin():
-        job = _owned(session, job_id, owner)
-        if job is None:
+        owned = _owned(session, job_id, owner)
+        if owned is None:
             return False
+        job, study = owned
         job.transition(JobState.QUEUED)
         job.attempts -= 1
         job.not_before = until
         job.partial = True
-        study = session.get_one(Study, job.study_id, with_for_update=True)
         if study.state is StudyState.RUNNING:
             study.transition(StudyState.AWAITING_PHASE, reason)
         return True
