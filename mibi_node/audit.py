@@ -13,9 +13,10 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
-from mibi_node.storage.database import Database
+from mibi_node.storage.database import Database, database_problem
 from mibi_node.storage.models import AuditEvent
 
 __all__ = ["add", "record"]
@@ -111,6 +112,12 @@ def record(
                 message=message,
                 detail=detail,
             )
+    except OperationalError as exc:  # the database is down: one line, no traceback
+        logger.error(
+            "could not write the audit event to the database (%s): %s",
+            database_problem(exc),
+            _line(kind, outcome, actor, study_id, message, detail),
+        )
     except Exception:
         logger.exception(
             "could not write the audit event to the database: %s",

@@ -28,12 +28,14 @@ import os
 import signal
 import socket
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from multiprocessing.process import BaseProcess
 from types import FrameType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from apscheduler.schedulers.background import BackgroundScheduler
+from sqlalchemy.exc import OperationalError
 
 from mibi_node.assembly.routing import route_stable_studies
 from mibi_node.assembly.stability import mark_stable_studies
@@ -44,7 +46,7 @@ from mibi_node.jobs.queue import release_expired_jobs
 from mibi_node.reception.limit import AssociationLimit
 from mibi_node.reception.scp import StorageSCP, bind_listener, server_ssl_context
 from mibi_node.retention import sweep_retention
-from mibi_node.storage.database import Database, open_database
+from mibi_node.storage.database import Database, database_problem, open_database
 from mibi_node.storage.filestore import FileStore
 from mibi_node.storage.instances import InstanceStore
 from mibi_node.systemd import Notifier
@@ -122,6 +124,8 @@ class Node:
         self._sweep_finished_at = time.monotonic()
         self._next_watchdog_ping = 0.0
         self.web: WebServer | None = None
+        #: Scheduled steps failing right now -> their last problem (see :meth:`_step`).
+        self._failing: dict[str, str] = {}
 
     # -- life cycle -----------------------------------------------------------------------
 
@@ -297,36 +301,60 @@ class Node:
     def _sweep(self) -> None:
         if self.database is None:
             return
+        database, config = self.database, self.config
         try:
-            mark_stable_studies(self.database, self.config.assembly.quiet_seconds)
-            route_stable_studies(self.database, self.files, self.config.routing)
-            release_expired_jobs(self.database, self.config.jobs.max_attempts)
-        except Exception:
-            logger.exception("assembly sweep failed; it runs again on schedule")
+            # Each step on its own: one that fails (a damaged row, a lost database
+            # connection) does not keep the others from running.
+            self._step(
+                "stability sweep", mark_stable_studies, database, config.assembly.quiet_seconds
+            )
+            self._step("routing sweep", route_stable_studies, database, self.files, config.routing)
+            self._step("lease sweep", release_expired_jobs, database, config.jobs.max_attempts)
         finally:
             self._sweep_finished_at = time.monotonic()
 
     def _dispatch(self) -> None:
         if self.database is None:
             return
-        try:
-            deliver(
-                self.database,
-                self.results.root,
-                self.config.dispatch,
-                calling_ae_title=self.config.calling_ae_title,
-                owner=f"dispatch-{os.getpid()}",
-            )
-        except Exception:
-            logger.exception("dispatch sweep failed; it runs again on schedule")
+        self._step(
+            "dispatch sweep",
+            deliver,
+            self.database,
+            self.results.root,
+            self.config.dispatch,
+            calling_ae_title=self.config.calling_ae_title,
+            owner=f"dispatch-{os.getpid()}",
+        )
 
     def _retention(self) -> None:
         if self.database is None:
             return
+        self._step(
+            "retention sweep", sweep_retention, self.database, self.files, self.config.retention
+        )
+
+    def _step(self, name: str, function: Callable[..., object], *args: Any, **kwargs: Any) -> None:
+        """Run one scheduled step; a failure is logged and the step runs again on schedule.
+
+        A database error (PostgreSQL stopped, the network to it cut, SQLite's disk failing)
+        is one line, not a traceback, and only when it starts or changes: a sweep every
+        second would otherwise fill the journal with the same outage. When the step works
+        again, that is logged too.
+        """
         try:
-            sweep_retention(self.database, self.files, self.config.retention)
+            function(*args, **kwargs)
+        except OperationalError as exc:
+            problem = database_problem(exc)
+            if self._failing.get(name) != problem:
+                logger.error("%s: database error, retried on schedule: %s", name, problem)
+            self._failing[name] = problem
         except Exception:
-            logger.exception("retention sweep failed; it runs again on schedule")
+            if self._failing.get(name) != "":
+                logger.exception("%s failed; it runs again on schedule", name)
+            self._failing[name] = ""
+        else:
+            if self._failing.pop(name, None) is not None:
+                logger.warning("%s works again", name)
 
     def _ping_watchdog(self) -> None:
         """Send WATCHDOG=1 every half ``WatchdogSec`` while the assembly sweep keeps running.

@@ -88,6 +88,11 @@ class PostgresServer:
             "initdb", "-D", str(self.data), "-U", self.user, "--auth=trust", "-E", "UTF8",
             "--no-sync", "--locale=C",
         )  # fmt: skip
+        self.resume()
+        return self
+
+    def resume(self) -> None:
+        """Start the server (again, after :meth:`pause`), on the same port and data."""
         options = [
             "-c listen_addresses=127.0.0.1",
             f"-p {self.port}",
@@ -100,7 +105,10 @@ class PostgresServer:
             "pg_ctl", "-D", str(self.data), "-l", str(self.folder / "server.log"), "-w", "-t", "60",
             "-o", " ".join(options), "start",
         )  # fmt: skip
-        return self
+
+    def pause(self) -> None:
+        """Stop the server as an outage would (clients' connections are cut), keep its data."""
+        self._run("pg_ctl", "-D", str(self.data), "-m", "fast", "-w", "stop")
 
     def url(self, database: str = "postgres") -> str:
         """SQLAlchemy URL of ``database`` (psycopg 3 driver)."""

@@ -30,6 +30,7 @@ from mibi_node.jobs.queue import (
     device_uid,
     fail_job,
     release_expired_jobs,
+    renew_leases,
     requeue_study,
 )
 from mibi_node.storage.database import Database, open_database
@@ -112,6 +113,22 @@ def test_expired_lease_requeues_then_fails_with_the_reason(database: Database) -
     # A lease that is still valid is left alone.
     _queued_studies_more = claim_jobs(database, "w", 60, 4)
     assert _queued_studies_more == []
+
+
+def test_leases_are_renewed_only_for_the_jobs_the_worker_is_working_on(
+    database: Database,
+) -> None:
+    _queued_studies(database, 3)
+    one, two, three = claim_jobs(database, "w", 1, 3)
+    # The worker knows of two (the third claim's commit was never seen, say): only those
+    # two are extended; the third runs out and goes back to the queue.
+    assert renew_leases(database, "w", 60, {one.id, two.id}) == 2
+    assert renew_leases(database, "someone-else", 60, {three.id}) == 0
+    assert renew_leases(database, "w", 60, set()) == 0
+    time.sleep(1.1)
+    assert release_expired_jobs(database, max_attempts=3) == [three.id]
+    [again] = claim_jobs(database, "w2", 60, 4)
+    assert (again.id, again.attempts) == (three.id, 2)
 
 
 def test_a_retried_job_is_claimed_alone(database: Database) -> None:

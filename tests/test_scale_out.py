@@ -26,7 +26,8 @@ import pydicom
 import pytest
 
 from node import NodeProcess, storescu
-from test_pipeline import SLOW_RECIPE, StoreSCP, _bundle
+from postgres import PostgresServer
+from test_pipeline import SLOW_RECIPE, TINY_RECIPE, StoreSCP, _bundle
 
 pytestmark = [pytest.mark.peers, pytest.mark.postgresql, pytest.mark.slow]
 
@@ -214,3 +215,70 @@ def test_two_receivers_three_workers_every_study_analysed_once(
         assert second.query("SELECT count(*) FROM job WHERE state != 'DONE'") == [(0,)]
     finally:
         workers.stop()
+
+
+def test_a_postgresql_outage_is_waited_out_without_restarts(
+    node_factory: Callable[..., NodeProcess],
+    pacs: StoreSCP,
+    phantoms: list[tuple[str, list[Path]]],
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    """PostgreSQL stops under a running node and comes back: nothing is acknowledged without
+    its row, nobody restarts, the log says so once per step, and work goes on."""
+    server = PostgresServer().start()  # its own: this test stops it
+    node: NodeProcess | None = None
+    try:
+        bundle = _bundle(tmp_path_factory.mktemp("tiny"), TINY_RECIPE)
+        node = node_factory(
+            {
+                "database": {"url": server.create_database()},
+                "workers": {"count": 1, "device": "cpu", "bundle": bundle, "poll_seconds": 0.1},
+                "assembly": {"quiet_seconds": 0.5, "sweep_seconds": 0.2},
+                "jobs": {"lease_seconds": 3},
+                "dispatch": {
+                    "destinations": [{"ae_title": "PACS", "host": "127.0.0.1", "port": pacs.port}],
+                    "initial_backoff_seconds": 0.5,
+                    "max_backoff_seconds": 1.0,
+                },
+            }
+        )
+        assert node is not None
+
+        def logs() -> str:
+            return f"{node.log()[-8000:]}\n--- PostgreSQL ---\n{server.log()[-2000:]}"
+
+        _wait(
+            lambda: node.query("SELECT pid FROM worker WHERE state = 'ready'"),
+            180,
+            "the worker with its bundle loaded",
+            logs,
+        )
+        [(worker_pid,)] = node.query("SELECT pid FROM worker")
+        server.pause()
+        refused = storescu(node.port, phantoms[0][1], extra=["-v"])
+        assert refused.returncode != 0, refused.stdout + refused.stderr
+        assert "Refused: OutOfResources" in refused.stderr, refused.stderr  # 0xA700
+        time.sleep(4.0)  # some 20 sweeps and 2 worker retries against a stopped server
+        server.resume()
+        uid, files = phantoms[1]
+        _wait(lambda: storescu(node.port, files).returncode == 0, 30, "reception back", logs)
+        _wait(lambda: _sr_studies(pacs)[uid], 120, "the SR after the outage", logs)
+        # The same worker did it: it waited the outage out instead of dying and reloading.
+        assert node.query(f"SELECT count(*) FROM worker WHERE pid = {worker_pid}") == [(1,)]
+        assert node.query("SELECT DISTINCT lease_owner IS NULL FROM job") == [(True,)]
+        log = node.log()
+        assert "exited with status" not in log, logs()
+        assert "Traceback" not in log, logs()
+        for step in ("stability sweep", "routing sweep", "lease sweep"):
+            errors = log.count(f"{step}: database error")
+            assert 1 <= errors <= 3, f"{step}: {errors} error lines\n{logs()}"
+            assert f"{step} works again" in log, logs()
+        assert "the database works again" in log, logs()
+        # Nothing of the refused instance was recorded; the sender still has it.
+        assert node.query(
+            f"SELECT count(*) FROM study WHERE study_instance_uid = '{phantoms[0][0]}'"
+        ) == [(0,)]
+    finally:
+        if node is not None:
+            node.stop()
+        server.stop()

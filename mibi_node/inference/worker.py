@@ -14,6 +14,7 @@ every few seconds, so installing one needs no restart.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import logging
 import os
@@ -32,6 +33,7 @@ from typing import TYPE_CHECKING
 import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import UID, generate_uid
+from sqlalchemy.exc import OperationalError
 
 from mibi_node import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 from mibi_node.config import Config
@@ -47,7 +49,7 @@ from mibi_node.jobs.queue import (
     fail_job,
     renew_leases,
 )
-from mibi_node.storage.database import open_database
+from mibi_node.storage.database import database_problem, open_database
 from mibi_node.storage.filestore import FileStore
 from mibi_node.storage.models import WorkerStatus, utcnow
 from mibi_node.systemd import Notifier
@@ -63,6 +65,8 @@ logger = logging.getLogger(__name__)
 
 #: Seconds between looks for a bundle while none can be loaded.
 _BUNDLE_RETRY_SECONDS = 5.0
+#: Seconds between tries while the database cannot be reached.
+_DATABASE_RETRY_SECONDS = 2.0
 _PR_SET_PDEATHSIG = 1
 
 
@@ -103,6 +107,11 @@ class Worker:
         self._state = ("starting", "")
         self.notifier = notifier or Notifier()
         self._announced: tuple[str, str, str | None] | None = None
+        #: Jobs claimed and not yet recorded: the only leases the keeper renews.
+        self._held: set[int] = set()
+        self._held_lock = threading.Lock()
+        #: The database error the loop is waiting out, if any (logged once, not per poll).
+        self._database_problem: str | None = None
 
     # -- status ---------------------------------------------------------------------------
 
@@ -132,9 +141,13 @@ class Worker:
         if self.notifier.watchdog_interval is not None:
             every = min(every, self.notifier.watchdog_interval)
         while not self._stop.wait(every):
+            with self._held_lock:
+                held = set(self._held)
             try:
-                renew_leases(self.database, self.name, self.config.jobs.lease_seconds)
+                renew_leases(self.database, self.name, self.config.jobs.lease_seconds, held)
                 self._say(*self._state)
+            except OperationalError as exc:  # the loop logs the outage once
+                logger.debug("worker %s could not renew its leases: %s", self.name, exc)
             except Exception:  # the next round tries again; the lease has slack for it
                 logger.exception("worker %s could not renew its leases", self.name)
             self.notifier.watchdog()  # this thread still runs: systemd's watchdog is fed
@@ -180,17 +193,41 @@ class Worker:
         self.notifier.ready()
         try:
             while not should_stop():
-                if not self.load_bundle():
-                    time.sleep(self.config.workers.poll_seconds)
+                try:
+                    claimed = self.load_bundle() and self.run_once()
+                except OperationalError as exc:
+                    self._database_failed(exc)
+                    self._stop.wait(_DATABASE_RETRY_SECONDS)
                     continue
-                if not self.run_once():
+                if self._database_problem is not None:
+                    logger.warning("worker %s: the database works again", self.name)
+                    self._database_problem = None
+                if not claimed:
                     time.sleep(self.config.workers.poll_seconds)
         finally:
             self.notifier.stopping()
             self._stop.set()
             keeper.join(timeout=5)
-            self._say("stopped")
+            with contextlib.suppress(OperationalError):
+                self._say("stopped")
             self.database.dispose()
+
+    def _database_failed(self, exc: OperationalError) -> None:
+        """Wait the database out (PostgreSQL restarting, the network to it cut).
+
+        The worker stays up, with its bundle loaded. A job it was analysing when the error
+        came is no longer renewed (see :meth:`run_once`): its lease runs out and the queue
+        gives it to a worker again once the database is back. Logged once per problem.
+        """
+        problem = database_problem(exc)
+        if problem != self._database_problem:
+            logger.error(
+                "worker %s: database error, retrying every %.0f s: %s",
+                self.name,
+                _DATABASE_RETRY_SECONDS,
+                problem,
+            )
+        self._database_problem = problem
 
     def run_once(self) -> int:
         """Claim and analyse one batch; returns how many jobs it claimed."""
@@ -200,10 +237,19 @@ class Worker:
         jobs = claim_jobs(
             self.database, self.name, self.config.jobs.lease_seconds, self.config.jobs.batch_size
         )
-        if jobs:
+        if not jobs:
+            return 0
+        ids = {job.id for job in jobs}
+        with self._held_lock:
+            self._held |= ids
+        try:
             self._say("busy", f"{len(jobs)} job(s)")
             self._analyse(engine, jobs)
             self._say("ready")
+        finally:
+            # Recorded, or abandoned by an error: either way no longer renewed.
+            with self._held_lock:
+                self._held -= ids
         return len(jobs)
 
     def _analyse(self, engine: InferenceEngine, jobs: Sequence[ClaimedJob]) -> None:

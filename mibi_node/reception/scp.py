@@ -20,6 +20,7 @@ from typing import Any
 
 from pynetdicom import AE, _config, evt
 from pynetdicom.transport import ThreadedAssociationServer
+from sqlalchemy.exc import OperationalError
 
 from mibi_node import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME, audit
 from mibi_node.config import Config, TLSConfig
@@ -28,6 +29,7 @@ from mibi_node.reception.contexts import TRANSFER_SYNTAXES, VERIFICATION, storag
 from mibi_node.reception.limit import AssociationLimit
 from mibi_node.reception.pdu import guard_pdu_lengths
 from mibi_node.reception.validation import RejectedInstanceError, read_instance_meta
+from mibi_node.storage.database import database_problem
 from mibi_node.storage.instances import InstanceStore, StoreOutcome
 
 __all__ = ["STATUS_OUT_OF_RESOURCES", "STATUS_SUCCESS", "StorageSCP", "bind_listener"]
@@ -475,6 +477,9 @@ class StorageSCP:
         tally = self._tally(event)
         try:
             status = self._store(event, tally)
+        except OperationalError as exc:  # the database is down: nothing recorded, 0xA700
+            logger.error("database error, instance refused with 0xA700: %s", database_problem(exc))
+            status = STATUS_OUT_OF_RESOURCES
         except Exception:
             logger.exception("unexpected error while storing an instance; answered 0xA700")
             status = STATUS_OUT_OF_RESOURCES

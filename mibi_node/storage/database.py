@@ -22,11 +22,12 @@ from typing import Any
 
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
 
 from mibi_node.errors import ConfigError
 
-__all__ = ["Database", "open_database"]
+__all__ = ["Database", "database_problem", "open_database"]
 
 logger = logging.getLogger(__name__)
 
@@ -125,6 +126,17 @@ class Database:
     def dispose(self) -> None:
         """Close every pooled connection."""
         self.engine.dispose()
+
+
+def database_problem(exc: DBAPIError) -> str:
+    """One line that says what went wrong with the database, without SQL or parameters.
+
+    For the log when the database cannot be reached or fails (PostgreSQL stopped, the
+    network cut, a disk error): the driver's first line, e.g. ``connection failed: ...
+    Connection refused``. A traceback of such an error says nothing more, and it repeats.
+    """
+    lines = str(exc.orig or exc).strip().splitlines()
+    return lines[0] if lines else type(exc.orig or exc).__name__
 
 
 def _tune_sqlite(engine: Engine) -> None:
