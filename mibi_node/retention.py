@@ -52,9 +52,14 @@ class RetentionOutcome:
 
 
 def expired_studies(
-    database: Database, days: float, now: datetime | None = None, limit: int = 100
+    database: Database,
+    days: float,
+    now: datetime | None = None,
+    limit: int = 100,
+    after: int = 0,
 ) -> list[int]:
-    """Ids of studies whose instance files may go (the rules in the module's docstring)."""
+    """Ids (above ``after``, ascending) of studies whose instance files may go (the rules in
+    the module's docstring)."""
     cutoff = (now or utcnow()) - timedelta(days=days)
     latest = (
         select(Job.study_id, func.max(Job.version).label("version"))
@@ -75,6 +80,7 @@ def expired_studies(
                     Study.state == StudyState.DONE,
                     Study.last_received_at < cutoff,
                     Job.state == JobState.DONE,
+                    Study.id > after,
                     ~removed,
                 )
                 .group_by(Study.id)
@@ -92,36 +98,16 @@ def sweep_retention(
     if config.days <= 0:
         return RetentionOutcome(0, 0, 0)
     studies = removed_files = removed_bytes = 0
-    while batch := expired_studies(database, config.days, now):
+    last = 0
+    while batch := expired_studies(database, config.days, now, after=last):
+        last = batch[-1]
         for study_id in batch:
-            with database.session() as session:
-                rows = session.execute(
-                    select(Instance.path, Instance.size).where(Instance.study_id == study_id)
-                ).all()
-            count = size = 0
-            for path, nbytes in rows:
-                target = files.absolute(path)
-                if target.exists():
-                    files.remove(path)
-                    count += 1
-                    size += nbytes
-            if rows:  # every instance of a study shares one folder (FileStore.relative_path)
-                _remove_empty_folder(files, files.absolute(rows[0][0]).parent)
-            # Files first, then the record: a crash in between removes nothing twice and
-            # the next sweep writes the record.
-            with database.write_lock(), database.session() as session, session.begin():
-                audit.add(
-                    session,
-                    "retention",
-                    "removed",
-                    actor="retention",
-                    study_id=study_id,
-                    message=f"instance files removed {config.days:g} days after delivery",
-                    detail={"files": count, "bytes": size, "instances": len(rows)},
-                )
+            removed = _remove_study_files(database, files, study_id, config.days)
+            if removed is None:
+                continue
             studies += 1
-            removed_files += count
-            removed_bytes += size
+            removed_files += removed[0]
+            removed_bytes += removed[1]
     if studies:
         logger.info(
             "retention: removed %d file(s), %.1f MiB, of %d delivered stud(ies)",
@@ -130,6 +116,51 @@ def sweep_retention(
             studies,
         )
     return RetentionOutcome(studies, removed_files, removed_bytes)
+
+
+def _remove_study_files(
+    database: Database, files: FileStore, study_id: int, days: float
+) -> tuple[int, int] | None:
+    """Remove one expired study's instance files and record it; ``None`` when it is not due.
+
+    The study's row is locked while its files go, and what made it expired is checked again
+    under the lock: an image that arrived since the query reopened it (its files are needed
+    again), and another receiver's sweep on the same PostgreSQL may hold it (skipped) or
+    have removed them already (its audit row is there). The record commits after the files
+    are gone: a crash in between leaves no record, and the next sweep removes what is left
+    and writes it.
+    """
+    already = exists().where(AuditEvent.kind == "retention", AuditEvent.study_id == Study.id)
+    with database.write_lock(), database.session() as session, session.begin():
+        due = session.scalar(
+            select(Study.id)
+            .where(Study.id == study_id, Study.state == StudyState.DONE, ~already)
+            .with_for_update(skip_locked=True)
+        )
+        if due is None:
+            return None
+        rows = session.execute(
+            select(Instance.path, Instance.size).where(Instance.study_id == study_id)
+        ).all()
+        count = size = 0
+        for path, nbytes in rows:
+            target = files.absolute(path)
+            if target.exists():
+                files.remove(path)
+                count += 1
+                size += nbytes
+        if rows:  # every instance of a study shares one folder (FileStore.relative_path)
+            _remove_empty_folder(files, files.absolute(rows[0][0]).parent)
+        audit.add(
+            session,
+            "retention",
+            "removed",
+            actor="retention",
+            study_id=study_id,
+            message=f"instance files removed {days:g} days after delivery",
+            detail={"files": count, "bytes": size, "instances": len(rows)},
+        )
+    return count, size
 
 
 def _remove_empty_folder(files: FileStore, folder: Path) -> None:

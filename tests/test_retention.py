@@ -19,11 +19,18 @@ from mibi_node.assembly.stability import mark_stable_studies
 from mibi_node.config import DispatchConfig, RetentionConfig, RoutingConfig
 from mibi_node.dispatch.deliveries import deliver
 from mibi_node.jobs.queue import CompletedJob, claim_jobs, complete_job
-from mibi_node.retention import expired_studies, sweep_retention
+from mibi_node.retention import _remove_study_files, expired_studies, sweep_retention
 from mibi_node.storage.database import Database, open_database
 from mibi_node.storage.filestore import FileStore
 from mibi_node.storage.instances import InstanceMeta, InstanceStore
-from mibi_node.storage.models import AuditEvent, Instance, Study, utcnow
+from mibi_node.storage.models import (
+    AuditEvent,
+    Delivery,
+    DeliveryState,
+    Instance,
+    Study,
+    utcnow,
+)
 from node import write_config
 from ports import free_port
 
@@ -150,3 +157,81 @@ def test_cli_retention_refuses_when_disabled_and_dry_runs(tmp_path: Path) -> Non
     )
     assert dry.returncode == 0, dry.stderr
     assert "0 studies would have files removed" in dry.stdout
+
+
+def _delivered_study(database: Database, files: FileStore, folder: Path) -> tuple[str, int]:
+    """One received, analysed study whose result the PACS acknowledged just now."""
+    store = InstanceStore(database, files)
+    uid = _receive(store, folder, 2)
+    time.sleep(0.05)
+    mark_stable_studies(database, 0.01)
+    route_stable_studies(database, files, RoutingConfig(modalities=("NM",)))
+    [job] = claim_jobs(database, "w", 60, 1)
+    done = CompletedJob(
+        {"predicted": "adenoma"}, {}, "b", "sr.dcm", "1.2.9", "1.2.8", ("sr.dcm",),
+        ({"ae_title": "PACS", "host": "127.0.0.1", "port": 104},),
+    )  # fmt: skip
+    [delivery_id] = complete_job(database, "w", job.id, done)
+    # The acknowledgement as the dispatch sweep records it (its own tests send for real).
+    with database.session() as session, session.begin():
+        delivery = session.get_one(Delivery, delivery_id)
+        delivery.transition(DeliveryState.SENDING)
+        delivery.transition(DeliveryState.DONE)
+        delivery.delivered_at = utcnow()
+    return uid, job.study_id
+
+
+def _retention_events(database: Database) -> int:
+    with database.session() as session:
+        return len(session.scalars(select(AuditEvent).where(AuditEvent.kind == "retention")).all())
+
+
+def test_a_study_reopened_after_the_query_keeps_its_files(
+    database_url: str, tmp_path: Path
+) -> None:
+    database = open_database(database_url)
+    files = FileStore(tmp_path / "store")
+    uid, study_id = _delivered_study(database, files, tmp_path / "a")
+    later = utcnow() + timedelta(days=31)
+    assert expired_studies(database, 30, later) == [study_id]
+    # A late image arrives between the sweep's query and the removal: the study is being
+    # received again, its files are needed for the new analysis.
+    ds = nm_dataset(uid, seed=7)
+    source = write(ds, tmp_path / "late.dcm")
+    incoming = files.incoming / "late.part"
+    shutil.copyfile(source, incoming)
+    meta = InstanceMeta(
+        uid, ds.SeriesInstanceUID, ds.SOPInstanceUID, ds.SOPClassUID,
+        ds.file_meta.TransferSyntaxUID, "NM",
+    )  # fmt: skip
+    InstanceStore(database, files).store(incoming, meta, "GAMMA1")
+    assert _remove_study_files(database, files, study_id, 30) is None
+    assert all(path.exists() for path in _files_of(database, files, uid))
+    assert len(_files_of(database, files, uid)) == 3
+    assert _retention_events(database) == 0
+    database.dispose()
+
+
+@pytest.mark.postgresql
+def test_two_receivers_sweeping_at_once_remove_a_study_once(
+    postgres_server, tmp_path: Path
+) -> None:
+    url = str(postgres_server.create_database())
+    database, other = open_database(url), Database(url)
+    files = FileStore(tmp_path / "store")
+    uid, study_id = _delivered_study(database, files, tmp_path / "a")
+    later = utcnow() + timedelta(days=31)
+    config = RetentionConfig(days=30)
+    # The other receiver's sweep holds the study (it is removing its files right now):
+    # this one skips it instead of waiting, and records nothing.
+    with other.session() as session, session.begin():
+        session.execute(select(Study.id).where(Study.id == study_id).with_for_update())
+        assert sweep_retention(database, files, config, now=later).studies == 0
+        assert all(path.exists() for path in _files_of(database, files, uid))
+    # Once it is done (its audit row committed), neither finds the study again.
+    assert sweep_retention(other, files, config, now=later).studies == 1
+    assert sweep_retention(database, files, config, now=later).studies == 0
+    assert not any(path.exists() for path in _files_of(database, files, uid))
+    assert _retention_events(database) == 1
+    database.dispose()
+    other.dispose()
