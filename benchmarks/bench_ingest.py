@@ -92,6 +92,7 @@ class MibiNode(Receiver):
         config.write_text(
             '[node]\nhost = "127.0.0.1"\n[storage]\nmin_free_mb = 0\n'
             '[assembly]\nquiet_seconds = 3600\n[logging]\nlevel = "WARNING"\n'
+            f"[web]\nport = {free_port()}\n"
         )
         return subprocess.Popen(
             [
@@ -109,6 +110,27 @@ class MibiNode(Receiver):
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
+
+    def start(self) -> None:
+        """Start, then wait for the node to settle: its port listens before its analysis
+        worker has started (a fresh interpreter that imports torch and loads the bundle,
+        seconds of CPU on a small machine); timing from the port alone would measure that
+        start-up against reception, not reception."""
+        super().start()
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            if self._worker_state() in ("ready", "waiting for a bundle"):
+                return
+            time.sleep(0.2)
+        raise RuntimeError("mibi-node's worker did not start within 180 s")
+
+    def _worker_state(self) -> str | None:
+        try:
+            with sqlite3.connect(self.out / "mibi-node.sqlite3", timeout=1) as connection:
+                row = connection.execute("SELECT state FROM worker").fetchone()
+        except sqlite3.Error:  # not created yet
+            return None
+        return str(row[0]) if row else None
 
     def count(self) -> int:
         with sqlite3.connect(self.out / "mibi-node.sqlite3") as connection:

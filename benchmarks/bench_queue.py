@@ -26,6 +26,7 @@ import argparse
 import multiprocessing
 import os
 import shutil
+import signal
 import statistics
 import sys
 import tempfile
@@ -90,6 +91,7 @@ def _worker(url: str, name: str, batch: int, ready: Any, go: Event, done: Any) -
     from mibi_node.jobs.queue import CompletedJob, claim_jobs, complete_job
     from mibi_node.storage.database import Database
 
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
     database = Database(url)
     with database.session() as session:  # connect before the clock starts
         session.connection()
@@ -124,16 +126,22 @@ def _run(url: str, processes: int, jobs: int, batch: int) -> tuple[float, float]
         context.Process(target=_worker, args=(url, f"w{index}", batch, ready, go, done))
         for index in range(processes)
     ]
-    for child in children:
-        child.start()
-    for _ in children:
-        ready.get(timeout=120)
-    started = time.perf_counter()
-    go.set()
-    counts = [done.get(timeout=3600) for _ in children]
-    seconds = time.perf_counter() - started
-    for child in children:
-        child.join(30)
+    counts: list[tuple[str, int, int]] = []
+    try:
+        for child in children:
+            child.start()
+        for _ in children:
+            ready.get(timeout=120)
+        started = time.perf_counter()
+        go.set()
+        counts = [done.get(timeout=3600) for _ in children]
+        seconds = time.perf_counter() - started
+    finally:  # on Ctrl-C too: no worker process outlives the run
+        for child in children:
+            child.join(30 if len(counts) == len(children) else 0)
+            if child.is_alive():
+                child.terminate()
+                child.join(10)
     if sum(count for _, count, _ in counts) != jobs:
         raise SystemExit(f"{url}: {counts} completed, expected {jobs} in all")
     _check(url, jobs)
@@ -186,6 +194,7 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="bench-queue-"))
     rates: dict[tuple[str, int], list[float]] = {(b, n): [] for b in backends for n in counts}
     claim_rates: dict[tuple[str, int], list[float]] = {key: [] for key in rates}
+    interrupted = False
     try:
         serial = 0
         for round_index in range(args.rounds):
@@ -205,10 +214,15 @@ def main() -> None:
                         f"{rate:7.0f} jobs/s, {claims:7.0f} claims/s",
                         flush=True,
                     )
+    except KeyboardInterrupt:
+        interrupted = True
     finally:
         if server is not None:
             server.stop()
         shutil.rmtree(work, ignore_errors=True)
+    if interrupted:
+        print("\ninterrupted: PostgreSQL stopped, work folder removed, no result written")
+        raise SystemExit(130)
 
     print(
         f"\nqueue: {args.jobs} jobs claimed {args.batch} at a time and completed (result + "
