@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from sqlalchemy import Connection, Table, insert
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
@@ -23,9 +24,11 @@ __all__ = ["add", "record"]
 
 logger = logging.getLogger("mibi_node.audit")
 
+_AUDIT: Table = AuditEvent.__table__  # type: ignore[assignment]
+
 
 def add(
-    session: Session,
+    session: Session | Connection,
     kind: str,
     outcome: str,
     *,
@@ -34,14 +37,15 @@ def add(
     message: str = "",
     detail: dict[str, Any] | None = None,
 ) -> None:
-    """Log one audit event and add it to ``session``: the row commits (or not) with the
-    change it describes; the journal line is written first, whatever happens to the row.
+    """Log one audit event and insert it in the transaction of ``session`` (an ORM session or
+    a Core connection): the row commits (or not) with the change it describes; the journal
+    line is written first, whatever happens to the row.
 
     Parameters are those of :func:`record`.
     """
     logger.info("%s", _line(kind, outcome, actor, study_id, message, detail))
-    session.add(
-        AuditEvent(
+    session.execute(
+        insert(_AUDIT).values(
             kind=kind,
             outcome=outcome,
             actor=actor[:128],

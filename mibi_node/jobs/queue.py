@@ -25,7 +25,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from pydicom.uid import generate_uid
-from sqlalchemy import select, update
+from sqlalchemy import Table, bindparam, insert, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.orm import Session
 
@@ -41,6 +41,7 @@ from mibi_node.storage.models import (
     Setting,
     Study,
     StudyState,
+    check_job_transition,
     check_transition,
     utcnow,
 )
@@ -59,6 +60,11 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
+
+_JOB: Table = Job.__table__  # type: ignore[assignment]
+_STUDY: Table = Study.__table__  # type: ignore[assignment]
+_INSTANCE: Table = Instance.__table__  # type: ignore[assignment]
+_DELIVERY: Table = Delivery.__table__  # type: ignore[assignment]
 
 #: Study states a worker may take a study from when it claims its job.
 _CLAIMABLE_STUDY_STATES = (StudyState.QUEUED, StudyState.AWAITING_PHASE)
@@ -109,16 +115,17 @@ def claim_jobs(
 
     One claim is six statements whatever ``limit`` is (pick, claim, read the studies, move
     them, read their instances, read their earlier results), so a batch costs the database
-    about as much as a single job (benchmarks/bench_queue.py).
+    about as much as a single job. Claims and completions are every worker's hot path, so
+    they are written in SQLAlchemy Core, as reception is (benchmarks/bench_queue.py).
     """
     now = utcnow()
     due = (
-        select(Job.id, Job.attempts)
+        select(_JOB.c.id, _JOB.c.attempts)
         .where(
-            Job.state == JobState.QUEUED,
-            (Job.not_before.is_(None)) | (Job.not_before <= now),
+            _JOB.c.state == JobState.QUEUED,
+            (_JOB.c.not_before.is_(None)) | (_JOB.c.not_before <= now),
         )
-        .order_by(Job.attempts.desc(), Job.id)
+        .order_by(_JOB.c.attempts.desc(), _JOB.c.id)
         .limit(limit)
     )
     if database.is_postgresql:
@@ -126,27 +133,26 @@ def claim_jobs(
         # transaction holds (another worker's claim, a receiver's instance) is skipped. The
         # pick is a statement of its own: as a subquery of the UPDATE, PostgreSQL may run it
         # again for every row and so claim more than ``limit``.
-        due = due.join(Study, Study.id == Job.study_id).with_for_update(
-            skip_locked=True, of=(Job, Study)
+        due = due.join(_STUDY, _STUDY.c.id == _JOB.c.study_id).with_for_update(
+            skip_locked=True, of=(_JOB, _STUDY)
         )
-    with database.write_lock(), database.session() as session, session.begin():
-        picked = session.execute(due).all()
+    with database.write_lock(), database.engine.begin() as connection:
+        picked = connection.execute(due).all()
         if not picked:
             return []
         if picked[0].attempts:
             picked = picked[:1]
-        returned = session.execute(
-            update(Job)
-            .where(Job.id.in_([row.id for row in picked]), Job.state == JobState.QUEUED)
+        returned = connection.execute(
+            update(_JOB)
+            .where(_JOB.c.id.in_([row.id for row in picked]), _JOB.c.state == JobState.QUEUED)
             .values(
                 state=JobState.RUNNING,
                 lease_owner=owner,
                 lease_expires_at=now + timedelta(seconds=lease_seconds),
-                attempts=Job.attempts + 1,
+                attempts=_JOB.c.attempts + 1,
                 started_at=now,
             )
-            .returning(Job.id, Job.study_id, Job.version, Job.attempts, Job.partial)
-            .execution_options(synchronize_session=False)
+            .returning(_JOB.c.id, _JOB.c.study_id, _JOB.c.version, _JOB.c.attempts, _JOB.c.partial)
         ).all()
         if not returned:
             return []
@@ -154,10 +160,13 @@ def claim_jobs(
         study_ids = [job.study_id for job in jobs]
         studies = {
             row.id: row
-            for row in session.execute(
+            for row in connection.execute(
                 select(
-                    Study.id, Study.state, Study.study_instance_uid, Study.first_received_at
-                ).where(Study.id.in_(study_ids))
+                    _STUDY.c.id,
+                    _STUDY.c.state,
+                    _STUDY.c.study_instance_uid,
+                    _STUDY.c.first_received_at,
+                ).where(_STUDY.c.id.in_(study_ids))
             )
         }
         moves = []
@@ -165,52 +174,58 @@ def claim_jobs(
             state = StudyState(studies[job.study_id].state)
             if state in _CLAIMABLE_STUDY_STATES:
                 check_transition(state, StudyState.RUNNING)
-                moves.append(
-                    {
-                        "id": job.study_id,
-                        "state": StudyState.RUNNING,
-                        "state_reason": f"analysing version {job.version}",
-                        "state_changed_at": now,
-                    }
-                )
-        if moves:
-            # One executemany by primary key (the ORM's bulk UPDATE), not one UPDATE each.
-            session.execute(update(Study), moves)
+                moves.append({"moved": job.study_id, "reason": f"analysing version {job.version}"})
+        if moves:  # one executemany, not one UPDATE a study
+            connection.execute(
+                update(_STUDY)
+                .where(_STUDY.c.id == bindparam("moved"))
+                .values(
+                    state=StudyState.RUNNING,
+                    state_reason=bindparam("reason"),
+                    state_changed_at=now,
+                ),
+                moves,
+            )
         paths: dict[int, list[str]] = {study_id: [] for study_id in study_ids}
-        for study_id, path, modality, sop_class in session.execute(
-            select(Instance.study_id, Instance.path, Instance.modality, Instance.sop_class_uid)
-            .where(Instance.study_id.in_(study_ids))
-            .order_by(Instance.id)
+        for study_id, path, modality, sop_class in connection.execute(
+            select(
+                _INSTANCE.c.study_id,
+                _INSTANCE.c.path,
+                _INSTANCE.c.modality,
+                _INSTANCE.c.sop_class_uid,
+            )
+            .where(_INSTANCE.c.study_id.in_(study_ids))
+            .order_by(_INSTANCE.c.id)
         ):
             if is_image_instance(modality, sop_class):
                 paths[study_id].append(path)
-        done = session.execute(
-            select(Job.study_id, Job.version, Job.sr_path, Job.sr_series_instance_uid)
-            .where(Job.study_id.in_(study_ids), Job.state == JobState.DONE)
-            .order_by(Job.version.desc())
+        done = connection.execute(
+            select(_JOB.c.study_id, _JOB.c.version, _JOB.c.sr_path, _JOB.c.sr_series_instance_uid)
+            .where(_JOB.c.study_id.in_(study_ids), _JOB.c.state == JobState.DONE)
+            .order_by(_JOB.c.version.desc())
         ).all()
-        claimed = []
-        for job in jobs:
-            study = studies[job.study_id]
-            earlier = next(
-                (row for row in done if row.study_id == job.study_id and row.version < job.version),
-                None,
+    claimed = []
+    for job in jobs:
+        study = studies[job.study_id]
+        earlier = next(
+            (row for row in done if row.study_id == job.study_id and row.version < job.version),
+            None,
+        )
+        claimed.append(
+            ClaimedJob(
+                id=job.id,
+                study_id=job.study_id,
+                study_instance_uid=study.study_instance_uid,
+                version=job.version,
+                attempts=job.attempts,
+                partial=job.partial,
+                first_received_at=study.first_received_at,
+                paths=tuple(paths[job.study_id]),
+                predecessor_sr_path=earlier.sr_path if earlier else None,
+                sr_series_instance_uid=earlier.sr_series_instance_uid if earlier else None,
             )
-            claimed.append(
-                ClaimedJob(
-                    id=job.id,
-                    study_id=job.study_id,
-                    study_instance_uid=study.study_instance_uid,
-                    version=job.version,
-                    attempts=job.attempts,
-                    partial=job.partial,
-                    first_received_at=study.first_received_at,
-                    paths=tuple(paths[job.study_id]),
-                    predecessor_sr_path=earlier.sr_path if earlier else None,
-                    sr_series_instance_uid=earlier.sr_series_instance_uid if earlier else None,
-                )
-            )
-        return claimed
+        )
+    return claimed
 
 
 def renew_leases(
@@ -257,46 +272,81 @@ def _owned(session: Session, job_id: int, owner: str) -> tuple[Job, Study] | Non
 def complete_job(database: Database, owner: str, job_id: int, done: CompletedJob) -> list[int]:
     """Record a job's result and create one delivery per destination.
 
+    Four statements: one ``UPDATE ... RETURNING`` takes the job from RUNNING to DONE only if
+    ``owner`` still holds it (the check and the change in one statement, which also locks
+    the row), one moves its study, then the audit row and the deliveries are inserted.
+
     Returns
     -------
     list of int
         Ids of the new deliveries (empty when the lease was lost: then nothing is recorded).
     """
-    with database.write_lock(), database.session() as session, session.begin():
-        owned = _owned(session, job_id, owner)
-        if owned is None:
+    check_job_transition(JobState.RUNNING, JobState.DONE)
+    check_transition(StudyState.RUNNING, StudyState.DONE)
+    now = utcnow()
+    with database.write_lock(), database.engine.begin() as connection:
+        job = connection.execute(
+            update(_JOB)
+            .where(
+                _JOB.c.id == job_id,
+                _JOB.c.state == JobState.RUNNING,
+                _JOB.c.lease_owner == owner,
+            )
+            .values(
+                # What Job.transition(DONE) does, plus the result.
+                state=JobState.DONE,
+                finished_at=now,
+                lease_owner=None,
+                lease_expires_at=None,
+                result=done.result,
+                timings=done.timings,
+                bundle=done.bundle,
+                sr_path=done.sr_path,
+                sr_sop_instance_uid=done.sr_sop_instance_uid,
+                sr_series_instance_uid=done.sr_series_instance_uid,
+                error=None,
+                traceback=None,
+            )
+            .returning(_JOB.c.study_id, _JOB.c.version)
+        ).first()
+        if job is None:
+            logger.warning(
+                "job #%d is no longer held by %s (lease expired?); result dropped", job_id, owner
+            )
             return []
-        job, study = owned
-        job.transition(JobState.DONE)
-        job.result = done.result
-        job.timings = done.timings
-        job.bundle = done.bundle
-        job.sr_path = done.sr_path
-        job.sr_sop_instance_uid = done.sr_sop_instance_uid
-        job.sr_series_instance_uid = done.sr_series_instance_uid
-        job.error = job.traceback = None
         predicted = done.result.get("predicted", "?")
-        if study.state is StudyState.RUNNING:
-            study.transition(StudyState.DONE, f"version {job.version}: {predicted}")
+        connection.execute(
+            update(_STUDY)
+            .where(_STUDY.c.id == job.study_id, _STUDY.c.state == StudyState.RUNNING)
+            .values(
+                state=StudyState.DONE,
+                state_reason=f"version {job.version}: {predicted}",
+                state_changed_at=now,
+            )
+        )
         audit.add(
-            session,
+            connection,
             "result",
             "done",
             actor=owner,
-            study_id=study.id,
-            detail={"job": job.id, "version": job.version, "predicted": predicted},
+            study_id=job.study_id,
+            detail={"job": job_id, "version": job.version, "predicted": predicted},
         )
-        deliveries = [
-            Delivery(
-                job_id=job.id,
-                destination={**destination, "files": list(done.files)},
-                label=_label(destination),
+        if not done.destinations:
+            return []
+        return list(
+            connection.scalars(
+                insert(_DELIVERY).returning(_DELIVERY.c.id, sort_by_parameter_order=True),
+                [
+                    {
+                        "job_id": job_id,
+                        "destination": {**destination, "files": list(done.files)},
+                        "label": _label(destination),
+                    }
+                    for destination in done.destinations
+                ],
             )
-            for destination in done.destinations
-        ]
-        session.add_all(deliveries)
-        session.flush()
-        return [delivery.id for delivery in deliveries]
+        )
 
 
 def _label(destination: dict[str, Any]) -> str:
