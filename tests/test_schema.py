@@ -23,7 +23,6 @@ from mibi_node.storage import schema
 from mibi_node.storage.database import Database, open_database
 from mibi_node.storage.models import Base, Study, StudyState
 from mibi_node.storage.schema import (
-    BASELINE,
     SchemaError,
     prepare_schema,
     schema_status,
@@ -37,6 +36,8 @@ def _pre_migrations(url: str, without: tuple[str, ...] = ()) -> Database:
     database = Database(url)
     tables = [table for name, table in Base.metadata.tables.items() if name not in without]
     Base.metadata.create_all(database.engine, tables=tables)
+    with database.engine.begin() as connection:  # added by revision 0002
+        connection.exec_driver_sql("DROP INDEX ix_job_claim")
     with database.session() as session, session.begin():
         session.add(Study(study_instance_uid="1.2.3", state=StudyState.DONE))
     return database
@@ -62,8 +63,14 @@ def test_an_empty_database_is_created_at_head_as_the_models_say(database_url: st
 def test_a_database_from_before_migrations_is_adopted(database_url: str) -> None:
     database = _pre_migrations(database_url)
     assert schema_status(database).before_migrations
-    prepare_schema(database)  # what `serve` and `worker` do at start
-    assert schema_status(database).current == BASELINE
+    # What `serve` and `worker` do at start: the tables are the baseline's (revision 0001),
+    # the later revisions wait for `mibi-node db upgrade`; nothing is written meanwhile.
+    with pytest.raises(SchemaError, match=r"at revision 0001 .* needs 0002.*mibi-node db upgrade"):
+        prepare_schema(database)
+    assert schema_status(database).before_migrations
+    before, after = upgrade_schema(database)
+    assert (before.current, after.current) == (None, schema.head_revision())
+    assert "ix_job_claim" in {i["name"] for i in inspect(database.engine).get_indexes("job")}
     assert _study_uids(database) == ["1.2.3"]
     database.dispose()
 
@@ -82,21 +89,23 @@ def test_missing_tables_are_refused_until_db_upgrade(database_url: str) -> None:
 def test_an_older_revision_is_refused_until_db_upgrade(
     database_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    database = open_database(database_url)  # at 0001
+    database = open_database(database_url)  # at this version's head
+    head = schema.head_revision()
     newer = tmp_path / "migrations"
     shutil.copytree(schema.MIGRATIONS, newer)
-    (newer / "versions" / "0002_note.py").write_text(
+    (newer / "versions" / "9999_note.py").write_text(
         '"""A later revision (test only)."""\n'
         "import sqlalchemy as sa\nfrom alembic import op\n\n"
-        'revision = "0002"\ndown_revision = "0001"\nbranch_labels = None\ndepends_on = None\n\n\n'
+        f'revision = "9999"\ndown_revision = "{head}"\nbranch_labels = None\n'
+        "depends_on = None\n\n\n"
         "def upgrade() -> None:\n"
         '    op.add_column("study", sa.Column("note", sa.Text(), nullable=True))\n'
     )
     monkeypatch.setattr(schema, "MIGRATIONS", newer)
-    with pytest.raises(SchemaError, match=r"at revision 0001 .* needs 0002.*mibi-node db upgrade"):
+    with pytest.raises(SchemaError, match=rf"at revision {head} .* needs 9999.*db upgrade"):
         open_database(database_url)
     before, after = upgrade_schema(database)
-    assert (before.current, after.current) == ("0001", "0002")
+    assert (before.current, after.current) == (head, "9999")
     columns = {column["name"] for column in inspect(database.engine).get_columns("study")}
     assert "note" in columns
     open_database(database_url).dispose()
@@ -153,7 +162,7 @@ def test_serve_and_worker_refuse_an_outdated_schema_and_db_upgrade_fixes_it(
     assert current.exit_code == 1 and "made before migrations" in current.output
     upgrade = runner.invoke(app, ["db", "upgrade", "--data-dir", str(data)])
     assert upgrade.exit_code == 0, upgrade.output
-    assert f"no revision -> {BASELINE}" in upgrade.output
+    assert f"no revision -> {schema.head_revision()}" in upgrade.output
     current = runner.invoke(app, ["db", "current", "--data-dir", str(data)])
     assert current.exit_code == 0 and "up to date" in current.output
     again = runner.invoke(app, ["db", "upgrade", "--data-dir", str(data)])

@@ -317,6 +317,11 @@ class Job(Base):
             self.lease_expires_at = None
 
 
+#: The claim order (:func:`mibi_node.jobs.queue.claim_jobs`): retried jobs first, then the
+#: oldest; a claim reads the first rows of this index instead of sorting the whole queue.
+Index("ix_job_claim", Job.state, Job.attempts.desc(), Job.id)
+
+
 class Delivery(Base):
     """The sending of one job's result files to one destination."""
 
