@@ -244,39 +244,70 @@ def status(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
     limit: Annotated[int, typer.Option(help="Most recent studies to show.")] = 200,
 ) -> None:
-    """List studies, workers, jobs and deliveries that are pending or failed."""
-    from mibi_node.storage.queries import count_jobs, list_deliveries, list_studies, list_workers
+    """List studies, workers, jobs and deliveries that are pending or failed.
+
+    The same summaries as the status page (``mibi_node.web.summaries``), read through its
+    read-only sessions: running it never takes the database's writer slot from reception.
+    """
+    from sqlalchemy.exc import OperationalError
+
+    from mibi_node.storage.database import database_problem
+    from mibi_node.storage.filestore import FileStore
+    from mibi_node.web.reader import Reader
+    from mibi_node.web.summaries import (
+        delivery_rows,
+        job_counts,
+        study_rows,
+        to_json,
+        worker_rows,
+    )
 
     resolved = _load(config, node={"data_dir": data_dir})
     database = _open_existing(resolved)
+    reader = Reader(database)
     try:
-        studies = list_studies(database, limit=limit)
-        workers = list_workers(database, stale_after=resolved.web.worker_stale_seconds)
-        jobs = count_jobs(database)
-        deliveries = list_deliveries(database)
+        files = FileStore(resolved.store_dir, resolved.incoming_name)
+        studies = study_rows(reader, files, limit=limit)
+        workers = worker_rows(reader, resolved.web.worker_stale_seconds)
+        jobs = job_counts(reader)
+        deliveries = delivery_rows(reader)
+    except OperationalError as exc:
+        raise _fail(f"cannot read the database: {database_problem(exc)}") from None
     finally:
+        reader.dispose()
         database.dispose()
     if as_json:
         document = {
-            "studies": [s.as_json() for s in studies],
-            "workers": [w.as_json() for w in workers],
+            "studies": to_json(studies),
+            "workers": to_json(workers),
             "jobs": jobs,
-            "deliveries": [d.as_json() for d in deliveries],
+            "deliveries": to_json(deliveries),
         }
         sys.stdout.write(json.dumps(document, indent=2) + "\n")
         return
     table = Table(title=f"mibi-node {__version__}: {len(studies)} studies")
-    for column in ("#", "state", "instances", "modality", "from AE", "first", "last", "reason"):
+    for column in (
+        "#",
+        "state",
+        "instances",
+        "phases",
+        "from AE",
+        "last",
+        "result",
+        "SR",
+        "reason",
+    ):
         table.add_column(column)
     for study in studies:
         table.add_row(
             str(study.id),
             study.state,
             str(study.instance_count),
-            study.modalities,
+            " ".join(study.phases) or "-",
             study.calling_ae_title,
-            study.first_received_at.strftime("%Y-%m-%d %H:%M:%S"),
-            study.last_received_at.strftime("%H:%M:%S"),
+            study.last_received_at.strftime("%Y-%m-%d %H:%M:%S"),
+            f"{study.predicted} {study.probability:.2f}" if study.predicted else "",
+            study.sr or "",
             study.state_reason or "",
         )
     _out.print(table)
@@ -287,7 +318,7 @@ def status(
         for w in workers:
             table.add_row(
                 w.name,
-                w.state if w.alive else f"{w.state} (no heartbeat: gone?)",
+                f"{w.state} (no heartbeat: gone?)" if w.stale and w.state != "stopped" else w.state,
                 w.device,
                 w.bundle or "-",
                 w.heartbeat_at.strftime("%H:%M:%S"),
@@ -300,17 +331,27 @@ def status(
     _out.print(f"jobs: {summary}")
     if deliveries:
         table = Table(title="deliveries pending or failed")
-        for column in ("#", "state", "to", "version", "attempts", "next try", "last answer"):
+        for column in (
+            "#",
+            "state",
+            "to",
+            "study",
+            "version",
+            "attempts",
+            "next try",
+            "last answer",
+        ):
             table.add_column(column)
         for d in deliveries:
             table.add_row(
                 str(d.id),
                 d.state,
                 d.destination,
+                f"#{d.study_id}",
                 str(d.version),
                 str(d.attempts),
                 d.next_attempt_at.strftime("%H:%M:%S") if d.state == "PENDING" else "",
-                d.last_message or "",
+                " ".join(filter(None, (d.last_status, d.last_message))),
             )
         _out.print(table)
     else:

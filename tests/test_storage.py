@@ -23,7 +23,17 @@ from mibi_node.storage import (
     open_database,
 )
 from mibi_node.storage.models import InvalidTransitionError, check_transition
-from mibi_node.storage.queries import list_studies
+from mibi_node.web.reader import Reader
+from mibi_node.web.summaries import StudyRow, study_rows
+
+
+def _studies(store: InstanceStore) -> list[StudyRow]:
+    """The studies as ``mibi-node status`` and the status page list them."""
+    reader = Reader(store.database)
+    try:
+        return study_rows(reader, store.files)
+    finally:
+        reader.dispose()
 
 
 @pytest.fixture
@@ -57,7 +67,7 @@ def test_store_duplicate_replace_and_counts(store: InstanceStore, tmp_path: Path
     assert _receive(store, tmp_path, changed, "c") is StoreOutcome.REPLACED
     other = nm_dataset(first.StudyInstanceUID, seed=3)
     assert _receive(store, tmp_path, other, "d") is StoreOutcome.STORED
-    [study] = list_studies(store.database)
+    [study] = _studies(store)
     assert study.instance_count == 2
     assert study.modalities == "NM"
     assert study.calling_ae_title == "GAMMA1"
@@ -71,10 +81,10 @@ def test_stability_sweep_and_reopening(store: InstanceStore, tmp_path: Path) -> 
     assert mark_stable_studies(store.database, quiet_seconds=60) == []
     time.sleep(0.3)
     assert len(mark_stable_studies(store.database, quiet_seconds=0.2)) == 1
-    assert list_studies(store.database)[0].state == "STABLE"
+    assert _studies(store)[0].state == "STABLE"
     # A late instance reopens the study.
     _receive(store, tmp_path, nm_dataset(ds.StudyInstanceUID, seed=6), "b")
-    [study] = list_studies(store.database)
+    [study] = _studies(store)
     assert study.state == "RECEIVING" and study.instance_count == 2
 
 

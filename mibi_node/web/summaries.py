@@ -61,6 +61,7 @@ __all__ = [
     "audit_rows",
     "delivery_rows",
     "image_files",
+    "job_counts",
     "latest_result",
     "study_detail",
     "study_rows",
@@ -345,31 +346,17 @@ def _ordered(phases: Iterable[str | None]) -> list[str]:
 # -- studies ------------------------------------------------------------------------------
 
 
-def _latest_jobs(session: Any, study_ids: Sequence[int]) -> dict[int, Job]:
-    latest = (
-        select(Job.study_id, func.max(Job.version).label("version"))
-        .where(Job.study_id.in_(study_ids))
-        .group_by(Job.study_id)
-        .subquery()
+def _latest_jobs(session: Any, study_ids: Sequence[int], done: bool = False) -> dict[int, Job]:
+    """Each study's newest job (its newest DONE job with ``done``)."""
+    latest = select(Job.study_id, func.max(Job.version).label("version")).where(
+        Job.study_id.in_(study_ids)
     )
+    if done:
+        latest = latest.where(Job.state == JobState.DONE)
+    newest = latest.group_by(Job.study_id).subquery()
     rows = session.scalars(
         select(Job).join(
-            latest, (Job.study_id == latest.c.study_id) & (Job.version == latest.c.version)
-        )
-    ).all()
-    return {job.study_id: job for job in rows}
-
-
-def _latest_done_jobs(session: Any, study_ids: Sequence[int]) -> dict[int, Job]:
-    latest = (
-        select(Job.study_id, func.max(Job.version).label("version"))
-        .where(Job.study_id.in_(study_ids), Job.state == JobState.DONE)
-        .group_by(Job.study_id)
-        .subquery()
-    )
-    rows = session.scalars(
-        select(Job).join(
-            latest, (Job.study_id == latest.c.study_id) & (Job.version == latest.c.version)
+            newest, (Job.study_id == newest.c.study_id) & (Job.version == newest.c.version)
         )
     ).all()
     return {job.study_id: job for job in rows}
@@ -420,7 +407,7 @@ def study_rows(reader: Reader, files: FileStore, limit: int = 200) -> list[Study
         ).all()
         ids = [s.id for s in studies]
         latest = _latest_jobs(session, ids)
-        done = _latest_done_jobs(session, ids)
+        done = _latest_jobs(session, ids, done=True)
         deliveries: dict[int, list[Delivery]] = {}
         done_ids = [job.id for job in done.values()]
         for delivery in session.scalars(select(Delivery).where(Delivery.job_id.in_(done_ids))):
@@ -611,6 +598,13 @@ def worker_rows(reader: Reader, stale_seconds: float) -> list[WorkerRow]:
             )
             for w in workers
         ]
+
+
+def job_counts(reader: Reader) -> dict[str, int]:
+    """Number of jobs in each state."""
+    with reader.session() as session:
+        rows = session.execute(select(Job.state, func.count()).group_by(Job.state)).all()
+    return {JobState(state).value: int(count) for state, count in rows}
 
 
 def delivery_rows(
