@@ -28,7 +28,6 @@ from pathlib import Path
 from typing import Any
 
 import highdicom
-import numpy as np
 import pydicom
 import pynetdicom
 import pytest
@@ -46,12 +45,12 @@ from pynetdicom.pdu_primitives import (
 from sqlalchemy import select, update
 
 import mibi_node
+from cases import CLASSES, SC_STORAGE, make_case
 from factory import CT_STORAGE, NM_STORAGE, nm_dataset, write
 from mibi_node.config import Config, DispatchConfig
 from mibi_node.dispatch import Destination, DestinationTLS, send_files
 from mibi_node.dispatch.deliveries import deliver, resend_study
 from mibi_node.dispatch.scu import _ssl_context as _dispatch_ssl_context
-from mibi_node.imaging.study import PhaseImage
 from mibi_node.inference.result import Focus, StudyResult
 from mibi_node.inference.worker import Worker
 from mibi_node.jobs.queue import CompletedJob, claim_jobs, complete_job
@@ -72,7 +71,6 @@ from ports import free_port
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "conformance.md"
 VERIFICATION = "1.2.840.10008.1.1"
-SC_STORAGE = "1.2.840.10008.5.1.4.1.1.7"
 COMPREHENSIVE_3D_SR = "1.2.840.10008.5.1.4.1.1.88.34"
 EXPLICIT_LE = "1.2.840.10008.1.2.1"
 IMPLICIT_LE = "1.2.840.10008.1.2"
@@ -96,7 +94,6 @@ OTHER_SERVICES = (
     "1.2.840.10008.3.1.2.3.3",
     "1.2.840.10008.5.1.4.33",
 )
-CLASSES = ("normal", "adenoma", "hyperplasia", "carcinoma", "cyst")
 DEVICE_UID = "1.2.826.0.1.3680043.8.498.7"
 
 
@@ -1177,66 +1174,6 @@ def recorder() -> Iterator[RecordingSCP]:
 
 
 # --- results as the worker writes them -----------------------------------------------------
-
-
-def _phase(name: str, ds: Dataset, frame: int | None, seed: int = 0) -> PhaseImage:
-    rng = np.random.default_rng(seed)
-    return PhaseImage(
-        name=name,
-        pixels=rng.poisson(20.0, (int(ds.Rows), int(ds.Columns))).astype(np.float32),
-        pixel_spacing=(2.2, 2.2),
-        sop_instance_uid=ds.SOPInstanceUID,
-        sop_class_uid=ds.SOPClassUID,
-        series_instance_uid=ds.SeriesInstanceUID,
-        frame_number=frame,
-    )
-
-
-def make_case(
-    predicted: str = "adenoma",
-    *,
-    focus: Focus | None = Focus(row=40.0, col=20.0, side="right", pole="lower"),
-    intended_use: str = "demonstration",
-    frames: int = 2,
-    warnings: tuple[str, ...] = ("early image resampled to 64 x 64",),
-    secondary_capture: bool = False,
-    frame_of_reference: bool = False,
-    seed: int = 0,
-    **header: Any,
-) -> tuple[StudyResult, list[Dataset]]:
-    """A result over an early and a delayed image, plus one instance it did not use."""
-    study = generate_uid()
-    sources = [nm_dataset(study, seed=seed + i, frames=frames) for i in range(3)]
-    if secondary_capture:
-        sources[1].SOPClassUID = SC_STORAGE
-        sources[1].Modality = "OT"
-    if frame_of_reference:
-        sources[0].FrameOfReferenceUID = generate_uid()
-    for ds in sources:
-        for keyword, value in header.items():
-            setattr(ds, keyword, value)
-    p = np.random.default_rng(seed).dirichlet(np.ones(len(CLASSES)))
-    probabilities = dict(zip(CLASSES, (float(v) for v in p / p.sum()), strict=True))
-    frame = 2 if frames > 1 else None
-    result = StudyResult(
-        study_instance_uid=study,
-        probabilities=probabilities,
-        predicted=predicted,
-        member_probabilities={},
-        agreement=7 / 9,
-        normalised_entropy=0.41,
-        focus=focus,
-        source_images={
-            "early": _phase("early", sources[0], frame, 1),
-            "delayed": _phase("delayed", sources[1], frame, 2),
-        },
-        timings={},
-        warnings=warnings,
-        bundle_name="mibi-demo",
-        bundle_version="0.3.1",
-        intended_use=intended_use,
-    )
-    return result, sources
 
 
 def read_back(ds: Dataset) -> Dataset:

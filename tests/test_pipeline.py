@@ -19,8 +19,8 @@ from pathlib import Path
 import pydicom
 import pytest
 
+from bundles import SLOW_RECIPE, random_bundle
 from factory import CT_STORAGE, nm_dataset, write
-from mibi_node.inference.bundle import init_random_bundle
 from mibi_node.report import read_probabilities
 from node import NodeProcess, dcmtk_env, storescu
 from orthanc import OrthancServer, orthanc_server  # noqa: F401 - a fixture
@@ -28,55 +28,10 @@ from ports import free_port
 
 pytestmark = pytest.mark.peers
 
-TINY_RECIPE = """
-name = "pipeline-test"
-version = "0.0.1"
-intended_use = "demonstration"
-[input]
-channels = ["early", "delayed"]
-size = 32
-[tta]
-views = ["identity", "hflip"]
-[[members]]
-arch = "resnet10t"
-heads = 2
-embed_dim = 32
-[[members]]
-name = "lite"
-arch = "efficientnet_lite0"
-heads = 2
-embed_dim = 32
-"""
-
-# Slow enough (about a second a study on two cores) that a test can kill the worker while
-# it works on a study.
-SLOW_RECIPE = """
-name = "pipeline-slow"
-version = "0.0.1"
-intended_use = "demonstration"
-[input]
-channels = ["early", "delayed"]
-size = 192
-[tta]
-views = ["identity", "hflip", "scale:0.9", "scale:1.1", "scale:0.95", "scale:1.05", "scale:0.85",
-         "scale:1.15"]
-[[members]]
-arch = "resnet50"
-heads = 2
-embed_dim = 64
-"""
-
-
-def _bundle(folder: Path, recipe: str) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "recipe.toml").write_text(recipe)
-    init_random_bundle(folder / "recipe.toml", folder / "bundle", seed=1)
-    return folder / "bundle"
-
 
 @pytest.fixture(scope="module")
 def tiny_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return _bundle(tmp_path_factory.mktemp("tiny"), TINY_RECIPE)
+    return random_bundle(tmp_path_factory.mktemp("tiny"))
 
 
 @pytest.fixture(scope="module")
@@ -371,7 +326,7 @@ def _kill_worker_when_running(node: NodeProcess, study_uid: str, timeout: float 
 def test_killed_worker_and_poison_study(
     node_factory, pacs: StoreSCP, studies, tmp_path_factory: pytest.TempPathFactory, node_database
 ) -> None:
-    bundle = _bundle(tmp_path_factory.mktemp("slow"), SLOW_RECIPE)
+    bundle = random_bundle(tmp_path_factory.mktemp("slow"), SLOW_RECIPE)
     node = _node(
         node_factory,
         bundle,

@@ -16,9 +16,9 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 
+from cases import CLASSES, make_case
 from factory import nm_dataset
-from mibi_node.imaging.study import PhaseImage
-from mibi_node.inference.result import Focus, StudyResult
+from mibi_node.inference.result import Focus
 from mibi_node.report import (
     DEMONSTRATION_DISCLAIMER,
     build_key_image,
@@ -28,61 +28,6 @@ from mibi_node.report import (
 from mibi_node.report import codes as report_codes
 
 DEVICE_UID = "1.2.826.0.1.3680043.8.498.1"
-CLASSES = ("normal", "adenoma", "hyperplasia", "carcinoma", "cyst")
-
-
-def phase_image(name: str, ds: Dataset, frame: int | None, seed: int = 0) -> PhaseImage:
-    rng = np.random.default_rng(seed)
-    return PhaseImage(
-        name=name,
-        pixels=rng.poisson(20.0, (int(ds.Rows), int(ds.Columns))).astype(np.float32),
-        pixel_spacing=(2.2, 2.2),
-        sop_instance_uid=ds.SOPInstanceUID,
-        sop_class_uid=ds.SOPClassUID,
-        series_instance_uid=ds.SeriesInstanceUID,
-        frame_number=frame,
-    )
-
-
-def make_case(
-    predicted: str = "adenoma",
-    *,
-    focus: Focus | None = Focus(row=40.0, col=20.0, side="right", pole="lower"),
-    intended_use: str = "demonstration",
-    seed: int = 0,
-    frames: int = 2,
-    **header: str,
-) -> tuple[StudyResult, list[Dataset]]:
-    """A result over an early and a delayed NM instance plus one unused instance."""
-    study = generate_uid()
-    sources = [nm_dataset(study, seed=i, frames=frames) for i in range(3)]
-    for ds in sources:
-        for keyword, value in header.items():
-            setattr(ds, keyword, value)
-    rng = np.random.default_rng(seed)
-    p = rng.dirichlet(np.ones(len(CLASSES))).astype(np.float32).astype(np.float64)
-    p /= p.sum()
-    probabilities = dict(zip(CLASSES, (float(v) for v in p), strict=True))
-    frame = 2 if frames > 1 else None
-    result = StudyResult(
-        study_instance_uid=study,
-        probabilities=probabilities,
-        predicted=predicted,
-        member_probabilities={},
-        agreement=7 / 9,
-        normalised_entropy=0.4123456789,
-        focus=focus,
-        source_images={
-            "early": phase_image("early", sources[0], frame, 1),
-            "delayed": phase_image("delayed", sources[1], frame, 2),
-        },
-        timings={},
-        warnings=("early image resampled to 64 x 64",),
-        bundle_name="mibi-demo",
-        bundle_version="0.3.1",
-        intended_use=intended_use,
-    )
-    return result, sources
 
 
 def round_trip(sr: Dataset) -> hd.sr.Comprehensive3DSR:

@@ -25,9 +25,10 @@ from typing import Any
 import pydicom
 import pytest
 
+from bundles import SLOW_RECIPE, random_bundle
 from node import NodeProcess, storescu
 from postgres import PostgresServer
-from test_pipeline import SLOW_RECIPE, TINY_RECIPE, StoreSCP, _bundle
+from test_pipeline import StoreSCP
 
 pytestmark = [pytest.mark.peers, pytest.mark.postgresql, pytest.mark.slow]
 
@@ -132,7 +133,7 @@ def test_two_receivers_three_workers_every_study_analysed_once(
     tmp_path: Path,
 ) -> None:
     # About a second a study on two cores: long enough to kill a worker in the middle.
-    bundle = _bundle(tmp_path_factory.mktemp("slow"), SLOW_RECIPE)
+    bundle = random_bundle(tmp_path_factory.mktemp("slow"), SLOW_RECIPE)
     shared = tmp_path / "shared"  # the NFS mount of a real deployment
     config: dict[str, dict[str, Any]] = {
         "database": {"url": postgres_server.create_database()},
@@ -228,7 +229,7 @@ def test_a_postgresql_outage_is_waited_out_without_restarts(
     server = PostgresServer().start()  # its own: this test stops it
     node: NodeProcess | None = None
     try:
-        bundle = _bundle(tmp_path_factory.mktemp("tiny"), TINY_RECIPE)
+        bundle = random_bundle(tmp_path_factory.mktemp("tiny"))
         node = node_factory(
             {
                 "database": {"url": server.create_database()},

@@ -18,11 +18,11 @@ import httpx
 import pydicom
 import pytest
 
-from mibi_node.inference.bundle import init_random_bundle
+from bundles import random_bundle
 from mibi_node.phantom.generator import generate_studies
 from mibi_node.web.focus import FOCUS_COLOUR
 from node import NodeProcess, storescu
-from test_pipeline import TINY_RECIPE, StoreSCP
+from test_pipeline import StoreSCP
 from test_web import check_no_patient_name, check_not_blank, crawl, has_colour, screenshot
 
 pytestmark = [pytest.mark.peers, pytest.mark.slow]
@@ -45,9 +45,7 @@ def test_status_page_of_a_node_that_analysed_a_study(
 ) -> None:
     require_tool("storescu")
     require_tool("storescp")
-    (tmp_path / "recipe.toml").write_text(TINY_RECIPE)
-    bundle = tmp_path / "bundle"
-    init_random_bundle(tmp_path / "recipe.toml", bundle, seed=1)
+    bundle = random_bundle(tmp_path)
     [study] = generate_studies(tmp_path / "phantoms", 1, seed=23, classes=("adenoma",))
     header = pydicom.dcmread(study.paths[0], stop_before_pixels=True)
     pacs = StoreSCP(tmp_path / "pacs").start()

@@ -6,12 +6,14 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from harness import Study, build_bundle, synth
+from harness import Study, synth
+
+from bundles import random_bundle
 
 
 @pytest.fixture(scope="session")
 def bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_bundle(tmp_path_factory.mktemp("bundle"))
+    return random_bundle(tmp_path_factory.mktemp("bundle"))
 
 
 @pytest.fixture(scope="session")

@@ -23,37 +23,6 @@ import pydicom
 
 from node import NodeProcess, dcmtk_env
 
-#: A two-member bundle at 32 pixels: fast on two busy cores, and a real ensemble all the same.
-RECIPE = """
-name = "reliability-test"
-version = "0.0.1"
-intended_use = "demonstration"
-[input]
-channels = ["early", "delayed"]
-size = 32
-[tta]
-views = ["identity", "hflip"]
-[[members]]
-arch = "resnet10t"
-heads = 2
-embed_dim = 32
-[[members]]
-name = "lite"
-arch = "efficientnet_lite0"
-heads = 2
-embed_dim = 32
-"""
-
-
-def build_bundle(folder: Path) -> Path:
-    """A random-weight bundle from :data:`RECIPE` (what the SR says does not matter here)."""
-    from mibi_node.inference.bundle import init_random_bundle
-
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "recipe.toml").write_text(RECIPE)
-    init_random_bundle(folder / "recipe.toml", folder / "bundle", seed=1)
-    return folder / "bundle"
-
 
 @dataclass(frozen=True)
 class Study:

@@ -1,0 +1,58 @@
+"""Random-weight model bundles for tests that run the node (no trained weights needed).
+
+What the SR says does not matter in those tests, only that a real ensemble runs: the tiny
+recipe is two members at 32 pixels, fast on two busy cores; the slow one takes about a
+second a study on two cores, long enough for a test to kill the worker in the middle.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from mibi_node.inference.bundle import init_random_bundle
+
+__all__ = ["SLOW_RECIPE", "TINY_RECIPE", "random_bundle"]
+
+TINY_RECIPE = """
+name = "pipeline-test"
+version = "0.0.1"
+intended_use = "demonstration"
+[input]
+channels = ["early", "delayed"]
+size = 32
+[tta]
+views = ["identity", "hflip"]
+[[members]]
+arch = "resnet10t"
+heads = 2
+embed_dim = 32
+[[members]]
+name = "lite"
+arch = "efficientnet_lite0"
+heads = 2
+embed_dim = 32
+"""
+
+SLOW_RECIPE = """
+name = "pipeline-slow"
+version = "0.0.1"
+intended_use = "demonstration"
+[input]
+channels = ["early", "delayed"]
+size = 192
+[tta]
+views = ["identity", "hflip", "scale:0.9", "scale:1.1", "scale:0.95", "scale:1.05", "scale:0.85",
+         "scale:1.15"]
+[[members]]
+arch = "resnet50"
+heads = 2
+embed_dim = 64
+"""
+
+
+def random_bundle(folder: Path, recipe: str = TINY_RECIPE) -> Path:
+    """A bundle made from ``recipe`` with random weights (seed 1) in ``folder/bundle``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "recipe.toml").write_text(recipe)
+    init_random_bundle(folder / "recipe.toml", folder / "bundle", seed=1)
+    return folder / "bundle"
