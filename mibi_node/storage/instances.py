@@ -79,6 +79,21 @@ def is_image_instance(modality: str, sop_class_uid: str) -> bool:
     return not sop_class_uid.startswith(_NON_IMAGE_CLASS_PREFIXES)
 
 
+def _new_study(meta: InstanceMeta, calling_ae_title: str, now: datetime) -> dict[str, Any]:
+    """The row of a study whose first instance is being stored."""
+    return {
+        "study_instance_uid": meta.study_instance_uid,
+        "state": StudyState.RECEIVING.value,
+        "calling_ae_title": calling_ae_title,
+        "study_description": meta.study_description,
+        "first_received_at": now,
+        "last_received_at": now,
+        "state_changed_at": now,
+        "instance_count": 0,
+        "modalities": "",
+    }
+
+
 class InstanceStore:
     """Files plus rows: the durable record of every acknowledged instance.
 
@@ -159,17 +174,7 @@ class InstanceStore:
             return study
         connection.execute(
             pg_insert(_STUDY)
-            .values(
-                study_instance_uid=meta.study_instance_uid,
-                state=StudyState.RECEIVING.value,
-                calling_ae_title=calling_ae_title,
-                study_description=meta.study_description,
-                first_received_at=now,
-                last_received_at=now,
-                state_changed_at=now,
-                instance_count=0,
-                modalities="",
-            )
+            .values(_new_study(meta, calling_ae_title, now))
             .on_conflict_do_nothing(index_elements=["study_instance_uid"])
         )
         return connection.execute(query).first()
@@ -182,17 +187,7 @@ class InstanceStore:
             study = self._lock_study(connection, meta, calling_ae_title, now)
             if study is None:
                 inserted = connection.execute(
-                    insert(_STUDY).values(
-                        study_instance_uid=meta.study_instance_uid,
-                        state=StudyState.RECEIVING.value,
-                        calling_ae_title=calling_ae_title,
-                        study_description=meta.study_description,
-                        first_received_at=now,
-                        last_received_at=now,
-                        state_changed_at=now,
-                        instance_count=0,
-                        modalities="",
-                    )
+                    insert(_STUDY).values(_new_study(meta, calling_ae_title, now))
                 ).inserted_primary_key
                 study_id = cast(Row[Any], inserted)[0]  # an INSERT always has a primary key
                 state, modalities = StudyState.RECEIVING, ""
