@@ -42,6 +42,10 @@ __all__ = ["RetentionOutcome", "expired_studies", "sweep_retention"]
 logger = logging.getLogger(__name__)
 
 
+#: The study's files were removed already (its retention event is in the audit trail).
+_REMOVED = exists().where(AuditEvent.kind == "retention", AuditEvent.study_id == Study.id)
+
+
 @dataclass(frozen=True)
 class RetentionOutcome:
     """What one retention sweep removed."""
@@ -66,7 +70,6 @@ def expired_studies(
         .group_by(Job.study_id)
         .subquery()
     )
-    removed = exists().where(AuditEvent.kind == "retention", AuditEvent.study_id == Study.id)
     # Per study, its latest job's deliveries: at least one, all DONE, the last before cutoff.
     undelivered = func.sum(case((Delivery.state == DeliveryState.DONE, 0), else_=1))
     with database.session() as session:
@@ -81,7 +84,7 @@ def expired_studies(
                     Study.last_received_at < cutoff,
                     Job.state == JobState.DONE,
                     Study.id > after,
-                    ~removed,
+                    ~_REMOVED,
                 )
                 .group_by(Study.id)
                 .having(undelivered == 0, func.max(Delivery.delivered_at) < cutoff)
@@ -130,11 +133,10 @@ def _remove_study_files(
     are gone: a crash in between leaves no record, and the next sweep removes what is left
     and writes it.
     """
-    already = exists().where(AuditEvent.kind == "retention", AuditEvent.study_id == Study.id)
     with database.write_lock(), database.session() as session, session.begin():
         due = session.scalar(
             select(Study.id)
-            .where(Study.id == study_id, Study.state == StudyState.DONE, ~already)
+            .where(Study.id == study_id, Study.state == StudyState.DONE, ~_REMOVED)
             .with_for_update(skip_locked=True)
         )
         if due is None:
