@@ -46,7 +46,7 @@ from mibi_node.jobs.queue import release_expired_jobs
 from mibi_node.reception.limit import AssociationLimit
 from mibi_node.reception.scp import StorageSCP, bind_listener, server_ssl_context
 from mibi_node.retention import sweep_retention
-from mibi_node.storage.database import Database, database_problem, open_database
+from mibi_node.storage.database import Database, Outage, database_problem, open_database
 from mibi_node.storage.filestore import FileStore
 from mibi_node.storage.instances import InstanceStore
 from mibi_node.systemd import Notifier
@@ -124,8 +124,8 @@ class Node:
         self._sweep_finished_at = time.monotonic()
         self._next_watchdog_ping = 0.0
         self.web: WebServer | None = None
-        #: Scheduled steps failing right now -> their last problem (see :meth:`_step`).
-        self._failing: dict[str, str] = {}
+        #: Each scheduled step's failures, for logging them once (see :meth:`_step`).
+        self._outages: dict[str, Outage] = {}
 
     # -- life cycle -----------------------------------------------------------------------
 
@@ -337,23 +337,26 @@ class Node:
         """Run one scheduled step; a failure is logged and the step runs again on schedule.
 
         A database error (PostgreSQL stopped, the network to it cut, SQLite's disk failing)
-        is one line, not a traceback, and only when it starts or changes: a sweep every
-        second would otherwise fill the journal with the same outage. When the step works
-        again, that is logged too.
+        is one line, not a traceback, when it starts and then at most once a minute (see
+        :class:`~mibi_node.storage.database.Outage`): a sweep every second would otherwise
+        fill the journal with the same outage. When the step works again, that is logged.
         """
+        outage = self._outages.setdefault(name, Outage())
         try:
             function(*args, **kwargs)
         except OperationalError as exc:
-            problem = database_problem(exc)
-            if self._failing.get(name) != problem:
-                logger.error("%s: database error, retried on schedule: %s", name, problem)
-            self._failing[name] = problem
+            if outage.failed():
+                logger.error(
+                    "%s: database error%s, retried on schedule: %s",
+                    name,
+                    outage.lasting(),
+                    database_problem(exc),
+                )
         except Exception:
-            if self._failing.get(name) != "":
-                logger.exception("%s failed; it runs again on schedule", name)
-            self._failing[name] = ""
+            if outage.failed():
+                logger.exception("%s failed%s; it runs again on schedule", name, outage.lasting())
         else:
-            if self._failing.pop(name, None) is not None:
+            if outage.recovered():
                 logger.warning("%s works again", name)
 
     def _ping_watchdog(self) -> None:

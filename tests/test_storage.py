@@ -22,6 +22,7 @@ from mibi_node.storage import (
     StudyState,
     open_database,
 )
+from mibi_node.storage.database import Outage
 from mibi_node.storage.models import InvalidTransitionError, check_transition
 from mibi_node.web.reader import Reader
 from mibi_node.web.summaries import StudyRow, study_rows
@@ -99,3 +100,17 @@ def test_state_machine_refuses_invalid_transitions() -> None:
     check_transition(StudyState.IGNORED, StudyState.QUEUED)
     with pytest.raises(InvalidTransitionError):
         check_transition(StudyState.IGNORED, StudyState.RUNNING)
+
+
+def test_an_outage_is_logged_when_it_starts_as_a_reminder_and_when_it_ends() -> None:
+    outage = Outage(remind_seconds=0.2)
+    assert not outage.recovered(), "nothing to recover from yet"
+    assert outage.failed(), "the first failure is logged"
+    assert outage.lasting() == ""
+    assert [outage.failed() for _ in range(20)] == [False] * 20, "retries are not"
+    time.sleep(0.25)
+    assert outage.failed(), "a reminder once remind_seconds have passed"
+    assert not outage.failed()
+    assert outage.recovered(), "the end is logged"
+    assert not outage.recovered(), "once"
+    assert outage.failed(), "a new outage is logged again"

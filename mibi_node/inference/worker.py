@@ -49,7 +49,7 @@ from mibi_node.jobs.queue import (
     fail_job,
     renew_leases,
 )
-from mibi_node.storage.database import database_problem, open_database
+from mibi_node.storage.database import Outage, database_problem, open_database
 from mibi_node.storage.filestore import FileStore
 from mibi_node.storage.models import WorkerStatus, utcnow
 from mibi_node.systemd import Notifier
@@ -110,8 +110,8 @@ class Worker:
         #: Jobs claimed and not yet recorded: the only leases the keeper renews.
         self._held: set[int] = set()
         self._held_lock = threading.Lock()
-        #: The database error the loop is waiting out, if any (logged once, not per poll).
-        self._database_problem: str | None = None
+        #: A database outage the loop is waiting out (logged once, not per poll).
+        self._database_outage = Outage()
 
     # -- status ---------------------------------------------------------------------------
 
@@ -199,9 +199,8 @@ class Worker:
                     self._database_failed(exc)
                     self._stop.wait(_DATABASE_RETRY_SECONDS)
                     continue
-                if self._database_problem is not None:
+                if self._database_outage.recovered():
                     logger.warning("worker %s: the database works again", self.name)
-                    self._database_problem = None
                 if not claimed:
                     time.sleep(self.config.workers.poll_seconds)
         finally:
@@ -217,17 +216,17 @@ class Worker:
 
         The worker stays up, with its bundle loaded. A job it was analysing when the error
         came is no longer renewed (see :meth:`run_once`): its lease runs out and the queue
-        gives it to a worker again once the database is back. Logged once per problem.
+        gives it to a worker again once the database is back. Logged when it starts, then
+        at most once a minute.
         """
-        problem = database_problem(exc)
-        if problem != self._database_problem:
+        if self._database_outage.failed():
             logger.error(
-                "worker %s: database error, retrying every %.0f s: %s",
+                "worker %s: database error%s, retrying every %.0f s: %s",
                 self.name,
+                self._database_outage.lasting(),
                 _DATABASE_RETRY_SECONDS,
-                problem,
+                database_problem(exc),
             )
-        self._database_problem = problem
 
     def run_once(self) -> int:
         """Claim and analyse one batch; returns how many jobs it claimed."""

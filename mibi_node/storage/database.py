@@ -16,6 +16,7 @@ import contextlib
 import fcntl
 import logging
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -137,6 +138,45 @@ def database_problem(exc: DBAPIError) -> str:
     """
     lines = str(exc.orig or exc).strip().splitlines()
     return lines[0] if lines else type(exc.orig or exc).__name__
+
+
+class Outage:
+    """When to log a failure that repeats: once when it starts, then a reminder at most every
+    ``remind_seconds`` while it lasts, and once when it is over.
+
+    A sweep or a worker retrying every second or two through a PostgreSQL restart would
+    otherwise log each retry. Deciding by the message is not enough: during one restart the
+    driver says "server closed the connection unexpectedly" and "Connection refused" in
+    turn, depending on how far each connection got.
+    """
+
+    def __init__(self, remind_seconds: float = 60.0) -> None:
+        self.remind_seconds = remind_seconds
+        #: ``time.monotonic()`` when the failure started; None while things work.
+        self.since: float | None = None
+        self._logged = 0.0
+
+    def failed(self) -> bool:
+        """Note one more failure; True if it should be logged (the first, or a reminder)."""
+        now = time.monotonic()
+        if self.since is None:
+            self.since = self._logged = now
+            return True
+        if now - self._logged >= self.remind_seconds:
+            self._logged = now
+            return True
+        return False
+
+    def lasting(self) -> str:
+        """`` for 65 s`` in a reminder, nothing in the first line."""
+        seconds = 0.0 if self.since is None else time.monotonic() - self.since
+        return f" for {seconds:.0f} s" if seconds >= 1 else ""
+
+    def recovered(self) -> bool:
+        """Note a success; True if it ends a failure (log that it works again)."""
+        ended = self.since is not None
+        self.since = None
+        return ended
 
 
 def _tune_sqlite(engine: Engine) -> None:
