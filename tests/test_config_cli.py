@@ -139,3 +139,31 @@ def test_file_store_place_is_atomic_and_cleans_incoming(tmp_path: Path) -> None:
     (store.incoming / "left-by-crash.dcm").write_bytes(b"half")
     assert store.clean_incoming() == 1
     assert list(store.incoming.iterdir()) == []
+
+
+_OVERRUNNING_SWEEP = """
+import sys, time
+from apscheduler.schedulers.background import BackgroundScheduler
+from mibi_node.logs import configure_logging
+configure_logging(sys.argv[1])
+scheduler = BackgroundScheduler()
+scheduler.add_job(lambda: time.sleep(0.5), "interval", seconds=0.1, max_instances=1, coalesce=True)
+scheduler.start()
+time.sleep(1.2)
+scheduler.shutdown()
+"""
+
+
+@pytest.mark.parametrize("level", ["INFO", "DEBUG"])
+def test_a_sweep_overrunning_its_interval_is_not_a_warning(level: str) -> None:
+    """apscheduler warns each time a sweep still running skips its next turn; that is how the
+    sweeps are meant to run (one at a time), so the log shows it only at DEBUG."""
+    run = subprocess.run(
+        [sys.executable, "-c", _OVERRUNNING_SWEEP, level],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert run.returncode == 0, run.stderr
+    skipped = "maximum number of running instances reached" in run.stderr
+    assert skipped == (level == "DEBUG"), run.stderr
