@@ -13,6 +13,7 @@ docs/scale-out.md describes this run.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -22,6 +23,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pydicom
 import pytest
 
@@ -259,6 +261,17 @@ def test_a_postgresql_outage_is_waited_out_without_restarts(
         refused = storescu(node.port, phantoms[0][1], extra=["-v"])
         assert refused.returncode != 0, refused.stdout + refused.stderr
         assert "Refused: OutOfResources" in refused.stderr, refused.stderr  # 0xA700
+        # The status page, its REST API and the metrics say why, with 503, not a traceback.
+        web = re.search(r"status page on (http://\S+/)", node.log())
+        assert web, logs()
+        for path, says in (
+            ("studies", "Database unavailable"),
+            ("api/studies", '"error":"The node\'s database cannot be reached: '),
+            ("metrics", "The node's database cannot be reached: connection failed"),
+        ):
+            answer = httpx.get(web[1] + path, timeout=30)
+            assert answer.status_code == 503, (path, answer.text)
+            assert says in answer.text, (path, answer.text)
         time.sleep(4.0)  # some 20 sweeps and 2 worker retries against a stopped server
         server.resume()
         uid, files = phantoms[1]
@@ -278,6 +291,7 @@ def test_a_postgresql_outage_is_waited_out_without_restarts(
             assert f"{step} works again" in log, logs()
         assert "the database works again" in log, logs()
         assert log.count(f"worker {worker_name}: database error") == 1, logs()
+        assert log.count("status page: database error") == 1, logs()
         # Nothing of the refused instance was recorded; the sender still has it.
         assert node.query(
             f"SELECT count(*) FROM study WHERE study_instance_uid = '{phantoms[0][0]}'"

@@ -199,8 +199,7 @@ class Worker:
                     self._database_failed(exc)
                     self._stop.wait(_DATABASE_RETRY_SECONDS)
                     continue
-                if self._database_outage.recovered():
-                    logger.warning("worker %s: the database works again", self.name)
+                self._database_works()
                 if not claimed:
                     time.sleep(self.config.workers.poll_seconds)
         finally:
@@ -228,6 +227,10 @@ class Worker:
                 database_problem(exc),
             )
 
+    def _database_works(self) -> None:
+        if self._database_outage.recovered():
+            logger.warning("worker %s: the database works again", self.name)
+
     def run_once(self) -> int:
         """Claim and analyse one batch; returns how many jobs it claimed."""
         engine = self.engine
@@ -236,6 +239,7 @@ class Worker:
         jobs = claim_jobs(
             self.database, self.name, self.config.jobs.lease_seconds, self.config.jobs.batch_size
         )
+        self._database_works()  # said now, not after the batch's analysis
         if not jobs:
             return 0
         ids = {job.id for job in jobs}

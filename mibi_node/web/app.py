@@ -24,6 +24,7 @@ from urllib.parse import parse_qs, urlencode
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, RedirectResponse, Response
 from fastapi.templating import Jinja2Templates
+from sqlalchemy.exc import OperationalError
 from starlette.middleware.base import RequestResponseEndpoint
 
 from mibi_node import __version__
@@ -31,7 +32,7 @@ from mibi_node.config import Config
 from mibi_node.dispatch.deliveries import resend_study
 from mibi_node.errors import MibiNodeError
 from mibi_node.jobs.queue import requeue_study
-from mibi_node.storage.database import Database
+from mibi_node.storage.database import Database, Outage, database_problem
 from mibi_node.storage.filestore import FileStore
 from mibi_node.storage.models import DeliveryState, Study, utcnow
 from mibi_node.web import auth, summaries
@@ -191,6 +192,28 @@ def create_app(config: Config, database: Database, is_listening: Callable[[], bo
                 error="That is not the node's web token.",
             )
         return _signed_in(request, RedirectResponse(target, status_code=303), token)
+
+    outage = Outage()
+
+    @app.exception_handler(OperationalError)
+    async def database_unavailable(request: Request, exc: OperationalError) -> Response:
+        """PostgreSQL stopped, the network to it cut: 503 with the reason, not a traceback.
+
+        The page, the REST API and ``/metrics`` (a Prometheus scrape then fails: ``up`` is 0)
+        all answer so; the log says it once a minute at most, not once per request.
+        """
+        problem = database_problem(exc)
+        if outage.failed():
+            logger.error("status page: database error, answering 503: %s", problem)
+        why = f"The node's database cannot be reached: {problem}"
+        headers = {"Retry-After": "10"}
+        if request.url.path.startswith("/api/"):
+            return JSONResponse({"error": why}, status_code=503, headers=headers)
+        if request.url.path == "/metrics":
+            return PlainTextResponse(why + "\n", status_code=503, headers=headers)
+        response = page(request, "message.html", "", 503, title="Database unavailable", error=why)
+        response.headers.update(headers)
+        return response
 
     # -- health -------------------------------------------------------------------------
 
