@@ -193,6 +193,8 @@ def create_app(config: Config, database: Database, is_listening: Callable[[], bo
             )
         return _signed_in(request, RedirectResponse(target, status_code=303), token)
 
+    # Only a throttle here: a request that works does not end it, so each later outage is
+    # logged when its first request fails, at most once a minute (no "works again").
     outage = Outage()
 
     @app.exception_handler(OperationalError)
