@@ -6,7 +6,6 @@ with the TOML key that is wrong, never later in the middle of a C-STORE.
 
 from __future__ import annotations
 
-import re
 import socket
 import tomllib
 from pathlib import Path
@@ -22,10 +21,12 @@ from pydantic import (
     model_validator,
 )
 
+from mibi_node.analyses.selection import SelectionRule
 from mibi_node.dispatch.destinations import Destination, check_ae_title
 from mibi_node.errors import ConfigError
 
 __all__ = [
+    "AnalysisSettings",
     "AssemblyConfig",
     "Config",
     "DatabaseConfig",
@@ -148,36 +149,30 @@ class AssemblyConfig(_Section):
 DEFAULT_DESCRIPTION_PATTERN = r"parathyr|mibi|\bpth\b|nebenschild"
 
 
-class RoutingConfig(_Section):
-    """Which stable studies are MIBI studies (the others are IGNORED with the reason).
+class RoutingConfig(SelectionRule):
+    """The parathyroid analysis' selection rule, as ``[routing]`` has always given it.
 
-    A study is analysed when it holds an image of an accepted modality and at least one of
-    the other rules matches: the radiopharmaceutical code, a description, the calling AE.
+    Kept so that existing configuration files mean what they meant: ``[routing]`` is the
+    same as ``[analyses.parathyroid.selection]`` (setting both is refused at load).
     """
 
-    modalities: tuple[str, ...] = ("NM",)
-    #: Also accept Secondary Capture images (screen captures of older consoles).
-    secondary_capture: bool = False
-    #: Radiopharmaceutical codes (Code Value) that mark a MIBI study: SCT Tc-99m sestamibi.
     radiopharmaceutical_codes: tuple[str, ...] = ("424299003", "C-B1115")
-    #: Regular expression searched (case-insensitive) in the study and series descriptions.
     description_pattern: str = DEFAULT_DESCRIPTION_PATTERN
-    #: Calling AE titles whose studies are always MIBI studies (e.g. a dedicated camera).
-    calling_ae_titles: tuple[str, ...] = ()
 
-    @field_validator("description_pattern")
-    @classmethod
-    def _pattern(cls, value: str) -> str:
-        try:
-            re.compile(value, re.IGNORECASE)
-        except re.error as exc:
-            raise ValueError(f"not a valid regular expression: {exc}") from None
-        return value
 
-    @field_validator("modalities")
-    @classmethod
-    def _modalities(cls, value: tuple[str, ...]) -> tuple[str, ...]:
-        return tuple(m.strip().upper() for m in value if m.strip())
+class AnalysisSettings(_Section):
+    """One analysis' site settings: ``[analyses.<name>]`` (docs/analyses.md)."""
+
+    #: The parathyroid analysis is on unless switched off; the others when their section says.
+    enabled: bool = True
+    #: Its bundle folder; default ``workers.bundle`` for parathyroid, else the analysis' own.
+    bundle: Path | None = None
+    #: Series Number of its result series; default ``report.series_number`` + its offset.
+    series_number: int | None = Field(default=None, ge=1)
+    #: Seconds a study missing a part waits for it; default ``assembly.max_phase_wait``.
+    max_wait: float | None = Field(default=None, ge=0)
+    #: Keys of :class:`~mibi_node.analyses.selection.SelectionRule` over the analysis' own.
+    selection: dict[str, Any] = Field(default_factory=dict)
 
 
 class JobsConfig(_Section):
@@ -201,6 +196,9 @@ class WorkersConfig(_Section):
     bundle: Path = Path("var/bundles/demo")
     #: Seconds between looks at the queue when it is empty.
     poll_seconds: float = Field(default=0.25, gt=0)
+    #: MiB of memory a worker may fill with bundles (GPU memory on a GPU); 0: 85 % of what
+    #: the device has free at start-up. A bundle that does not fit is refused then.
+    memory_budget_mb: float = Field(default=0.0, ge=0)
 
 
 class DispatchConfig(_Section):
@@ -287,6 +285,7 @@ class Config(_Section):
     database: DatabaseConfig = DatabaseConfig()
     assembly: AssemblyConfig = AssemblyConfig()
     routing: RoutingConfig = RoutingConfig()
+    analyses: dict[str, AnalysisSettings] = Field(default_factory=dict)
     jobs: JobsConfig = JobsConfig()
     workers: WorkersConfig = WorkersConfig()
     dispatch: DispatchConfig = DispatchConfig()
@@ -303,6 +302,81 @@ class Config(_Section):
                 "(or bind to 127.0.0.1)"
             )
         return self
+
+    @model_validator(mode="after")
+    def _analyses(self) -> Config:
+        from mibi_node.analyses.registry import available_analyses
+
+        known = available_analyses()
+        for name, settings in self.analyses.items():
+            if name not in known:
+                raise ValueError(
+                    f"analyses.{name}: no such analysis (there are: {', '.join(sorted(known))})"
+                )
+            if settings.selection and name == "parathyroid" and "routing" in self.model_fields_set:
+                raise ValueError(
+                    "routing: [routing] and [analyses.parathyroid.selection] both set the "
+                    "parathyroid analysis' rule; keep analyses.parathyroid.selection only"
+                )
+            try:
+                self.selection(name)
+            except ValidationError as exc:
+                first = exc.errors()[0]
+                key = ".".join(str(part) for part in first["loc"])
+                message = "unknown key" if first["type"] == "extra_forbidden" else first["msg"]
+                raise ValueError(f"analyses.{name}.selection.{key}: {message}") from None
+        return self
+
+    @property
+    def enabled_analyses(self) -> tuple[str, ...]:
+        """Names of the analyses this node runs: parathyroid unless switched off, then the
+        others whose ``[analyses.<name>]`` section is there and enabled."""
+        names = []
+        if self.analyses.get("parathyroid", AnalysisSettings()).enabled:
+            names.append("parathyroid")
+        names += [n for n, s in self.analyses.items() if n != "parathyroid" and s.enabled]
+        return tuple(names)
+
+    def selection(self, name: str) -> SelectionRule:
+        """The selection rule of analysis ``name``: its defaults, then the site's keys."""
+        settings = self.analyses.get(name, AnalysisSettings())
+        if name == "parathyroid" and not settings.selection:
+            return self.routing
+        from mibi_node.analyses.registry import get_analysis
+
+        default = get_analysis(name).default_selection
+        return SelectionRule.model_validate({**default.model_dump(), **settings.selection})
+
+    def bundle_for(self, name: str) -> Path:
+        """The bundle folder of analysis ``name``."""
+        settings = self.analyses.get(name, AnalysisSettings())
+        if settings.bundle is not None:
+            return settings.bundle
+        if name == "parathyroid":
+            return self.workers.bundle
+        from mibi_node.analyses.registry import get_analysis
+
+        default = get_analysis(name).default_bundle
+        return default if default is not None else self.node.data_dir / "bundles" / name
+
+    def max_wait_for(self, name: str) -> float:
+        """Seconds a study of analysis ``name`` waits for a missing part."""
+        settings = self.analyses.get(name, AnalysisSettings())
+        if settings.max_wait is not None:
+            return settings.max_wait
+        from mibi_node.analyses.registry import get_analysis
+
+        declared = get_analysis(name).completeness.max_wait_seconds
+        return declared if declared is not None else self.assembly.max_phase_wait
+
+    def series_number_for(self, name: str) -> int:
+        """Series Number of analysis ``name``'s result series."""
+        settings = self.analyses.get(name, AnalysisSettings())
+        if settings.series_number is not None:
+            return settings.series_number
+        from mibi_node.analyses.registry import get_analysis
+
+        return self.report.series_number + get_analysis(name).series_offset
 
     @property
     def database_url(self) -> str:

@@ -31,13 +31,26 @@ from mibi_node.storage.schema import (
 from ports import free_port
 
 
-def _pre_migrations(url: str, without: tuple[str, ...] = ()) -> Database:
-    """A database as ``create_all`` made it before migrations, with one study in it."""
+def _at_revision(url: str, revision: str) -> Database:
+    """A database migrated to ``revision`` only, as an older mibi-node left it."""
+    from alembic import command
+
     database = Database(url)
-    tables = [table for name, table in Base.metadata.tables.items() if name not in without]
-    Base.metadata.create_all(database.engine, tables=tables)
-    with database.engine.begin() as connection:  # added by revision 0002
-        connection.exec_driver_sql("DROP INDEX ix_job_claim")
+    with database.engine.begin() as connection:
+        command.upgrade(schema._config(connection), revision)
+    return database
+
+
+def _pre_migrations(url: str, without: tuple[str, ...] = ()) -> Database:
+    """A database as ``create_all`` made it before migrations, with one study in it.
+
+    Its tables are the baseline's (revision 0001) with no revision recorded.
+    """
+    database = _at_revision(url, schema.BASELINE)
+    with database.engine.begin() as connection:
+        connection.exec_driver_sql("DROP TABLE alembic_version")
+        for table in without:
+            connection.exec_driver_sql(f"DROP TABLE {table}")
     with database.session() as session, session.begin():
         session.add(Study(study_instance_uid="1.2.3", state=StudyState.DONE))
     return database
@@ -65,7 +78,10 @@ def test_a_database_from_before_migrations_is_adopted(database_url: str) -> None
     assert schema_status(database).before_migrations
     # What `serve` and `worker` do at start: the tables are the baseline's (revision 0001),
     # the later revisions wait for `mibi-node db upgrade`; nothing is written meanwhile.
-    with pytest.raises(SchemaError, match=r"at revision 0001 .* needs 0002.*mibi-node db upgrade"):
+    head = schema.head_revision()
+    with pytest.raises(
+        SchemaError, match=rf"at revision 0001 .* needs {head}.*mibi-node db upgrade"
+    ):
         prepare_schema(database)
     assert schema_status(database).before_migrations
     before, after = upgrade_schema(database)
@@ -175,3 +191,36 @@ def test_database_url_is_sqlite_or_postgresql_through_psycopg() -> None:
         Database("mysql://mibi@db.example.org/mibi")
     with pytest.raises(ConfigError, match=r"psycopg driver \(postgresql\+psycopg"):
         Database("postgresql+pg8000://mibi@db.example.org/mibi")
+
+
+def test_a_database_of_the_single_analysis_node_is_migrated_to_analyses(
+    database_url: str,
+) -> None:
+    """Revision 0002 is the schema the node had before analyses were units: its jobs become
+    parathyroid jobs, and a study's versions then count per analysis."""
+    database = _at_revision(database_url, "0002")
+    with database.engine.begin() as connection:
+        connection.exec_driver_sql(
+            "INSERT INTO study (study_instance_uid, state, instance_count, modalities, "
+            "calling_ae_title, first_received_at, last_received_at, state_changed_at) "
+            "VALUES ('1.2.3', 'DONE', 2, 'NM', 'CAM', "
+            "'2026-12-01 10:00:00', '2026-12-01 10:00:00', '2026-12-01 10:00:00')"
+        )
+        connection.exec_driver_sql(
+            "INSERT INTO job (study_id, version, state, attempts, partial, created_at) "
+            "SELECT id, 1, 'DONE', 1, false, '2026-12-01 10:00:01' FROM study"
+        )
+    with pytest.raises(SchemaError, match=r"at revision 0002 .*db upgrade"):
+        prepare_schema(database)
+    before, after = upgrade_schema(database)
+    assert (before.current, after.current) == ("0002", schema.head_revision())
+    from mibi_node.storage.models import Job
+
+    with database.session() as session, session.begin():
+        [job] = session.scalars(select(Job)).all()
+        assert (job.analysis, job.version) == ("parathyroid", 1)
+        session.add(Job(study_id=job.study_id, analysis="thyroid", version=1))  # a second analysis
+    with database.engine.connect() as connection:
+        context = MigrationContext.configure(connection, opts={"compare_type": True})
+        assert compare_metadata(context, Base.metadata) == []
+    database.dispose()

@@ -258,6 +258,9 @@ class Instance(Base):
 class Job(Base):
     """One analysis of one version of a study: the worker's unit of work.
 
+    A study that several analyses take has one job per analysis and version, each with its
+    own result and SR.
+
     A study's first analysis is version 1; an instance that arrives after it opens version 2,
     whose SR supersedes the first. ``attempts`` counts claims, so a worker killed while it
     works on the job counts as an attempt too.
@@ -267,6 +270,10 @@ class Job(Base):
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     study_id: Mapped[int] = mapped_column(ForeignKey("study.id"), index=True)
+    #: The analysis this job runs (:mod:`mibi_node.analyses`); versions count per analysis.
+    analysis: Mapped[str] = mapped_column(
+        String(32), default="parathyroid", server_default="parathyroid"
+    )
     version: Mapped[int] = mapped_column(Integer, default=1)
     state: Mapped[JobState] = mapped_column(
         Enum(JobState, native_enum=False, length=16), default=JobState.QUEUED
@@ -292,7 +299,7 @@ class Job(Base):
     sr_series_instance_uid: Mapped[str | None] = mapped_column(String(64), default=None)
 
     __table_args__ = (
-        UniqueConstraint("study_id", "version", name="uq_job_study_version"),
+        UniqueConstraint("study_id", "analysis", "version", name="uq_job_study_analysis_version"),
         Index("ix_job_state_not_before", "state", "not_before"),
     )
 
