@@ -347,6 +347,16 @@ class Config(_Section):
         default = get_analysis(name).default_selection
         return SelectionRule.model_validate({**default.model_dump(), **settings.selection})
 
+    def selections(self) -> dict[str, SelectionRule]:
+        """Every enabled analysis' selection rule, by name (the routing sweep's input)."""
+        return {name: self.selection(name) for name in self.enabled_analyses}
+
+    def analysis_labels(self) -> dict[str, str]:
+        """What a study each enabled analysis takes is called ("MIBI study")."""
+        from mibi_node.analyses.registry import get_analysis
+
+        return {name: get_analysis(name).label for name in self.enabled_analyses}
+
     def bundle_for(self, name: str) -> Path:
         """The bundle folder of analysis ``name``."""
         settings = self.analyses.get(name, AnalysisSettings())

@@ -308,7 +308,14 @@ class Node:
             self._step(
                 "stability sweep", mark_stable_studies, database, config.assembly.quiet_seconds
             )
-            self._step("routing sweep", route_stable_studies, database, self.files, config.routing)
+            self._step(
+                "routing sweep",
+                route_stable_studies,
+                database,
+                self.files,
+                config.selections(),
+                config.analysis_labels(),
+            )
             self._step("lease sweep", release_expired_jobs, database, config.jobs.max_attempts)
         finally:
             self._sweep_finished_at = time.monotonic()

@@ -218,6 +218,8 @@ class Analysis(ABC):
     version: ClassVar[str]
     #: What a radiologist calls it ("Parathyroid MIBI scintigraphy").
     title: ClassVar[str]
+    #: What a matching study is called in its state reason ("MIBI study", "thyroid scan").
+    label: ClassVar[str] = ""
     task: ClassVar[TaskKind]
     outputs: ClassVar[tuple[OutputKind, ...]] = (OutputKind.SR,)
     #: Which studies it takes, unless the site's ``[analyses.<name>.selection]`` says else.

@@ -1,66 +1,51 @@
-"""Which stable studies are MIBI studies: the routing rules of ``[routing]``.
+"""Which stable studies each analysis takes: the selection rules, one job per match.
 
 A stable study is read header by header (one instance per series, never the pixels: pixel
-decoding belongs in the worker processes, where a crash cannot touch reception). It is a
-MIBI study when it holds an image of an accepted modality and at least one rule matches:
-the radiopharmaceutical code, a study or series description, or the calling AE title.
-A MIBI study gets a job (a new version when an earlier one was analysed); any other study
-is IGNORED with the reason, which ``mibi-node status`` shows.
+decoding belongs in the worker processes, where a crash cannot touch reception) and every
+enabled analysis' rule (:class:`~mibi_node.analyses.selection.SelectionRule`) is applied to
+it. Each analysis that takes the study gets a job for the study's next version of that
+analysis (a study can match several: each gets its own result and SR); a study that no
+analysis takes is IGNORED with every analysis' reason, which ``mibi-node status`` shows.
 """
 
 from __future__ import annotations
 
 import logging
-import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import pydicom
 from pydicom.dataset import Dataset
 from sqlalchemy import func, select
 
-from mibi_node.config import RoutingConfig
+from mibi_node.analyses.selection import HEADER_TAGS, SelectionRule, radiopharmaceutical_codes
 from mibi_node.storage.database import Database
 from mibi_node.storage.filestore import FileStore
 from mibi_node.storage.instances import is_image_instance
 from mibi_node.storage.models import Instance, Job, JobState, Study, StudyState
 
-__all__ = ["RoutingDecision", "decide", "route_stable_studies"]
+__all__ = ["RoutingDecision", "decide", "route_stable_studies", "select_analyses"]
 
 logger = logging.getLogger(__name__)
 
-_SC_CLASS_PREFIX = "1.2.840.10008.5.1.4.1.1.7"
-_HEADER_TAGS = [
-    "Modality",
-    "SOPClassUID",
-    "StudyDescription",
-    "SeriesDescription",
-    "RadiopharmaceuticalInformationSequence",
-]
+#: The analysis a single rule stands for (what ``[routing]`` has always meant).
+_DEFAULT_ANALYSIS = "parathyroid"
 
 
 @dataclass(frozen=True)
 class RoutingDecision:
-    """Whether a study is analysed, and why (a sentence for ``mibi-node status``)."""
+    """Which analyses take a study, and why (a sentence for ``mibi-node status``)."""
 
     analyse: bool
     reason: str
-
-
-def _radiopharmaceutical_codes(header: Dataset) -> set[str]:
-    codes = set()
-    for item in header.get("RadiopharmaceuticalInformationSequence", []):
-        for code in item.get("RadiopharmaceuticalCodeSequence", []):
-            value = str(code.get("CodeValue", "")).strip()
-            if value:
-                codes.add(value)
-    return codes
+    #: Analysis name -> why it takes the study, for those that do.
+    analyses: Mapping[str, str] | None = None
 
 
 def decide(
-    headers: Sequence[Dataset], calling_ae_title: str, rules: RoutingConfig
+    headers: Sequence[Dataset], calling_ae_title: str, rules: SelectionRule
 ) -> RoutingDecision:
-    """Apply the routing rules to the headers of a study's image instances.
+    """Apply one analysis' rule (the parathyroid one: ``[routing]``) to a study's headers.
 
     Parameters
     ----------
@@ -69,51 +54,44 @@ def decide(
     calling_ae_title
         The AE title that sent the study.
     rules
-        The ``[routing]`` section.
+        The rule.
     """
-    modalities = sorted({str(h.get("Modality", "")).upper() or "none" for h in headers})
-    accepted = [
-        h
-        for h in headers
-        if str(h.get("Modality", "")).upper() in rules.modalities
-        or (rules.secondary_capture and str(h.get("SOPClassUID", "")).startswith(_SC_CLASS_PREFIX))
-    ]
+    return select_analyses(headers, calling_ae_title, {_DEFAULT_ANALYSIS: rules})
+
+
+def select_analyses(
+    headers: Sequence[Dataset],
+    calling_ae_title: str,
+    selections: Mapping[str, SelectionRule],
+    labels: Mapping[str, str] | None = None,
+) -> RoutingDecision:
+    """Apply every analysis' rule; the decision names those that take the study."""
+    labels = labels or {}
+    taken: dict[str, str] = {}
+    refused: dict[str, str] = {}
+    for name, rule in selections.items():
+        match = rule.match(headers, calling_ae_title)
+        (taken if match.matched else refused)[name] = match.reason
+    if taken:
+        reason = "; ".join(
+            f"{labels.get(name) or _label(name)} ({why})" for name, why in taken.items()
+        )
+        return RoutingDecision(True, reason, taken)
     if not headers:
         return RoutingDecision(False, "no images in the study (only reports or other objects)")
-    if not accepted:
-        wanted = " or ".join(rules.modalities) or "no modality"
-        if rules.secondary_capture:
-            wanted += " or Secondary Capture"
-        return RoutingDecision(
-            False, f"not a MIBI study: modality {', '.join(modalities)}, routing wants {wanted}"
-        )
-    codes: set[str] = set()
-    for header in accepted:
-        codes |= _radiopharmaceutical_codes(header)
-    matched = codes & set(rules.radiopharmaceutical_codes)
-    if matched:
-        return RoutingDecision(True, f"radiopharmaceutical code {sorted(matched)[0]}")
-    pattern = re.compile(rules.description_pattern, re.IGNORECASE)
-    descriptions = sorted(
-        {
-            str(h.get(keyword, "")).strip()
-            for h in accepted
-            for keyword in ("StudyDescription", "SeriesDescription")
-        }
-        - {""}
-    )
-    for description in descriptions:
-        if pattern.search(description):
-            return RoutingDecision(True, f"description {description!r}")
-    if calling_ae_title in rules.calling_ae_titles:
-        return RoutingDecision(True, f"calling AE title {calling_ae_title}")
-    seen = ", ".join(repr(d) for d in descriptions) or "none"
+    if len(refused) == 1:
+        [(name, why)] = refused.items()
+        return RoutingDecision(False, f"not a {labels.get(name) or _label(name)}: {why}")
+    if not refused:
+        return RoutingDecision(False, "no analysis is enabled on this node")
     return RoutingDecision(
         False,
-        "not a MIBI study: no routing rule matched (radiopharmaceutical codes "
-        f"{', '.join(sorted(codes)) or 'none'}; descriptions {seen}; "
-        f"calling AE {calling_ae_title or 'unknown'})",
+        "no analysis takes it: " + "; ".join(f"{name}: {why}" for name, why in refused.items()),
     )
+
+
+def _label(name: str) -> str:
+    return "MIBI study" if name == _DEFAULT_ANALYSIS else f"{name} study"
 
 
 def _headers(files: FileStore, paths: Sequence[str]) -> list[Dataset]:
@@ -121,7 +99,7 @@ def _headers(files: FileStore, paths: Sequence[str]) -> list[Dataset]:
     for relative in paths:
         try:
             header = pydicom.dcmread(
-                files.absolute(relative), stop_before_pixels=True, specific_tags=_HEADER_TAGS
+                files.absolute(relative), stop_before_pixels=True, specific_tags=HEADER_TAGS
             )
         except Exception as exc:  # noqa: BLE001 - pydicom raises many kinds on damaged files
             logger.warning(
@@ -139,11 +117,11 @@ def _without_damaged_elements(header: Dataset, relative: str) -> Dataset:
     header may hold an element with an unknown VR or a bad length: it must not stop routing
     (of this study, or of every study after it). Such an element simply matches no rule.
     """
-    for keyword in _HEADER_TAGS:
+    for keyword in HEADER_TAGS:
         try:
             value = header.get(keyword)
             if keyword == "RadiopharmaceuticalInformationSequence" and value is not None:
-                _radiopharmaceutical_codes(header)
+                radiopharmaceutical_codes(header)
         except Exception as exc:  # noqa: BLE001 - any parse error of that one element
             logger.warning(
                 "routing ignores a damaged %s in a stored instance (%s): %s",
@@ -155,17 +133,25 @@ def _without_damaged_elements(header: Dataset, relative: str) -> Dataset:
     return header
 
 
-def route_stable_studies(database: Database, files: FileStore, rules: RoutingConfig) -> list[int]:
-    """Queue every STABLE MIBI study and ignore the others.
+def route_stable_studies(
+    database: Database,
+    files: FileStore,
+    rules: SelectionRule | Mapping[str, SelectionRule],
+    labels: Mapping[str, str] | None = None,
+) -> list[int]:
+    """Queue a job for every analysis that takes a STABLE study; ignore the others.
 
-    A study that still has a job waiting in the queue keeps it (the job will read every
-    instance there is when it runs); otherwise the study gets a job for its next version.
+    ``rules`` is analysis name -> rule (a single rule is the parathyroid analysis').
+    A study that still has a job of an analysis waiting in the queue keeps it (the job will
+    read every instance there is when it runs); otherwise the analysis gets a job for its
+    next version of the study.
 
     Returns
     -------
     list of int
         Ids of the jobs queued or refreshed.
     """
+    selections = {_DEFAULT_ANALYSIS: rules} if isinstance(rules, SelectionRule) else dict(rules)
     with database.session() as session:
         stable = session.execute(
             select(Study.id, Study.calling_ae_title).where(Study.state == StudyState.STABLE)
@@ -188,11 +174,12 @@ def route_stable_studies(database: Database, files: FileStore, rules: RoutingCon
                     first_per_series.setdefault(series, path)
             headers = _headers(files, list(first_per_series.values()))
             try:
-                plans.append((study_id, decide(headers, calling_ae_title, rules)))
+                decision = select_analyses(headers, calling_ae_title, selections, labels)
             except Exception as exc:  # noqa: BLE001 - one study must never stop the sweep
                 logger.exception("routing study #%d failed", study_id)
                 reason = f"routing failed ({type(exc).__name__}); requeue it to analyse it"
-                plans.append((study_id, RoutingDecision(False, reason)))
+                decision = RoutingDecision(False, reason)
+            plans.append((study_id, decision))
     queued: list[int] = []
     if not plans:
         return queued
@@ -201,32 +188,48 @@ def route_stable_studies(database: Database, files: FileStore, rules: RoutingCon
             study = session.get(Study, study_id, with_for_update=True)  # PostgreSQL: row lock
             if study is None or study.state is not StudyState.STABLE:
                 continue  # an instance arrived meanwhile: the study is RECEIVING again
-            waiting = session.scalars(
-                select(Job).where(Job.study_id == study_id, Job.state == JobState.QUEUED)
-            ).first()
-            if not decision.analyse:
+            waiting = {
+                job.analysis: job
+                for job in session.scalars(
+                    select(Job).where(Job.study_id == study_id, Job.state == JobState.QUEUED)
+                )
+            }
+            taken = dict(decision.analyses or {})
+            for name, job in waiting.items():
+                if name not in taken:
+                    job.transition(JobState.FAILED, "the study is no longer routed for analysis")
+            if not taken:
                 study.transition(StudyState.IGNORED, decision.reason)
-                if waiting is not None:
-                    waiting.transition(
-                        JobState.FAILED, "the study is no longer routed for analysis"
-                    )
                 logger.info("study #%d ignored: not routed for analysis", study_id)
                 continue
-            if waiting is None:
-                latest = session.scalar(
-                    select(func.max(Job.version)).where(Job.study_id == study_id)
+            versions = []
+            for name in taken:
+                found = waiting.get(name)
+                if found is None:
+                    latest = session.scalar(
+                        select(func.max(Job.version)).where(
+                            Job.study_id == study_id, Job.analysis == name
+                        )
+                    )
+                    job = Job(study_id=study_id, analysis=name, version=(latest or 0) + 1)
+                    session.add(job)
+                else:
+                    job = found
+                    job.not_before = None
+                    job.partial = False
+                session.flush()
+                queued.append(job.id)
+                versions.append((name, job))
+                logger.info(
+                    "study #%d queued for %s as job #%d (version %d)",
+                    study_id,
+                    name,
+                    job.id,
+                    job.version,
                 )
-                waiting = Job(study_id=study_id, version=(latest or 0) + 1)
-                session.add(waiting)
-            else:
-                waiting.not_before = None
-                waiting.partial = False
-            session.flush()
-            study.transition(
-                StudyState.QUEUED, f"MIBI study ({decision.reason}); version {waiting.version}"
+            numbers = ", ".join(
+                f"version {job.version}" if len(versions) == 1 else f"{name} v{job.version}"
+                for name, job in versions
             )
-            queued.append(waiting.id)
-            logger.info(
-                "study #%d queued as job #%d (version %d)", study_id, waiting.id, waiting.version
-            )
+            study.transition(StudyState.QUEUED, f"{decision.reason}; {numbers}")
     return queued

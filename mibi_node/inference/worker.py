@@ -1,15 +1,20 @@
 """The analysis worker: one process per GPU (or one on the CPU) that turns jobs into SRs.
 
-A worker loads its model bundle once, then loops: claim a small batch of jobs (atomically,
-with a lease it renews from a background thread), read each study with the NM reader,
-classify the batch, build each SR, record the result and its deliveries in one transaction,
-and send the SR at once. It is a separate process so that nothing it does (a decoder that
-crashes, the kernel's OOM killer) can touch reception; a job it dies on is retried until
-``jobs.max_attempts``, then FAILED, while the other studies go on.
+A worker hosts the bundles of every enabled analysis (:mod:`mibi_node.analyses`) on its
+device, within a memory budget: before loading, each analysis says what its bundle needs,
+and a bundle that does not fit in what is left is refused with that sentence, not loaded
+into an OOM later. It then loops: claim a small batch of jobs of the analyses it has
+loaded (atomically, with a lease it renews from a background thread), read each study with
+its analysis' input builder, run the batch per analysis, build each result's documents,
+record the result and its deliveries in one transaction, and send them at once.
 
-Without a usable bundle the worker keeps running and says why in the ``worker`` table
-(``mibi-node status`` shows it); jobs wait in the queue and the bundle is looked for again
-every few seconds, so installing one needs no restart.
+It is a separate process so that nothing it does (a decoder that crashes, the kernel's OOM
+killer) can touch reception; a job it dies on is retried until ``jobs.max_attempts``, then
+FAILED, while the other studies go on.
+
+Without a usable bundle for an analysis the worker keeps running and says why in the
+``worker`` table (``mibi-node status`` shows it); that analysis' jobs wait in the queue and
+its bundle is looked for again every few seconds, so installing one needs no restart.
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ from collections.abc import Callable, Sequence
 from datetime import timedelta
 from pathlib import Path
 from types import FrameType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
@@ -55,9 +60,7 @@ from mibi_node.storage.models import WorkerStatus, utcnow
 from mibi_node.systemd import Notifier
 
 if TYPE_CHECKING:
-    from mibi_node.imaging.study import StudyInput
-    from mibi_node.inference.engine import InferenceEngine
-    from mibi_node.inference.result import StudyResult
+    from mibi_node.analyses.base import Analysis, Runner
 
 __all__ = ["Worker", "worker_main"]
 
@@ -100,9 +103,13 @@ class Worker:
         self.database = open_database(config.database_url)  # a standalone worker may be first
         self.files = FileStore(config.store_dir)
         self.results = FileStore(config.results_dir)
-        self.engine: InferenceEngine | None = None
+        #: Analysis name -> its loaded bundle.
+        self.runners: dict[str, Runner] = {}
+        #: Analysis name -> why its bundle is not loaded (shown in the worker row).
+        self.problems: dict[str, str] = {}
         self._device_uid: str | None = None
         self._next_bundle_try = 0.0
+        self._budget_mb: float | None = None
         self._stop = threading.Event()
         self._state = ("starting", "")
         self.notifier = notifier or Notifier()
@@ -118,22 +125,20 @@ class Worker:
     def _say(self, state: str, message: str = "") -> None:
         """Write this worker's state and heartbeat into the ``worker`` table."""
         self._state = (state, message)
-        bundle = None
-        if self.engine is not None:
-            bundle = f"{self.engine.bundle.name} {self.engine.bundle.version}"
+        bundle = self.bundles_text() or None
         with self.database.write_lock(), self.database.session() as session, session.begin():
             row = session.get(WorkerStatus, self.name)
             if row is None:
                 row = WorkerStatus(name=self.name, pid=os.getpid(), host=socket.gethostname())
                 session.add(row)
-            row.device = str(self.engine.device) if self.engine is not None else self.device
+            row.device = next((r.device for r in self.runners.values()), self.device)[:32]
             row.bundle = bundle
             row.state = state
             row.message = message or None
             row.heartbeat_at = utcnow()
         if (state, message, bundle) != self._announced:  # `systemctl status` shows it
             self._announced = (state, message, bundle)
-            on = f" (bundle {bundle} on {self.engine.device})" if self.engine is not None else ""
+            on = f" (bundles {bundle} on {row.device})" if self.runners else ""
             self.notifier.status(f"{state}{': ' + message if message else ''}{on}")
 
     def _keep_leases(self) -> None:
@@ -154,34 +159,87 @@ class Worker:
 
     # -- the bundle -----------------------------------------------------------------------
 
-    def load_bundle(self) -> bool:
-        """Load the bundle if it is not loaded yet; ``False`` (and the reason) when it fails."""
-        if self.engine is not None:
-            return True
-        if time.monotonic() < self._next_bundle_try:
-            return False
-        self._next_bundle_try = time.monotonic() + _BUNDLE_RETRY_SECONDS
-        bundle = self.config.workers.bundle
-        if not bundle.is_dir():
-            self._say("waiting for a bundle", f"no model bundle at {bundle}: jobs wait")
-            return False
-        try:
-            from mibi_node.inference.engine import InferenceEngine
+    def bundles_text(self) -> str:
+        """The loaded bundles as the worker row shows them ("demo 1.0, thyroid-demo 1.0")."""
+        text = ", ".join(f"{r.bundle_name} {r.bundle_version}" for r in self.runners.values())
+        return text[:128]
 
-            self.engine = InferenceEngine(bundle, device=_resolve(self.device))
-        except (MibiNodeError, ValueError, OSError, RuntimeError) as exc:
-            message = f"cannot load the bundle {bundle}: {exc}"
-            if message != self._state[1]:  # once per reason, not every few seconds
-                logger.error("worker %s %s", self.name, message)
+    def memory_budget_mb(self) -> float:
+        """MiB this worker may fill with bundles: ``workers.memory_budget_mb``, else 85 % of
+        what the device has free when the worker starts (fixed then)."""
+        if self._budget_mb is None:
+            configured = self.config.workers.memory_budget_mb
+            self._budget_mb = configured or 0.85 * _free_megabytes(_resolve(self.device))
+        return self._budget_mb
+
+    def load_bundle(self) -> bool:
+        """Load every enabled analysis' bundle not loaded yet; ``True`` when one is loaded.
+
+        Each analysis that cannot be loaded (no bundle, a bad one, over the memory budget)
+        says why in :attr:`problems`; the others run.
+        """
+        from mibi_node.analyses.registry import get_analysis
+
+        wanted = self.config.enabled_analyses
+        if all(name in self.runners for name in wanted):
+            return bool(self.runners)
+        if time.monotonic() < self._next_bundle_try:
+            return bool(self.runners)
+        self._next_bundle_try = time.monotonic() + _BUNDLE_RETRY_SECONDS
+        device = _resolve(self.device)
+        for name in wanted:
+            if name in self.runners:
+                continue
+            problem = self._load_one(get_analysis(name), device)
+            if problem is None:
+                self.problems.pop(name, None)
+                continue
+            if problem != self.problems.get(name):  # once per reason, not every few seconds
+                logger.error("worker %s: %s", self.name, problem)
+            self.problems[name] = problem
+        message = "; ".join(self.problems.values())
+        if not self.runners:
             self._say("waiting for a bundle", message)
             return False
+        self._say("ready", message)
+        return True
+
+    def _load_one(self, analysis: Analysis, device: str) -> str | None:
+        """Load one analysis' bundle; the reason when it cannot be loaded."""
+        bundle = self.config.bundle_for(analysis.name)
+        if not bundle.is_dir():
+            return f"{analysis.name}: no model bundle at {bundle}: its jobs wait"
+        try:
+            needs = analysis.memory_needs(bundle, device)
+            used = sum(
+                (r.memory.gpu_mb if device.startswith("cuda") else r.memory.cpu_mb)
+                for r in self.runners.values()
+            )
+            wanted = needs.gpu_mb if device.startswith("cuda") else needs.cpu_mb
+            budget = self.memory_budget_mb()
+            if used + wanted > budget:
+                return (
+                    f"{analysis.name}: bundle {bundle} needs {wanted:.0f} MiB "
+                    f"({needs.source}) and {budget - used:.0f} MiB of the worker's "
+                    f"{budget:.0f} MiB budget on {device} are left: not loaded; raise "
+                    "workers.memory_budget_mb or run this analysis in another worker"
+                )
+            self.runners[analysis.name] = analysis.load(bundle, device)
+        except (MibiNodeError, ValueError, OSError, RuntimeError) as exc:
+            return f"{analysis.name}: cannot load the bundle {bundle}: {exc}"
         # Import the reader and the report builders now, not on the first study's clock.
-        import mibi_node.imaging.nm
-        import mibi_node.report.keyimage
         import mibi_node.report.sr  # noqa: F401
 
-        self._say("ready")
-        return True
+        logger.info(
+            "worker %s: %s bundle %s %s on %s (%.0f MiB)",
+            self.name,
+            analysis.name,
+            self.runners[analysis.name].bundle_name,
+            self.runners[analysis.name].bundle_version,
+            device,
+            wanted,
+        )
+        return None
 
     # -- the loop -------------------------------------------------------------------------
 
@@ -233,11 +291,15 @@ class Worker:
 
     def run_once(self) -> int:
         """Claim and analyse one batch; returns how many jobs it claimed."""
-        engine = self.engine
-        if engine is None:
+        if not self.runners:
             raise MibiNodeError("the worker has no bundle loaded (call load_bundle first)")
+        self.load_bundle()  # an analysis whose bundle was missing may have one now
         jobs = claim_jobs(
-            self.database, self.name, self.config.jobs.lease_seconds, self.config.jobs.batch_size
+            self.database,
+            self.name,
+            self.config.jobs.lease_seconds,
+            self.config.jobs.batch_size,
+            analyses=set(self.runners),
         )
         self._database_works()  # said now, not after the batch's analysis
         if not jobs:
@@ -247,20 +309,29 @@ class Worker:
             self._held |= ids
         try:
             self._say("busy", f"{len(jobs)} job(s)")
-            self._analyse(engine, jobs)
-            self._say("ready")
+            for name in dict.fromkeys(job.analysis for job in jobs):
+                self._analyse(name, [job for job in jobs if job.analysis == name])
+            self._say("ready", "; ".join(self.problems.values()))
         finally:
             # Recorded, or abandoned by an error: either way no longer renewed.
             with self._held_lock:
                 self._held -= ids
         return len(jobs)
 
-    def _analyse(self, engine: InferenceEngine, jobs: Sequence[ClaimedJob]) -> None:
-        read: list[tuple[ClaimedJob, StudyInput, float]] = []
+    def _analyse(self, name: str, jobs: Sequence[ClaimedJob]) -> None:
+        from mibi_node.analyses.registry import get_analysis
+
+        analysis = get_analysis(name)
+        runner = self.runners[name]
+        read: list[tuple[ClaimedJob, Any, float]] = []
         for job in jobs:
             started = time.perf_counter()
             try:
-                study = self._read(engine, job)
+                if not job.paths:
+                    raise UnusableStudyError(
+                        "The study holds no images (only reports or other objects)."
+                    )
+                study = analysis.read([self.files.absolute(p) for p in job.paths], runner)
             except MissingPhaseError as exc:
                 self._missing_phase(job, exc)
                 continue
@@ -274,41 +345,31 @@ class Worker:
         if not read:
             return
         try:
-            results = engine.predict([study for _, study, _ in read])
+            results = runner.predict([study for _, study, _ in read])
         except Exception:
             if len(read) > 1:  # find the study that breaks the batch: one by one
                 for item in read:
-                    self._predict_one(engine, *item)
+                    self._predict_one(runner, *item)
                 return
             job = read[0][0]
             self._fail(job, "the model failed on this study", retry=True, trace=True)
             return
-        for (job, study, seconds), result in zip(read, results, strict=True):
-            self._finish(job, study, result, seconds)
+        for (job, _study, seconds), result in zip(read, results, strict=True):
+            self._finish(job, result, seconds)
 
-    def _predict_one(
-        self, engine: InferenceEngine, job: ClaimedJob, study: StudyInput, seconds: float
-    ) -> None:
+    def _predict_one(self, runner: Runner, job: ClaimedJob, study: Any, seconds: float) -> None:
         try:
-            (result,) = engine.predict([study])
+            (result,) = runner.predict([study])
         except UnusableStudyError as exc:
             self._fail(job, str(exc), retry=False)
             return
         except Exception:
             self._fail(job, "the model failed on this study", retry=True, trace=True)
             return
-        self._finish(job, study, result, seconds)
-
-    def _read(self, engine: InferenceEngine, job: ClaimedJob) -> StudyInput:
-        from mibi_node.imaging.nm import read_study
-
-        if not job.paths:
-            raise UnusableStudyError("The study holds no images (only reports or other objects).")
-        paths = [self.files.absolute(p) for p in job.paths]
-        return read_study(paths, required=engine.bundle.channels)
+        self._finish(job, result, seconds)
 
     def _missing_phase(self, job: ClaimedJob, exc: MissingPhaseError) -> None:
-        wait = self.config.assembly.max_phase_wait
+        wait = self.config.max_wait_for(job.analysis)
         deadline = job.first_received_at + timedelta(seconds=wait)
         missing = " and ".join(exc.missing)
         if not job.partial and utcnow() < deadline and exc.found:
@@ -344,9 +405,7 @@ class Worker:
 
     # -- results --------------------------------------------------------------------------
 
-    def _finish(
-        self, job: ClaimedJob, study: StudyInput, result: StudyResult, read_seconds: float
-    ) -> None:
+    def _finish(self, job: ClaimedJob, result: Any, read_seconds: float) -> None:
         started = time.perf_counter()
         try:
             files, sr = self._write_documents(job, result)
@@ -373,11 +432,13 @@ class Worker:
         )
         deliveries = complete_job(self.database, self.name, job.id, done)
         logger.info(
-            "job #%d done: %s (%.2f) in read %.2f s, denoise %.2f s, inference %.2f s, SR %.2f s",
+            "job #%d done: %s (%.2f) in read %.2f s, denoise %.2f s, inference %.2f s, "
+            "SR %.2f s (%s)",
             job.id,
             result.predicted,
-            result.probabilities[result.predicted],
+            dict(getattr(result, "probabilities", {})).get(result.predicted, float("nan")),
             *timings.values(),
+            job.analysis,
         )
         if deliveries:
             deliver(
@@ -389,11 +450,12 @@ class Worker:
                 delivery_ids=deliveries,
             )
 
-    def _write_documents(self, job: ClaimedJob, result: StudyResult) -> tuple[list[str], Dataset]:
-        from mibi_node.report.keyimage import build_key_image
-        from mibi_node.report.sr import build_sr
+    def _write_documents(self, job: ClaimedJob, result: Any) -> tuple[list[str], Dataset]:
+        from mibi_node.analyses.base import EncodeContext
+        from mibi_node.analyses.registry import get_analysis
 
-        used = {image.sop_instance_uid for image in result.source_images.values()}
+        analysis = get_analysis(job.analysis)
+        used = analysis.source_uids(result)
         sources = []
         for relative in job.paths:
             header = pydicom.dcmread(self.files.absolute(relative), stop_before_pixels=True)
@@ -410,26 +472,20 @@ class Worker:
         if self._device_uid is None:
             self._device_uid = device_uid(self.database, self.config.report.device_uid)
         report = self.config.report
-        sr = build_sr(
+        documents = analysis.encode(
             result,
             sources,
-            device_uid=self._device_uid,
-            series_number=report.series_number,
-            instance_number=job.version,
-            series_instance_uid=job.sr_series_instance_uid or generate_uid(),
-            predecessor=predecessor,
-            institution_name=report.institution_name or None,
+            EncodeContext(
+                device_uid=self._device_uid,
+                series_number=self.config.series_number_for(job.analysis),
+                instance_number=job.version,
+                series_instance_uid=job.sr_series_instance_uid or generate_uid(),
+                predecessor=predecessor,
+                institution_name=report.institution_name or None,
+                key_image=report.key_image,
+            ),
         )
-        documents: list[Dataset] = [sr]
-        if report.key_image:
-            documents.append(
-                build_key_image(
-                    result,
-                    sources,
-                    series_number=report.series_number + 1,
-                    instance_number=job.version,
-                )
-            )
+        sr = documents[0]
         names = []
         for document in documents:
             relative = self.results.relative_path(
@@ -456,6 +512,23 @@ def _resolve(device: str) -> str:
     if count == 0:
         return "cpu"
     return f"cuda:{int(os.environ.get('MIBI_NODE_WORKER_INDEX', '0')) % count}"
+
+
+def _free_megabytes(device: str) -> float:
+    """Memory free on ``device`` now, in MiB (GPU memory for a CUDA device)."""
+    if device.startswith("cuda"):
+        import torch
+
+        free, _total = torch.cuda.mem_get_info(torch.device(device))
+        return free / 2**20
+    try:
+        with open("/proc/meminfo", encoding="ascii") as handle:
+            for line in handle:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:  # pragma: no cover - not Linux
+        pass
+    return float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")) / 2**20
 
 
 def _die_with_parent() -> None:

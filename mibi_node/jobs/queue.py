@@ -25,7 +25,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from pydicom.uid import generate_uid
-from sqlalchemy import Table, bindparam, insert, select, update
+from sqlalchemy import Connection, Table, bindparam, insert, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.orm import Session
 
@@ -87,6 +87,8 @@ class ClaimedJob:
     predecessor_sr_path: str | None
     #: The result series of earlier versions, so every version lands in one series.
     sr_series_instance_uid: str | None
+    #: The analysis to run (:mod:`mibi_node.analyses`).
+    analysis: str = "parathyroid"
 
 
 @dataclass(frozen=True)
@@ -106,9 +108,16 @@ class CompletedJob:
 
 
 def claim_jobs(
-    database: Database, owner: str, lease_seconds: float, limit: int
+    database: Database,
+    owner: str,
+    lease_seconds: float,
+    limit: int,
+    analyses: Collection[str] | None = None,
 ) -> list[ClaimedJob]:
     """Claim up to ``limit`` due jobs for ``owner``; a job that failed before comes alone.
+
+    ``analyses``: only jobs of these analyses (those whose bundles the worker has loaded);
+    ``None`` takes any.
 
     A job whose earlier attempt ended with its worker's death may be the cause (a poison
     study), so it is claimed on its own: it cannot take a batch of good studies down with it.
@@ -128,6 +137,8 @@ def claim_jobs(
         .order_by(_JOB.c.attempts.desc(), _JOB.c.id)
         .limit(limit)
     )
+    if analyses is not None:
+        due = due.where(_JOB.c.analysis.in_(sorted(analyses)))
     if database.is_postgresql:
         # The job and its study are locked together, and a job whose row or study another
         # transaction holds (another worker's claim, a receiver's instance) is skipped. The
@@ -152,7 +163,14 @@ def claim_jobs(
                 attempts=_JOB.c.attempts + 1,
                 started_at=now,
             )
-            .returning(_JOB.c.id, _JOB.c.study_id, _JOB.c.version, _JOB.c.attempts, _JOB.c.partial)
+            .returning(
+                _JOB.c.id,
+                _JOB.c.study_id,
+                _JOB.c.analysis,
+                _JOB.c.version,
+                _JOB.c.attempts,
+                _JOB.c.partial,
+            )
         ).all()
         if not returned:
             return []
@@ -200,7 +218,13 @@ def claim_jobs(
             if is_image_instance(modality, sop_class):
                 paths[study_id].append(path)
         done = connection.execute(
-            select(_JOB.c.study_id, _JOB.c.version, _JOB.c.sr_path, _JOB.c.sr_series_instance_uid)
+            select(
+                _JOB.c.study_id,
+                _JOB.c.analysis,
+                _JOB.c.version,
+                _JOB.c.sr_path,
+                _JOB.c.sr_series_instance_uid,
+            )
             .where(_JOB.c.study_id.in_(study_ids), _JOB.c.state == JobState.DONE)
             .order_by(_JOB.c.version.desc())
         ).all()
@@ -208,7 +232,13 @@ def claim_jobs(
     for job in jobs:
         study = studies[job.study_id]
         earlier = next(
-            (row for row in done if row.study_id == job.study_id and row.version < job.version),
+            (
+                row
+                for row in done
+                if row.study_id == job.study_id
+                and row.analysis == job.analysis
+                and row.version < job.version
+            ),
             None,
         )
         claimed.append(
@@ -223,6 +253,7 @@ def claim_jobs(
                 paths=tuple(paths[job.study_id]),
                 predecessor_sr_path=earlier.sr_path if earlier else None,
                 sr_series_instance_uid=earlier.sr_series_instance_uid if earlier else None,
+                analysis=job.analysis,
             )
         )
     return claimed
@@ -251,6 +282,92 @@ def renew_leases(
             .execution_options(synchronize_session=False)
         )
         return int(getattr(result, "rowcount", 0) or 0)
+
+
+def _aggregate(desired: StudyState, others: set[JobState], failed: bool) -> StudyState:
+    """The study's state when one of its jobs asks for ``desired``.
+
+    A study is RUNNING while any of its jobs runs, QUEUED while one waits; once none is
+    active it is FAILED when the latest job of any analysis failed, else DONE.
+    """
+    if JobState.RUNNING in others:
+        return StudyState.RUNNING
+    if JobState.QUEUED in others and desired in (StudyState.DONE, StudyState.FAILED):
+        return StudyState.QUEUED
+    if desired is StudyState.DONE and failed:
+        return StudyState.FAILED
+    return desired
+
+
+def _target(
+    connection: Connection, study_id: int, job_id: int, desired: StudyState, summary: str
+) -> tuple[StudyState, str | None]:
+    """Where a RUNNING study goes when its job ``job_id`` wants ``desired``.
+
+    Returns the state and, for a study of several analyses that is now finished, a reason
+    naming each analysis' outcome (``summary`` is this job's: its finding or "failed").
+    With one analysis the state is ``desired`` itself; one statement reads the jobs.
+    """
+    rows = connection.execute(
+        select(_JOB.c.id, _JOB.c.analysis, _JOB.c.version, _JOB.c.state, _JOB.c.result).where(
+            _JOB.c.study_id == study_id
+        )
+    ).all()
+    active = {JobState(row.state) for row in rows if row.id != job_id} & {
+        JobState.QUEUED,
+        JobState.RUNNING,
+    }
+    latest: dict[str, Any] = {}
+    for row in rows:
+        if row.analysis not in latest or row.version > latest[row.analysis].version:
+            latest[row.analysis] = row
+    failed = any(
+        JobState(row.state) is JobState.FAILED for row in latest.values() if row.id != job_id
+    )
+    state = _aggregate(desired, active, failed)
+    if len(latest) < 2 or state not in (StudyState.DONE, StudyState.FAILED):
+        return state, None
+    parts = []
+    for name, row in sorted(latest.items()):
+        if row.id == job_id:
+            outcome = summary
+        elif JobState(row.state) is JobState.DONE:
+            outcome = str((row.result or {}).get("predicted") or "done")
+        else:
+            outcome = JobState(row.state).value.lower()
+        parts.append(f"{name} v{row.version}: {outcome}")
+    return state, "; ".join(parts)
+
+
+def _settle(
+    connection: Connection,
+    study_id: int,
+    job_id: int,
+    desired: StudyState,
+    reason: str,
+    summary: str,
+    now: datetime,
+) -> None:
+    """Move a RUNNING study where :func:`_target` says (a RECEIVING one stays as it is)."""
+    state, combined = _target(connection, study_id, job_id, desired, summary)
+    if state is StudyState.RUNNING:
+        return
+    check_transition(StudyState.RUNNING, state)
+    connection.execute(
+        update(_STUDY)
+        .where(_STUDY.c.id == study_id, _STUDY.c.state == StudyState.RUNNING)
+        .values(state=state, state_reason=combined or reason, state_changed_at=now)
+    )
+
+
+def _move(session: Session, study: Study, job: Job, desired: StudyState, reason: str) -> None:
+    """:func:`_settle` for the functions that hold the study as an ORM object."""
+    if study.state is not StudyState.RUNNING:
+        return
+    summary = "failed" if desired is StudyState.FAILED else desired.value.lower()
+    state, combined = _target(session.connection(), study.id, job.id, desired, summary)
+    if state is not StudyState.RUNNING:
+        study.transition(state, combined or reason)
 
 
 def _owned(session: Session, job_id: int, owner: str) -> tuple[Job, Study] | None:
@@ -307,7 +424,7 @@ def complete_job(database: Database, owner: str, job_id: int, done: CompletedJob
                 error=None,
                 traceback=None,
             )
-            .returning(_JOB.c.study_id, _JOB.c.version)
+            .returning(_JOB.c.study_id, _JOB.c.analysis, _JOB.c.version)
         ).first()
         if job is None:
             logger.warning(
@@ -315,14 +432,14 @@ def complete_job(database: Database, owner: str, job_id: int, done: CompletedJob
             )
             return []
         predicted = done.result.get("predicted", "?")
-        connection.execute(
-            update(_STUDY)
-            .where(_STUDY.c.id == job.study_id, _STUDY.c.state == StudyState.RUNNING)
-            .values(
-                state=StudyState.DONE,
-                state_reason=f"version {job.version}: {predicted}",
-                state_changed_at=now,
-            )
+        _settle(
+            connection,
+            job.study_id,
+            job_id,
+            StudyState.DONE,
+            f"version {job.version}: {predicted}",
+            str(predicted),
+            now,
         )
         audit.add(
             connection,
@@ -330,7 +447,12 @@ def complete_job(database: Database, owner: str, job_id: int, done: CompletedJob
             "done",
             actor=owner,
             study_id=job.study_id,
-            detail={"job": job_id, "version": job.version, "predicted": predicted},
+            detail={
+                "job": job_id,
+                "analysis": job.analysis,
+                "version": job.version,
+                "predicted": predicted,
+            },
         )
         if not done.destinations:
             return []
@@ -377,14 +499,16 @@ def fail_job(
         if retry and job.attempts < max_attempts:
             job.transition(JobState.QUEUED)
             job.error = error
-            if study.state is StudyState.RUNNING:
-                study.transition(
-                    StudyState.QUEUED, f"attempt {job.attempts} of {max_attempts} failed: {error}"
-                )
+            _move(
+                session,
+                study,
+                job,
+                StudyState.QUEUED,
+                f"attempt {job.attempts} of {max_attempts} failed: {error}",
+            )
         else:
             job.transition(JobState.FAILED, error)
-            if study.state is StudyState.RUNNING:
-                study.transition(StudyState.FAILED, error)
+            _move(session, study, job, StudyState.FAILED, error)
             audit.add(
                 session,
                 "result",
@@ -411,8 +535,7 @@ def defer_job(database: Database, owner: str, job_id: int, until: datetime, reas
         job.attempts -= 1
         job.not_before = until
         job.partial = True
-        if study.state is StudyState.RUNNING:
-            study.transition(StudyState.AWAITING_PHASE, reason)
+        _move(session, study, job, StudyState.AWAITING_PHASE, reason)
         return True
 
 
@@ -431,8 +554,7 @@ def release_expired_jobs(database: Database, max_attempts: int) -> list[int]:
             error = f"the worker stopped while analysing (attempt {job.attempts})"
             if job.attempts >= max_attempts:
                 job.transition(JobState.FAILED, f"{error}; no attempts left")
-                if study.state is StudyState.RUNNING:
-                    study.transition(StudyState.FAILED, f"{error}; no attempts left")
+                _move(session, study, job, StudyState.FAILED, f"{error}; no attempts left")
                 audit.add(
                     session,
                     "result",
@@ -445,18 +567,24 @@ def release_expired_jobs(database: Database, max_attempts: int) -> list[int]:
             else:
                 job.transition(JobState.QUEUED)
                 job.error = error
-                if study.state is StudyState.RUNNING:
-                    study.transition(StudyState.QUEUED, error)
+                _move(session, study, job, StudyState.QUEUED, error)
             logger.warning("job #%d: %s", job.id, error)
             released.append(job.id)
     return released
 
 
-def requeue_study(database: Database, study_instance_uid: str, actor: str = "cli") -> int:
-    """Analyse a study again (``mibi-node requeue``); returns the job id.
+def requeue_study(
+    database: Database,
+    study_instance_uid: str,
+    actor: str = "cli",
+    analysis: str | None = None,
+) -> int:
+    """Analyse a study again (``mibi-node requeue``); returns the (first) job id.
 
-    A FAILED job is queued again with fresh attempts; a study whose analysis is DONE gets a
-    new version (its SR supersedes the previous one).
+    Every analysis that analysed the study before (or only ``analysis``) is queued again: a
+    FAILED job with fresh attempts, a DONE one as a new version (its SR supersedes the
+    previous one). A study no analysis took gets a job of ``analysis`` (default
+    parathyroid).
 
     Raises
     ------
@@ -470,39 +598,49 @@ def requeue_study(database: Database, study_instance_uid: str, actor: str = "cli
         if study is None:
             raise MibiNodeError(f"no study with Study Instance UID {study_instance_uid}")
         # Jobs before their study, as everywhere (PostgreSQL); the study is read again locked.
-        job = session.scalars(
+        jobs = session.scalars(
             select(Job)
             .where(Job.study_id == study.id)
-            .order_by(Job.version.desc())
+            .order_by(Job.version.desc(), Job.id.desc())
             .with_for_update()
-        ).first()
+        ).all()
         study = session.get_one(Study, study.id, with_for_update=True, populate_existing=True)
         if study.state in (StudyState.RECEIVING, StudyState.STABLE, StudyState.RUNNING):
             raise MibiNodeError(
                 f"the study is {study.state.value.lower()}; requeue it when that has ended"
             )
-        if job is not None and job.state is JobState.QUEUED:
-            job.not_before = None
-        elif job is not None and job.state is JobState.FAILED:
-            job.transition(JobState.QUEUED)
-            job.attempts = 0
-            job.not_before = None
-            job.partial = False
-        else:
-            job = Job(study_id=study.id, version=(job.version + 1) if job else 1)
-            session.add(job)
+        latest: dict[str, Job] = {}
+        for job in jobs:
+            latest.setdefault(job.analysis, job)
+        names = [analysis] if analysis is not None else list(latest) or ["parathyroid"]
+        requeued: list[Job] = []
+        for name in names:
+            found = latest.get(name)
+            if found is not None and found.state is JobState.QUEUED:
+                found.not_before = None
+            elif found is not None and found.state is JobState.FAILED:
+                found.transition(JobState.QUEUED)
+                found.attempts = 0
+                found.not_before = None
+                found.partial = False
+            else:
+                version = (found.version + 1) if found else 1
+                found = Job(study_id=study.id, analysis=name, version=version)
+                session.add(found)
+            requeued.append(found)
         if study.state is not StudyState.QUEUED:
             study.transition(StudyState.QUEUED, f"queued again by hand ({actor})")
         session.flush()
-        audit.add(
-            session,
-            "operator",
-            "requeue",
-            actor=actor,
-            study_id=study.id,
-            detail={"job": job.id, "version": job.version},
-        )
-        return job.id
+        for job in requeued:
+            audit.add(
+                session,
+                "operator",
+                "requeue",
+                actor=actor,
+                study_id=study.id,
+                detail={"job": job.id, "analysis": job.analysis, "version": job.version},
+            )
+        return requeued[0].id
 
 
 def device_uid(database: Database, configured: str = "") -> str:

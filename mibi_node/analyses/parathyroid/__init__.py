@@ -79,6 +79,7 @@ class ParathyroidAnalysis(Analysis):
     name: ClassVar[str] = "parathyroid"
     version: ClassVar[str] = "1.0"
     title: ClassVar[str] = "Parathyroid MIBI scintigraphy"
+    label: ClassVar[str] = "MIBI study"
     task: ClassVar[TaskKind] = TaskKind.CLASSIFICATION
     outputs: ClassVar[tuple[OutputKind, ...]] = (OutputKind.SR, OutputKind.KEY_IMAGE)
     default_selection: ClassVar[SelectionRule] = MIBI_SELECTION
