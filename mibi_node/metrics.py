@@ -117,6 +117,10 @@ class _Totals:
     instances: dict[str, int] = field(default_factory=lambda: defaultdict(int))
     refused: dict[str, int] = field(default_factory=lambda: defaultdict(int))
     results: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    #: (analysis, outcome) -> results; (analysis, finding) -> results done.
+    analysis_results: dict[tuple[str, str], int] = field(default_factory=lambda: defaultdict(int))
+    findings: dict[tuple[str, str], int] = field(default_factory=lambda: defaultdict(int))
+    analysis_seconds: dict[str, _Histogram] = field(default_factory=lambda: defaultdict(_Histogram))
     deliveries: dict[str, int] = field(default_factory=lambda: defaultdict(int))
     operator: dict[str, int] = field(default_factory=lambda: defaultdict(int))
     retention: dict[str, int] = field(default_factory=lambda: defaultdict(int))
@@ -238,6 +242,10 @@ class DatabaseCollector:
                     totals.refused[str(status)] += int(count)
         elif row.kind == "result":
             totals.results[row.outcome] += 1
+            analysis = str(detail.get("analysis") or "parathyroid")
+            totals.analysis_results[(analysis, row.outcome)] += 1
+            if row.outcome == "done" and detail.get("predicted"):
+                totals.findings[(analysis, str(detail["predicted"]))] += 1
         elif row.kind == "delivery":
             totals.deliveries[row.outcome] += 1
         elif row.kind == "operator":
@@ -256,6 +264,7 @@ class DatabaseCollector:
         seconds = _seconds(job.finished_at, job.created_at)
         if seconds is not None and not job.partial:
             totals.stable_to_result.observe(seconds)
+            totals.analysis_seconds[job.analysis].observe(seconds)
         for stage, value in (job.timings or {}).items():
             if stage in STAGES:
                 totals.stages[stage].observe(float(value))
@@ -312,6 +321,24 @@ class DatabaseCollector:
             for outcome in sorted({*outcomes, *values}):
                 family.add_metric([outcome], values.get(outcome, 0))
             yield family
+        # Per analysis: beside the node-wide families above, whose labels stay as they were
+        # so that existing dashboards and alert rules keep working.
+        family = CounterMetricFamily(
+            "mibi_node_analysis_results",
+            "Analyses finished, by analysis and outcome.",
+            labels=["analysis", "outcome"],
+        )
+        for (analysis, outcome), count in sorted(totals.analysis_results.items()):
+            family.add_metric([analysis, outcome], count)
+        yield family
+        family = CounterMetricFamily(
+            "mibi_node_analysis_findings",
+            "Results done, by analysis and main finding.",
+            labels=["analysis", "finding"],
+        )
+        for (analysis, finding), count in sorted(totals.findings.items()):
+            family.add_metric([analysis, finding], count)
+        yield family
         yield CounterMetricFamily(
             "mibi_node_retention_studies_removed",
             "Studies whose instance files the retention sweep removed.",
@@ -348,6 +375,14 @@ class DatabaseCollector:
             histogram = totals.stages.get(stage, _Histogram())
             stages.add_metric([stage], histogram.buckets(), sum_value=histogram.total)
         yield stages
+        per_analysis = HistogramMetricFamily(
+            "mibi_node_analysis_stable_to_result_seconds",
+            "Study queued -> result recorded, by analysis (complete studies only).",
+            labels=["analysis"],
+        )
+        for analysis, histogram in sorted(totals.analysis_seconds.items()):
+            per_analysis.add_metric([analysis], histogram.buckets(), sum_value=histogram.total)
+        yield per_analysis
 
     def _gauges(self) -> Iterator[Metric]:
         now = utcnow()
@@ -356,7 +391,12 @@ class DatabaseCollector:
             studies = dict(
                 session.execute(select(Study.state, func.count()).group_by(Study.state)).all()
             )
-            jobs = dict(session.execute(select(Job.state, func.count()).group_by(Job.state)).all())
+            by_analysis = session.execute(
+                select(Job.analysis, Job.state, func.count()).group_by(Job.analysis, Job.state)
+            ).all()
+            jobs: dict[JobState, int] = defaultdict(int)
+            for _analysis, job_state, count in by_analysis:
+                jobs[job_state] += count
             due = session.scalar(
                 select(func.count())
                 .select_from(Job)
@@ -384,6 +424,17 @@ class DatabaseCollector:
         family = GaugeMetricFamily("mibi_node_jobs", "Analysis jobs by state.", labels=["state"])
         for job_state in JobState:
             family.add_metric([job_state.value], jobs.get(job_state, 0))
+        yield family
+        family = GaugeMetricFamily(
+            "mibi_node_analysis_jobs",
+            "Analysis jobs by analysis and state.",
+            labels=["analysis", "state"],
+        )
+        analyses = sorted({*self.config.enabled_analyses, *(row[0] for row in by_analysis)})
+        counts = {(analysis, JobState(state)): count for analysis, state, count in by_analysis}
+        for analysis in analyses:
+            for job_state in JobState:
+                family.add_metric([analysis, job_state.value], counts.get((analysis, job_state), 0))
         yield family
         yield GaugeMetricFamily(
             "mibi_node_queue_depth", "Jobs waiting for a worker and due now.", value=due or 0

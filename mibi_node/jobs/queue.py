@@ -516,7 +516,12 @@ def fail_job(
                 actor=owner,
                 study_id=study.id,
                 message=error,
-                detail={"job": job.id, "version": job.version, "attempts": job.attempts},
+                detail={
+                    "job": job.id,
+                    "analysis": job.analysis,
+                    "version": job.version,
+                    "attempts": job.attempts,
+                },
             )
         return JobState(job.state)
 
@@ -562,7 +567,12 @@ def release_expired_jobs(database: Database, max_attempts: int) -> list[int]:
                     actor=job.lease_owner or "",
                     study_id=study.id,
                     message=f"{error}; no attempts left",
-                    detail={"job": job.id, "version": job.version, "attempts": job.attempts},
+                    detail={
+                        "job": job.id,
+                        "analysis": job.analysis,
+                        "version": job.version,
+                        "attempts": job.attempts,
+                    },
                 )
             else:
                 job.transition(JobState.QUEUED)

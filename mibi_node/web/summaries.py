@@ -16,7 +16,7 @@ import dataclasses
 import functools
 import logging
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -26,6 +26,7 @@ from pydicom.errors import InvalidDicomError
 from pydicom.uid import UID
 from sqlalchemy import func, select
 
+from mibi_node.analyses.base import Panel
 from mibi_node.imaging.phase import (
     acquisition_start,
     injection_time,
@@ -175,6 +176,19 @@ class JobRow:
     traceback: str | None
     timings: dict[str, float]
     bundle: str | None
+    #: The analysis the job runs.
+    analysis: str = "parathyroid"
+
+
+@dataclass(frozen=True)
+class AnalysisPanel:
+    """One analysis' latest result of a study, as that analysis wants it shown."""
+
+    analysis: str
+    title: str
+    job_id: int
+    version: int
+    panel: Panel
 
 
 @dataclass(frozen=True)
@@ -217,6 +231,8 @@ class StudyDetail:
     result: ResultView | None
     deliveries: list[DeliveryRow]
     audit: list[AuditRow]
+    #: Each analysis' latest result, drawn by that analysis (:meth:`Analysis.panel`).
+    panels: list[AnalysisPanel] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -447,7 +463,36 @@ def _job_row(job: Job) -> JobRow:
         traceback=job.traceback,
         timings={str(k): float(v) for k, v in (job.timings or {}).items()},
         bundle=job.bundle,
+        analysis=job.analysis,
     )
+
+
+def _panels(jobs: Sequence[Job]) -> list[AnalysisPanel]:
+    """Each analysis' newest DONE job, as its analysis draws it (unknown ones plainly)."""
+    from mibi_node.analyses.registry import available_analyses
+
+    known = available_analyses()
+    newest: dict[str, Job] = {}
+    for job in jobs:
+        usable = job.state is JobState.DONE and isinstance(job.result, dict)
+        if usable and (job.analysis not in newest or job.version > newest[job.analysis].version):
+            newest[job.analysis] = job
+    panels = []
+    for name, job in newest.items():
+        analysis = known.get(name)
+        data = dict(job.result or {})
+        if analysis is None:
+            panel = Panel(headline=str(data.get("predicted") or "?"), note="analysis not installed")
+        else:
+            try:
+                panel = analysis.panel(data)
+            except Exception:  # noqa: BLE001 - a result the analysis cannot draw: say so
+                logger.exception("analysis %s cannot draw job #%d's result", name, job.id)
+                panel = Panel(headline=str(data.get("predicted") or "?"), note="cannot be drawn")
+        panels.append(
+            AnalysisPanel(name, analysis.title if analysis else name, job.id, job.version, panel)
+        )
+    return panels
 
 
 def _delivery_row(delivery: Delivery, study_id: int, version: int) -> DeliveryRow:
@@ -533,6 +578,7 @@ def study_detail(reader: Reader, files: FileStore, study_id: int) -> StudyDetail
             result=_result_view(done) if done is not None else None,
             deliveries=[_delivery_row(d, study_id, versions[d.job_id]) for d in deliveries],
             audit=[_audit_row(event) for event in events],
+            panels=_panels(jobs),
         )
 
 
