@@ -31,7 +31,10 @@ ENTRY_POINT_GROUP = "mibi_node.analyses"
 _NAME = re.compile(r"^[a-z][a-z0-9_]{1,31}$")
 
 #: The analyses that come with the node, in the order the status page lists them.
-_BUILT_IN = ("mibi_node.analyses.parathyroid:ParathyroidAnalysis",)
+_BUILT_IN = (
+    "mibi_node.analyses.parathyroid:ParathyroidAnalysis",
+    "mibi_node.analyses.thyroid:ThyroidAnalysis",
+)
 
 _registry: dict[str, Analysis] = {}
 _loaded = False

@@ -1,0 +1,153 @@
+"""Thyroid scintigraphy (seed 001): the node's second analysis unit.
+
+Planar anterior 99mTc-pertechnetate images (parallel-hole or pinhole, with marker images or
+extra views) -> multi-label findings (normal, Graves' disease, toxic multinodular goitre,
+toxic adenoma, cold nodule, thyroiditis) with the lobe uptake split and the focal areas,
+returned as a TID 1500 SR. Its parts: :mod:`.phantom` (synthetic studies), :mod:`.reader`
+(the input builder), :mod:`.measure` (lobe split, hot and cold areas), :mod:`.model` (the
+cross-feature ResNet), :mod:`.bundle` and :mod:`.runner`, :mod:`.sr`; training and
+evaluation in ``training/thyroid.py``.
+
+How the selection rule tells a thyroid scan from a parathyroid subtraction study: the
+subtraction protocol sends a pertechnetate thyroid image *with* sestamibi images (or under
+a parathyroid description). The thyroid rule rules out any study holding a sestamibi code
+or a parathyroid description anywhere, so such a study goes to the parathyroid analysis
+only; a study of pertechnetate images alone is a thyroid scan.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from pydicom.dataset import Dataset
+
+from mibi_node.analyses.base import (
+    Analysis,
+    Completeness,
+    EncodeContext,
+    MemoryNeeds,
+    OutputKind,
+    Panel,
+    TaskKind,
+)
+from mibi_node.analyses.bundles import manifest_memory, weights_megabytes
+from mibi_node.analyses.selection import SelectionRule
+
+if TYPE_CHECKING:
+    from mibi_node.analyses.thyroid.result import ThyroidResult
+    from mibi_node.imaging.study import StudyInput
+
+__all__ = ["THYROID_SELECTION", "ThyroidAnalysis"]
+
+#: SCT 19495007 Sodium pertechnetate Tc-99m.
+PERTECHNETATE_CODES = ("19495007",)
+
+THYROID_SELECTION = SelectionRule(
+    modalities=("NM",),
+    radiopharmaceutical_codes=PERTECHNETATE_CODES,
+    description_pattern=r"thyr|schilddr|struma|\btco4\b|pertechnet",
+    # A parathyroid study (its subtraction protocol has a pertechnetate thyroid image too).
+    exclude_radiopharmaceutical_codes=("424299003", "C-B1115"),
+    exclude_description_pattern=r"parathyr|mibi|sestamibi|\bpth\b|nebenschild",
+)
+
+#: Working memory of one batch on top of the weights.
+_WORKING_MB = 300.0
+
+_NAMES = {
+    "normal": "normal",
+    "graves": "Graves' disease",
+    "toxic_multinodular_goitre": "toxic multinodular goitre",
+    "toxic_adenoma": "toxic adenoma",
+    "cold_nodule": "cold nodule",
+    "thyroiditis": "thyroiditis",
+}
+
+
+class ThyroidAnalysis(Analysis):
+    """Thyroid scintigraphy: six findings (multi-label), lobe split, nodules, SR."""
+
+    name: ClassVar[str] = "thyroid"
+    version: ClassVar[str] = "1.0"
+    title: ClassVar[str] = "Thyroid scintigraphy"
+    label: ClassVar[str] = "thyroid scan"
+    task: ClassVar[TaskKind] = TaskKind.CLASSIFICATION
+    outputs: ClassVar[tuple[OutputKind, ...]] = (OutputKind.SR,)
+    default_selection: ClassVar[SelectionRule] = THYROID_SELECTION
+    completeness: ClassVar[Completeness] = Completeness(parts=("anterior",))
+    series_offset: ClassVar[int] = 10
+    recipe: ClassVar[Path | None] = Path("config/thyroid-demo.toml")
+    default_bundle: ClassVar[Path | None] = Path("var/bundles/thyroid-demo")
+
+    def read(self, paths: Sequence[Path], runner: Any) -> StudyInput:
+        from mibi_node.analyses.thyroid.reader import read_thyroid_study
+
+        return read_thyroid_study(paths)
+
+    def memory_needs(self, bundle: Path, device: str) -> MemoryNeeds:
+        declared = manifest_memory(bundle)
+        if declared is not None:
+            return declared
+        weights = weights_megabytes(bundle)
+        if device.startswith("cuda"):
+            return MemoryNeeds(cpu_mb=_WORKING_MB, gpu_mb=weights + _WORKING_MB)
+        return MemoryNeeds(cpu_mb=weights + _WORKING_MB)
+
+    def load(self, bundle: Path, device: str) -> Any:
+        from mibi_node.analyses.thyroid.runner import ThyroidRunner
+
+        runner = ThyroidRunner(bundle, device=device)
+        runner.memory = self.memory_needs(bundle, device)
+        return runner
+
+    def source_uids(self, result: ThyroidResult) -> set[str]:
+        return {result.source_image.sop_instance_uid}
+
+    def encode(
+        self, result: ThyroidResult, sources: Sequence[Dataset], context: EncodeContext
+    ) -> list[Dataset]:
+        from mibi_node.analyses.thyroid.sr import build_thyroid_sr
+
+        return [
+            build_thyroid_sr(
+                result,
+                sources,
+                device_uid=context.device_uid,
+                series_number=context.series_number,
+                instance_number=context.instance_number,
+                series_instance_uid=context.series_instance_uid,
+                predecessor=context.predecessor,
+                institution_name=context.institution_name,
+            )
+        ]
+
+    def panel(self, result: dict[str, Any]) -> Panel:
+        probabilities = {
+            str(k): float(v) for k, v in dict(result.get("probabilities") or {}).items()
+        }
+        findings = [str(f) for f in result.get("findings") or []]
+        headline = ", ".join(
+            f"{_NAMES.get(f, f)} {probabilities.get(f, 0.0):.2f}" for f in findings
+        ) or str(result.get("predicted") or "?")
+        measurements: list[tuple[str, str]] = []
+        split = dict(result.get("lobe_uptake") or {})
+        if split:
+            measurements.append(
+                (
+                    "lobe uptake",
+                    f"right {float(split.get('right', 0)):.0%} / "
+                    f"left {float(split.get('left', 0)):.0%}",
+                )
+            )
+        nodules = list(result.get("nodules") or [])
+        if nodules:
+            kinds = [f"{n.get('kind', '?')} ({n.get('lobe', '?')} lobe)" for n in nodules]
+            measurements.append(("focal areas", ", ".join(kinds)))
+        return Panel(
+            headline=headline,
+            bars=tuple((_NAMES.get(k, k), v) for k, v in probabilities.items()),
+            measurements=tuple(measurements),
+            note="multi-label: each bar is that finding's own probability",
+        )

@@ -1,0 +1,168 @@
+"""Analyses as units: the registry, the selection rules, the site settings, the memory budget.
+
+The selection tests run on real phantom files: a parathyroid subtraction study (sestamibi
+early/delayed images plus a 99mTc-pertechnetate thyroid image) and a plain thyroid scan.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pydicom
+import pytest
+from pydicom.dataset import Dataset
+
+from bundles import random_bundle
+from mibi_node.analyses import Analysis, available_analyses, get_analysis, register_analysis
+from mibi_node.analyses.thyroid.phantom import make_thyroid_study
+from mibi_node.assembly.routing import select_analyses
+from mibi_node.config import Config, load_config
+from mibi_node.errors import ConfigError, MibiNodeError
+from mibi_node.inference.worker import Worker
+from mibi_node.phantom.generator import make_study
+
+
+def _headers(datasets: list[Dataset], tmp_path: Path) -> list[Dataset]:
+    """Write and read back the headers, as routing reads them from the store."""
+    headers = []
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    for index, ds in enumerate(datasets):
+        path = tmp_path / f"{index}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        headers.append(pydicom.dcmread(path, stop_before_pixels=True))
+    return headers
+
+
+def _selections(config: Config) -> dict:
+    return {name: config.selection(name) for name in ("parathyroid", "thyroid")}
+
+
+def test_the_built_in_analyses_are_registered_and_described() -> None:
+    analyses = available_analyses()
+    assert list(analyses)[:2] == ["parathyroid", "thyroid"]
+    for name, analysis in analyses.items():
+        assert isinstance(analysis, Analysis) and analysis.name == name
+        described = analysis.describe()
+        assert described["name"] == name and described["outputs"][0] == "sr"
+    with pytest.raises(MibiNodeError, match="no analysis called 'knee'.*parathyroid"):
+        get_analysis("knee")
+    with pytest.raises(ValueError, match="registered already"):
+
+        class Impostor(type(get_analysis("thyroid"))):  # type: ignore[misc]
+            pass
+
+        register_analysis(Impostor)
+    with pytest.raises(TypeError, match='"analysis" should be an Analysis'):
+        register_analysis(object())  # type: ignore[arg-type]
+
+
+def test_a_subtraction_study_is_a_mibi_study_and_a_thyroid_scan_a_thyroid_study(
+    tmp_path: Path,
+) -> None:
+    config = Config()
+    selections = _selections(config)
+    subtraction = make_study("adenoma", seed=3, with_thyroid_scan=True)
+    headers = _headers(list(subtraction.datasets), tmp_path / "mibi")
+    codes = {
+        str(code.CodeValue)
+        for h in headers
+        for item in h.RadiopharmaceuticalInformationSequence
+        for code in item.RadiopharmaceuticalCodeSequence
+    }
+    assert {"424299003", "19495007"} <= codes  # sestamibi and the pertechnetate image
+    decision = select_analyses(headers, "CAM", selections)
+    assert decision.analyse and set(decision.analyses or {}) == {"parathyroid"}
+
+    scan = make_thyroid_study(5, ("graves",))
+    thyroid = select_analyses(_headers(scan.datasets, tmp_path / "thy"), "CAM", selections)
+    assert thyroid.analyse and set(thyroid.analyses or {}) == {"thyroid"}
+    assert "19495007" in thyroid.reason
+
+    # The pertechnetate image sent on its own still belongs to a parathyroid study (its
+    # Study Description says so); the same image under a thyroid description is a scan.
+    [pertechnetate] = [h for h in headers if "THYROID" in str(h.SeriesDescription).upper()]
+    assert "PARATHYROID" in str(pertechnetate.StudyDescription).upper()
+    alone = select_analyses([pertechnetate], "CAM", selections)
+    assert set(alone.analyses or {}) == {"parathyroid"}
+    pertechnetate.StudyDescription = "THYROID SCAN"
+    renamed = select_analyses([pertechnetate], "CAM", selections)
+    assert set(renamed.analyses or {}) == {"thyroid"}
+
+    ct = Dataset()
+    ct.Modality, ct.SOPClassUID, ct.StudyDescription = "CT", "1.2.840.10008.5.1.4.1.1.2", "NECK"
+    ignored = select_analyses([ct], "CAM", selections)
+    assert not ignored.analyse
+    assert ignored.reason.startswith("no analysis takes it: parathyroid: modality CT")
+    assert "thyroid: modality CT" in ignored.reason
+
+
+def test_a_site_rule_overrides_the_default_and_bad_keys_are_named(tmp_path: Path) -> None:
+    toml = tmp_path / "node.toml"
+    toml.write_text(
+        "[analyses.thyroid]\nbundle = 'b/thyroid'\nseries_number = 42\n"
+        "[analyses.thyroid.selection]\ncalling_ae_titles = ['THY_CAM']\n"
+    )
+    config = load_config(toml)
+    assert config.enabled_analyses == ("parathyroid", "thyroid")
+    assert config.bundle_for("thyroid") == Path("b/thyroid")
+    assert config.bundle_for("parathyroid") == config.workers.bundle  # workers.bundle, as before
+    assert config.series_number_for("thyroid") == 42
+    assert config.series_number_for("parathyroid") == config.report.series_number
+    rule = config.selection("thyroid")
+    assert rule.calling_ae_titles == ("THY_CAM",)
+    assert rule.exclude_radiopharmaceutical_codes == ("424299003", "C-B1115")  # the default kept
+    neck = Dataset()
+    neck.Modality, neck.SOPClassUID, neck.StudyDescription = "NM", "1.2.840.10008.5.1.4.1.1.20", "x"
+    assert select_analyses([neck], "THY_CAM", config.selections()).analyses == {
+        "thyroid": "calling AE title THY_CAM"
+    }
+    off = tmp_path / "off.toml"
+    off.write_text("[analyses.parathyroid]\nenabled = false\n[analyses.thyroid]\n")
+    assert load_config(off).enabled_analyses == ("thyroid",)
+    for text, key in (
+        ("[analyses.knee]\n", "analyses.knee: no such analysis"),
+        ("[analyses.thyroid.selection]\nmodality = ['NM']\n", "selection.modality: unknown key"),
+        (
+            "[analyses.thyroid.selection]\ndescription_pattern = '('\n",
+            "selection.description_pattern: Value error, not a valid regular expression",
+        ),
+        (
+            "[routing]\nmodalities = ['NM']\n[analyses.parathyroid.selection]\nmodalities = ['NM']\n",
+            "keep analyses.parathyroid.selection only",
+        ),
+    ):
+        bad = tmp_path / "bad.toml"
+        bad.write_text(text)
+        with pytest.raises(ConfigError, match=key.replace("(", r"\(").replace(".", r"\.")):
+            load_config(bad)
+
+
+def test_a_bundle_over_the_memory_budget_is_refused_at_start_with_the_figures(
+    tmp_path: Path,
+) -> None:
+    bundle = random_bundle(tmp_path / "tiny")
+    needs = get_analysis("parathyroid").memory_needs(bundle, "cpu")
+    assert needs.cpu_mb > 0 and needs.source == "estimated from the weight files"
+
+    def worker(budget: float) -> Worker:
+        config = Config.model_validate(
+            {
+                "node": {"data_dir": str(tmp_path / f"var{budget:g}")},
+                "workers": {"bundle": str(bundle), "memory_budget_mb": budget},
+            }
+        )
+        return Worker(config, device="cpu", name=f"budget-{budget:g}")
+
+    small = worker(needs.cpu_mb / 2)
+    assert small.load_bundle() is False and small.runners == {}
+    [problem] = small.problems.values()
+    assert f"needs {needs.cpu_mb:.0f} MiB" in problem and "not loaded" in problem
+    assert "workers.memory_budget_mb" in problem
+    with small.database.session() as session:
+        from mibi_node.storage.models import WorkerStatus
+
+        row = session.get_one(WorkerStatus, small.name)
+        assert row.state == "waiting for a bundle" and "not loaded" in (row.message or "")
+    big = worker(needs.cpu_mb * 4)
+    assert big.load_bundle() is True and set(big.runners) == {"parathyroid"}
+    assert big.runners["parathyroid"].memory == needs
