@@ -238,6 +238,41 @@ def resend(
 
 
 @app.command()
+def analyses(
+    config: ConfigOption = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+) -> None:
+    """List the analyses this node knows: enabled or not, their bundle and selection rule."""
+    from mibi_node.analyses.registry import available_analyses
+
+    resolved = _load(config)
+    rows = []
+    for name, analysis in available_analyses().items():
+        described = analysis.describe()
+        described["enabled"] = name in resolved.enabled_analyses
+        described["bundle"] = str(resolved.bundle_for(name))
+        described["bundle_present"] = resolved.bundle_for(name).is_dir()
+        described["selection"] = resolved.selection(name).model_dump(mode="json")
+        rows.append(described)
+    if as_json:
+        sys.stdout.write(json.dumps(rows, indent=2) + "\n")
+        return
+    table = Table(title="analyses")
+    for column in ("name", "title", "task", "outputs", "enabled", "bundle"):
+        table.add_column(column)
+    for row in rows:
+        table.add_row(
+            row["name"],
+            row["title"],
+            row["task"],
+            ", ".join(row["outputs"]),
+            "yes" if row["enabled"] else "no",
+            row["bundle"] + ("" if row["bundle_present"] else " (missing)"),
+        )
+    _out.print(table)
+
+
+@app.command()
 def status(
     config: ConfigOption = None,
     data_dir: DataDirOption = None,
@@ -255,6 +290,7 @@ def status(
     from mibi_node.storage.filestore import FileStore
     from mibi_node.web.reader import Reader
     from mibi_node.web.summaries import (
+        analysis_counts,
         delivery_rows,
         job_counts,
         study_rows,
@@ -270,6 +306,7 @@ def status(
         studies = study_rows(reader, files, limit=limit)
         workers = worker_rows(reader, resolved.web.worker_stale_seconds)
         jobs = job_counts(reader)
+        per_analysis = analysis_counts(reader)
         deliveries = delivery_rows(reader)
     except OperationalError as exc:
         raise _fail(f"cannot read the database: {database_problem(exc)}") from None
@@ -281,6 +318,7 @@ def status(
             "studies": to_json(studies),
             "workers": to_json(workers),
             "jobs": jobs,
+            "analyses": per_analysis,
             "deliveries": to_json(deliveries),
         }
         sys.stdout.write(json.dumps(document, indent=2) + "\n")
@@ -306,7 +344,8 @@ def status(
             " ".join(study.phases) or "-",
             study.calling_ae_title,
             study.last_received_at.strftime("%Y-%m-%d %H:%M:%S"),
-            f"{study.predicted} {study.probability:.2f}" if study.predicted else "",
+            "; ".join(f"{name}: {text}" for name, text in study.results.items())
+            or (f"{study.predicted} {study.probability:.2f}" if study.predicted else ""),
             study.sr or "",
             study.state_reason or "",
         )
@@ -329,6 +368,9 @@ def status(
         _out.print("no worker has reported yet (workers.count = 0? run `mibi-node worker`)")
     summary = ", ".join(f"{n} {state.lower()}" for state, n in sorted(jobs.items())) or "none"
     _out.print(f"jobs: {summary}")
+    for name, counts in sorted(per_analysis.items()):
+        text = ", ".join(f"{n} {state.lower()}" for state, n in sorted(counts.items()))
+        _out.print(f"  {name}: {text}")
     if deliveries:
         table = Table(title="deliveries pending or failed")
         for column in (

@@ -142,6 +142,9 @@ class StudyRow:
     seconds_to_result: float | None
     analysis_seconds: float | None
     seconds_to_delivery: float | None
+    #: Analysis -> the headline of its latest result ("adenoma 0.93"), for every analysis
+    #: that has one.
+    results: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -432,20 +435,36 @@ def study_rows(reader: Reader, files: FileStore, limit: int = 200) -> list[Study
         instances: dict[int, list[Instance]] = {}
         for row in session.scalars(select(Instance).where(Instance.study_id.in_(unanalysed))):
             instances.setdefault(row.study_id, []).append(row)
+        headlines = _headlines(session, ids)
         rows = []
         for study in studies:
             job = done.get(study.id)
             header = _phases(files, _files_of(instances.get(study.id, [])))
-            rows.append(
-                _study_row(
-                    study,
-                    latest.get(study.id),
-                    job,
-                    deliveries.get(job.id, []) if job is not None else [],
-                    _ordered(header.values()),
-                )
+            row = _study_row(
+                study,
+                latest.get(study.id),
+                job,
+                deliveries.get(job.id, []) if job is not None else [],
+                _ordered(header.values()),
             )
+            rows.append(dataclasses.replace(row, results=headlines.get(study.id, {})))
         return rows
+
+
+def _headlines(session: Any, study_ids: Sequence[int]) -> dict[int, dict[str, str]]:
+    """Study -> analysis -> the headline of its newest DONE job."""
+    jobs = session.scalars(
+        select(Job)
+        .where(Job.study_id.in_(study_ids), Job.state == JobState.DONE)
+        .order_by(Job.version)
+    ).all()
+    by_study: dict[int, list[Job]] = {}
+    for job in jobs:
+        by_study.setdefault(job.study_id, []).append(job)
+    return {
+        study_id: {panel.analysis: panel.panel.headline for panel in _panels(study_jobs)}
+        for study_id, study_jobs in by_study.items()
+    }
 
 
 def _job_row(job: Job) -> JobRow:
@@ -651,6 +670,18 @@ def job_counts(reader: Reader) -> dict[str, int]:
     with reader.session() as session:
         rows = session.execute(select(Job.state, func.count()).group_by(Job.state)).all()
     return {JobState(state).value: int(count) for state, count in rows}
+
+
+def analysis_counts(reader: Reader) -> dict[str, dict[str, int]]:
+    """Analysis -> number of its jobs in each state."""
+    with reader.session() as session:
+        rows = session.execute(
+            select(Job.analysis, Job.state, func.count()).group_by(Job.analysis, Job.state)
+        ).all()
+    counts: dict[str, dict[str, int]] = {}
+    for analysis, state, count in rows:
+        counts.setdefault(str(analysis), {})[JobState(state).value] = int(count)
+    return counts
 
 
 def delivery_rows(
