@@ -8,7 +8,8 @@ on the same random-weight bundle and the same synthetic 128 x 128 dual-phase stu
 * study latency: median over >= 10 studies at batch 1, denoise and preprocessing included;
 * throughput: studies/s at batch 8 (engine);
 * how far bf16 probabilities move from fp32 (max absolute difference over studies/classes);
-* the adaptive median filter's share of a study's time; peak RSS per process.
+* the adaptive median filter's share of a study's time; peak RSS per process, and its peak
+  once the weights are loaded (bf16 engines hold bf16 weights only, about half of fp32's).
 
     python benchmarks/bench_inference.py                 # the patent's nine, 224 px, 8 views
     python benchmarks/bench_inference.py --quick         # the demo recipe, in seconds
@@ -80,6 +81,7 @@ def worker_naive(bundle_dir: Path, n: int) -> dict[str, Any]:
     bundle = load_bundle(bundle_dir)
     members = [bundle.build_member(name) for name in bundle.member_names]
     load = time.perf_counter() - started
+    load_rss = _peak_rss_mib()
     studies = synthetic_studies(n + 1)
     latencies, probabilities = [], []
     for index, study in enumerate(studies):
@@ -97,7 +99,12 @@ def worker_naive(bundle_dir: Path, n: int) -> dict[str, Any]:
         if index:  # the first study is the warm-up
             latencies.append(time.perf_counter() - started)
             probabilities.append(fused.probabilities[0].tolist())
-    return {"load_s": load, "latencies_s": latencies, "probabilities": probabilities}
+    return {
+        "load_s": load,
+        "load_peak_rss_mib": load_rss,
+        "latencies_s": latencies,
+        "probabilities": probabilities,
+    }
 
 
 def worker_engine(bundle_dir: Path, n: int, precision: str, batch: int) -> dict[str, Any]:
@@ -107,6 +114,7 @@ def worker_engine(bundle_dir: Path, n: int, precision: str, batch: int) -> dict[
     started = time.perf_counter()
     engine = InferenceEngine(bundle_dir, device="auto", precision=precision)  # type: ignore[arg-type]
     load = time.perf_counter() - started
+    load_rss = _peak_rss_mib()
     studies = synthetic_studies(n + 1)
     engine.predict(studies[:1])  # warm-up
     latencies, probabilities, denoise_share = [], [], []
@@ -127,6 +135,7 @@ def worker_engine(bundle_dir: Path, n: int, precision: str, batch: int) -> dict[
         throughput = rounds * batch / (time.perf_counter() - started)
     return {
         "load_s": load,
+        "load_peak_rss_mib": load_rss,
         "precision": engine.precision,
         "device": str(engine.device),
         "latencies_s": latencies,
@@ -218,6 +227,7 @@ def main() -> None:
                 "studies": len(report["latencies_s"]),
                 "speedup_vs_naive": base / median,
                 "peak_rss_mib": report["peak_rss_mib"],
+                "load_peak_rss_mib": report["load_peak_rss_mib"],
                 "load_s": report["load_s"],
             }
         )
@@ -225,13 +235,16 @@ def main() -> None:
         f"inference: {bundle.name} ({len(bundle.member_names)} members, "
         f"{bundle.input_size} px, {len(bundle.views)} views), random weights"
     )
-    print("| variant | s/study (median) | min-max | studies | x naive | peak RSS MiB | load s |")
-    print("|---|---|---|---|---|---|---|")
+    print(
+        "| variant | s/study (median) | min-max | studies | x naive | peak RSS MiB "
+        "| after load MiB | load s |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
     for row in rows:
         print(
             f"| {row['variant']} | {row['median_s']:.3f} | {row['min_s']:.3f}-{row['max_s']:.3f} "
             f"| {row['studies']} | {row['speedup_vs_naive']:.2f} | {row['peak_rss_mib']:.0f} "
-            f"| {row['load_s']:.1f} |"
+            f"| {row['load_peak_rss_mib']:.0f} | {row['load_s']:.1f} |"
         )
     print(f"engine at batch {args.batch}: {engine['studies_per_s_batch']:.2f} studies/s")
     print(f"bf16 vs fp32 probabilities, max |difference|: {bf16_diff:.2e}")

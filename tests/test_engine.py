@@ -133,11 +133,57 @@ def test_missing_phase_is_unusable(engine: InferenceEngine) -> None:
     assert engine.predict([]) == []
 
 
-def test_bf16_stays_close_to_fp32(demo: Bundle, engine: InferenceEngine) -> None:
-    bf16 = InferenceEngine(demo, device="cpu", precision="bf16")
+@pytest.fixture(scope="module")
+def bf16_engine(demo: Bundle) -> InferenceEngine:
+    return InferenceEngine(demo, device="cpu", precision="bf16")
+
+
+def _norm_tensors(member: torch.nn.Module) -> list[torch.Tensor]:
+    norms = (torch.nn.modules.batchnorm._BatchNorm, torch.nn.GroupNorm, torch.nn.LayerNorm)
+    return [
+        t
+        for m in member.modules()
+        if isinstance(m, norms)
+        for t in (*m.parameters(recurse=False), *m.buffers(recurse=False))
+    ]
+
+
+def test_bf16_stays_close_to_fp32(engine: InferenceEngine, bf16_engine: InferenceEngine) -> None:
     studies = [make_study(f"1.2.{i}", lesion=(50 + 15 * i, 80.0)) for i in range(2)]
-    for a, b in zip(engine.predict(studies), bf16.predict(studies), strict=True):
-        assert max(abs(a.probabilities[k] - b.probabilities[k]) for k in KEYS) < 0.02
+    for a, b in zip(engine.predict(studies), bf16_engine.predict(studies), strict=True):
+        assert max(abs(a.probabilities[k] - b.probabilities[k]) for k in KEYS) < 1e-2
+        assert sum(b.probabilities.values()) == pytest.approx(1.0, abs=1e-6)
+        for name in bf16_engine.members:
+            member = b.member_probabilities[name]
+            assert sum(member.values()) == pytest.approx(1.0, abs=1e-6)
+            reference = a.member_probabilities[name]
+            assert max(abs(member[k] - reference[k]) for k in KEYS) < 1e-2
+
+
+def test_bf16_engine_holds_bf16_weights(bf16_engine: InferenceEngine) -> None:
+    for member in bf16_engine.members.values():
+        kept = {id(t) for t in _norm_tensors(member)}
+        assert kept  # the demo members have norm layers, which stay fp32
+        for tensor in (*member.parameters(), *member.buffers()):
+            if not tensor.is_floating_point():
+                continue
+            assert not tensor.is_meta
+            assert tensor.dtype == (torch.float32 if id(tensor) in kept else torch.bfloat16)
+        assert member.head.qkv is not None and member.head.qkv.weight.dtype == torch.bfloat16
+        assert not member.training
+
+
+def test_bf16_engine_weights_take_half_the_memory(
+    engine: InferenceEngine, bf16_engine: InferenceEngine
+) -> None:
+    def nbytes(e: InferenceEngine) -> int:
+        return sum(
+            t.numel() * t.element_size()
+            for m in e.members.values()
+            for t in (*m.parameters(), *m.buffers())
+        )
+
+    assert 0.48 < nbytes(bf16_engine) / nbytes(engine) < 0.55
 
 
 def test_focus_is_reported_for_a_lesion(adenoma_bundle: Bundle) -> None:

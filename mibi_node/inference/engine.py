@@ -3,8 +3,10 @@
 For a batch of studies the engine runs denoise -> normalise/resize -> every TTA view of every
 study as one batch per member -> fusion -> localisation, under ``torch.inference_mode`` with
 channels-last tensors and, where the hardware does bf16 natively (CUDA, or CPUs with
-AVX512-BF16/AMX), bf16 autocast. Members that do not fit in GPU memory together are kept on
-the CPU and moved to the GPU one at a time instead of failing.
+AVX512-BF16/AMX), bf16 autocast over weights stored in bf16 (cast once, at load, tensor by
+tensor, so no fp32 copy of a member is held; norm layers stay fp32). Members that do not fit
+in GPU memory together are kept on the CPU and moved to the GPU one at a time instead of
+failing.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from mibi_node.imaging.tta import apply_views, average_views, invert_maps
 from mibi_node.inference.bundle import Bundle, load_bundle
 from mibi_node.inference.ensemble import fuse
 from mibi_node.inference.localisation import find_focus
-from mibi_node.inference.members import Member
+from mibi_node.inference.members import Member, create_member
 from mibi_node.inference.result import Focus, StudyResult
 
 __all__ = ["InferenceEngine", "Precision", "cpu_has_native_bf16", "resolve_device"]
@@ -35,6 +37,14 @@ __all__ = ["InferenceEngine", "Precision", "cpu_has_native_bf16", "resolve_devic
 logger = logging.getLogger(__name__)
 
 Precision = Literal["auto", "fp32", "bf16"]
+
+# Their parameters and statistics are tiny; in fp32 they keep the running variance exact
+# (bf16 has 8 significant bits), and cuDNN and oneDNN take bf16 inputs with fp32 norm weights.
+_FP32_MODULES = (
+    torch.nn.modules.batchnorm._BatchNorm,
+    torch.nn.GroupNorm,
+    torch.nn.LayerNorm,
+)
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -91,7 +101,9 @@ class InferenceEngine:
     device
         ``"auto"`` (first CUDA device, else CPU), ``"cpu"`` or ``"cuda[:N]"``.
     precision
-        ``"auto"`` uses bf16 autocast on CUDA and on CPUs with native bf16, else fp32.
+        ``"auto"`` is bf16 on CUDA and on CPUs with native bf16, else fp32. In bf16 the weights
+        are stored in bf16 (norm layers in fp32) and the members run under bf16 autocast;
+        softmax is always fp32.
     channels_last
         Run the members on channels-last tensors (faster convolutions on CPU and GPU).
     compile
@@ -168,15 +180,20 @@ class InferenceEngine:
         memory_format = torch.channels_last if self.channels_last else torch.preserve_format
         if self.device.type == "cuda" and not self._streamed:
             try:
-                member = self.bundle.build_member(name, self.device)
+                member = self._build(name, self.device)
                 return member.to(memory_format=memory_format)
             except torch.cuda.OutOfMemoryError:
                 torch.cuda.empty_cache()
                 logger.warning("member %s does not fit on %s: streaming it", name, self.device)
-        member = self.bundle.build_member(name, "cpu").to(memory_format=memory_format)
+        member = self._build(name, torch.device("cpu")).to(memory_format=memory_format)
         if self.device.type == "cuda":
             self._streamed.add(name)
         return member
+
+    def _build(self, name: str, device: torch.device) -> Member:
+        if self.precision == "fp32":
+            return self.bundle.build_member(name, device)
+        return _build_bf16(self.bundle, name, device)
 
     # -- the pipeline ---------------------------------------------------------------------
 
@@ -366,3 +383,61 @@ class InferenceEngine:
             total = averaged * weight if total is None else total + averaged * weight
         assert total is not None
         return total.reshape(n_studies, size, size).cpu().numpy()
+
+
+def _fp32_keys(member: torch.nn.Module) -> set[str]:
+    """State-dict keys of the norm layers, which stay fp32 in a bf16 member."""
+    return {
+        f"{prefix}.{key}" if prefix else key
+        for prefix, module in member.named_modules()
+        if isinstance(module, _FP32_MODULES)
+        for key in module.state_dict(keep_vars=True)
+    }
+
+
+def _build_bf16(bundle: Bundle, name: str, device: torch.device) -> Member:
+    """Member ``name`` with bf16 weights (norm layers fp32), read tensor by tensor.
+
+    The member is built on the meta device and each tensor is cast as it is read, so at most
+    one fp32 tensor exists at a time instead of a whole fp32 member (or, with autocast over
+    fp32 weights, fp32 weights and their bf16 copies side by side).
+    """
+    from safetensors import safe_open
+
+    config = bundle.member_config(name)
+    entry = next(e for e in bundle.manifest.members if e.name == name)
+
+    def create() -> Member:
+        return create_member(
+            config.arch,
+            num_classes=config.num_classes,
+            in_chans=config.in_chans,
+            heads=config.heads,
+            embed_dim=config.embed_dim,
+            input_size=config.input_size,
+        )
+
+    with torch.device("meta"):
+        member = create()
+    keep = _fp32_keys(member)
+    state: dict[str, torch.Tensor] = {}
+    path = bundle.directory / entry.weights
+    with safe_open(str(path), framework="pt", device=str(device)) as handle:  # type: ignore[no-untyped-call]
+        for key in handle.keys():  # noqa: SIM118
+            tensor = handle.get_tensor(key)
+            # get_tensor may return a view of the file's private mapping: a tensor kept as
+            # it is would keep the whole mapping (the member in fp32) resident
+            if tensor.is_floating_point() and key not in keep:
+                state[key] = tensor.to(torch.bfloat16)
+            else:
+                state[key] = tensor.clone()
+            del tensor
+    member.load_state_dict(state, strict=True, assign=True)
+    if any(t.is_meta for t in (*member.parameters(), *member.buffers())):
+        # a non-persistent buffer is not in the file: build for real, then copy in
+        member = create().to(device, torch.bfloat16)
+        for module in member.modules():
+            if isinstance(module, _FP32_MODULES):
+                module.float()
+        member.load_state_dict(state, strict=True)
+    return member.eval()
