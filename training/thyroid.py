@@ -561,7 +561,8 @@ def evaluate_thyroid(bundle: Path, data: Path, *, batch: int = 64) -> dict[str, 
     runner = ThyroidRunner(load_thyroid_bundle(bundle))
     rows = _read_labels(Path(data))
     labels = _targets(rows)
-    fused, per_member = [], {name: [] for name in runner.members}  # type: dict[str, list[np.ndarray]]
+    fused: list[list[float]] = []
+    per_member: dict[str, list[np.ndarray]] = {name: [] for name in runner.members}
     for start in range(0, len(rows), batch):
         studies = _read_studies(Path(data), rows[start : start + batch])
         for result in runner.predict(studies):

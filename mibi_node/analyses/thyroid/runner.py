@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from mibi_node.analyses.base import MemoryNeeds
 from mibi_node.analyses.thyroid.bundle import ThyroidBundle, load_thyroid_bundle
 from mibi_node.analyses.thyroid.measure import measure_thyroid
 from mibi_node.analyses.thyroid.result import FINDINGS, Nodule, ThyroidResult
@@ -166,6 +167,8 @@ class ThyroidRunner:
         }
         self.weights = np.asarray(self.bundle.fusion_weights, dtype=np.float64)
         self.thresholds = self.bundle.thresholds
+        #: What the loaded bundle needs (set by the analysis when it loads the runner).
+        self.memory: MemoryNeeds | None = None
 
     def member_probabilities(self, inputs: np.ndarray) -> np.ndarray:
         """(members, N, findings) sigmoid probabilities for preprocessed inputs."""
