@@ -440,14 +440,14 @@ def study_rows(reader: Reader, files: FileStore, limit: int = 200) -> list[Study
         for study in studies:
             job = done.get(study.id)
             header = _phases(files, _files_of(instances.get(study.id, [])))
-            row = _study_row(
+            summary = _study_row(
                 study,
                 latest.get(study.id),
                 job,
                 deliveries.get(job.id, []) if job is not None else [],
                 _ordered(header.values()),
             )
-            rows.append(dataclasses.replace(row, results=headlines.get(study.id, {})))
+            rows.append(dataclasses.replace(summary, results=headlines.get(study.id, {})))
         return rows
 
 

@@ -313,11 +313,11 @@ def _salivary_map(scene: _Scene, xx: np.ndarray, yy: np.ndarray) -> np.ndarray:
 
 
 def _background_map(scene: _Scene, xx: np.ndarray, yy: np.ndarray, chest: bool) -> np.ndarray:
-    width = scene.neck_half_width
+    width: float | np.ndarray = scene.neck_half_width
     if chest:  # shoulders and upper chest below the neck
         width = width + np.clip(yy - scene.cy - 55.0, 0.0, None) * 1.6
     neck = 110.0 * np.sqrt(np.clip(1.0 - ((xx - scene.cx) / width) ** 2, 0.0, None))
-    vessels = sum(
+    vessels: np.ndarray = sum(  # type: ignore[assignment]
         _ellipsoid(xx, yy, (scene.cx + s * 27.0, scene.cy), (4.0, 160.0), 8.0) for s in (-1.0, 1.0)
     )
     return (neck + 4.0 * vessels) * scene.background

@@ -221,14 +221,14 @@ def read_thyroid_study(paths: Sequence[str | Path]) -> StudyInput:
             f"{len(usable)} images look like the anterior thyroid view; using {usable[0].where}."
         )
     chosen = usable[0]
-    ds = chosen.ds
+    chosen_ds = chosen.ds
     image = PhaseImage(
         name="thyroid",
         pixels=chosen.pixels.astype(np.float32),
-        pixel_spacing=_spacing(ds),
-        sop_instance_uid=str(ds.SOPInstanceUID),
-        sop_class_uid=str(ds.SOPClassUID),
-        series_instance_uid=str(ds.get("SeriesInstanceUID", "")),
+        pixel_spacing=_spacing(chosen_ds),
+        sop_instance_uid=str(chosen_ds.SOPInstanceUID),
+        sop_class_uid=str(chosen_ds.SOPClassUID),
+        series_instance_uid=str(chosen_ds.get("SeriesInstanceUID", "")),
         frame_number=chosen.frame,
     )
     for warning in warnings:
