@@ -56,3 +56,37 @@ def random_bundle(folder: Path, recipe: str = TINY_RECIPE) -> Path:
     (folder / "recipe.toml").write_text(recipe)
     init_random_bundle(folder / "recipe.toml", folder / "bundle", seed=1)
     return folder / "bundle"
+
+
+def random_thyroid_bundle(folder: Path) -> Path:
+    """A two-member thyroid bundle with random weights (seed 0) in ``folder/thyroid``."""
+    import torch
+
+    import mibi_node.analyses.thyroid.model  # noqa: F401 - registers the cross-feature ResNet
+    from mibi_node.analyses.thyroid.bundle import write_thyroid_bundle
+    from mibi_node.analyses.thyroid.result import FINDINGS
+    from mibi_node.inference.members import create_member
+
+    torch.manual_seed(0)
+    members = {
+        name: create_member(arch, num_classes=6, in_chans=1, heads=2, embed_dim=16, input_size=32)
+        for name, arch in (("cross", "crossfeature_resnet_s"), ("plain", "resnet10t"))
+    }
+    manifest = {
+        "name": "thyroid-random",
+        "version": "0.0.1",
+        "intended_use": "demonstration",
+        "input": {"size": 32},
+        "denoise": {"enabled": True, "smax": 3},
+        "members": [{"name": "cross"}, {"name": "plain"}],
+        "fusion_weights": [0.5, 0.5],
+        "thresholds": dict.fromkeys(FINDINGS, 0.5),
+        "provenance": {
+            "created": "2026-01-01T00:00:00+00:00",
+            "package_version": "test",
+            "training_command": "tests.bundles.random_thyroid_bundle",
+        },
+    }
+    out = folder / "thyroid"
+    write_thyroid_bundle(out, manifest, members, overwrite=True)
+    return out

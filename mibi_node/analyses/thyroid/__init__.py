@@ -108,7 +108,7 @@ class ThyroidAnalysis(Analysis):
     def encode(
         self, result: ThyroidResult, sources: Sequence[Dataset], context: EncodeContext
     ) -> list[Dataset]:
-        from mibi_node.analyses.thyroid.sr import build_thyroid_sr
+        from mibi_node.analyses.thyroid.report import build_thyroid_sr
 
         return [
             build_thyroid_sr(

@@ -92,6 +92,16 @@ class ThyroidResult:
     intended_use: str = "demonstration"
 
     @property
+    def source_images(self) -> dict[str, PhaseImage]:
+        """Image name -> source image, the shape the shared SR checks read."""
+        return {self.source_image.name: self.source_image}
+
+    @property
+    def focus(self) -> None:
+        """No single focus (the shared source checks ask): the nodules are the regions."""
+        return None
+
+    @property
     def predicted(self) -> str:
         """The most probable reported finding."""
         return self.findings[0]
