@@ -59,6 +59,7 @@ __all__ = [
     "finding_metrics",
     "fit_thresholds",
     "format_thyroid_table",
+    "load_thyroid_arrays",
     "load_thyroid_recipe",
     "train_thyroid",
 ]
@@ -189,6 +190,21 @@ def _inputs(studies: Sequence[StudyInput], recipe: ThyroidRecipe) -> np.ndarray:
             for s in studies
         ]
     )
+
+
+def load_thyroid_arrays(
+    recipe: ThyroidRecipe | Path | str, data: Path | str
+) -> tuple[np.ndarray, np.ndarray]:
+    """A labelled folder of studies as the model sees it: (inputs, targets).
+
+    ``inputs`` is (N, 1, size, size) float32, read and prepared exactly as training and the
+    node's runner prepare them (crop, resize, normalisation, denoise); ``targets`` is
+    (N, findings) 0/1 in :data:`~mibi_node.analyses.thyroid.result.FINDINGS` order. Data
+    generators (the GAN, the ablation) work on these arrays.
+    """
+    parsed = recipe if isinstance(recipe, ThyroidRecipe) else load_thyroid_recipe(recipe)
+    rows = _read_labels(Path(data))
+    return _inputs(_read_studies(Path(data), rows), parsed), _targets(rows)
 
 
 def _split(
@@ -335,6 +351,7 @@ def train_thyroid(
     seed: int = 0,
     schedule: Schedule | None = None,
     overwrite: bool = True,
+    extra: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> Path:
     """Train the recipe's members on a labelled folder of phantom studies; write the bundle.
 
@@ -354,6 +371,11 @@ def train_thyroid(
         Overrides the recipe's ``training.schedule``.
     overwrite
         Replace a bundle already in ``out``.
+    extra
+        Extra training examples, (inputs, targets) as :func:`load_thyroid_arrays` gives
+        them (e.g. GAN-generated images). They join the training split only, never the
+        validation split that fits thresholds and weights; single-finding ones also join
+        the first stage of cross-training.
 
     Returns
     -------
@@ -378,8 +400,18 @@ def train_thyroid(
         y_all = torch.from_numpy(_targets(rows))
         read_seconds = time.perf_counter() - started
         train_idx, val_idx = _split(rows, config.validation_fraction, run_seed)
-        single = np.array([i for i in train_idx if y_all[i].sum() == 1], dtype=int)
         val = (x_all[val_idx], y_all[val_idx])
+        if extra is not None:
+            x_extra, y_extra = (torch.from_numpy(np.asarray(a, dtype=np.float32)) for a in extra)
+            if x_extra.shape[1:] != x_all.shape[1:] or y_extra.shape != (len(x_extra), len(FINDINGS)):
+                raise ValueError(
+                    f"extra examples are {tuple(x_extra.shape)} / {tuple(y_extra.shape)}; "
+                    f"the recipe makes {tuple(x_all.shape[1:])} inputs and {len(FINDINGS)} findings"
+                )
+            train_idx = np.concatenate([train_idx, len(x_all) + np.arange(len(x_extra))])
+            x_all = torch.cat([x_all, x_extra])
+            y_all = torch.cat([y_all, y_extra])
+        single = np.array([i for i in train_idx if y_all[i].sum() == 1], dtype=int)
         modules: dict[str, Member] = {}
         histories: dict[str, list[dict[str, float]]] = {}
         val_probs = []
@@ -454,6 +486,7 @@ def train_thyroid(
                 "training_command": command,
                 "data_fingerprint": _fingerprint(Path(data)),
                 "seed": run_seed,
+                "extra_examples": 0 if extra is None else len(extra[0]),
                 "notes": f"{len(train_idx)} training ({len(single)} single-finding), "
                 f"{len(val_idx)} validation studies; {seconds:.0f} s",
             },
