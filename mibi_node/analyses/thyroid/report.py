@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -66,7 +67,13 @@ from mibi_node.report._common import (
     intended_use_text,
 )
 
-__all__ = ["FINDING_CODES", "build_thyroid_sr", "read_thyroid_probabilities"]
+__all__ = [
+    "FINDING_CODES",
+    "ThyroidReport",
+    "build_thyroid_sr",
+    "read_thyroid_probabilities",
+    "read_thyroid_report",
+]
 
 _LOCAL = mibi_codes.CODING_SCHEME
 THYROID = CodedConcept("69748006", "SCT", "Thyroid structure")
@@ -296,22 +303,66 @@ def _evaluations(intended: str, comments: Sequence[str]) -> ContainerContentItem
     return container
 
 
-def read_thyroid_probabilities(sr: Dataset) -> dict[str, float]:
-    """Finding key -> probability, read back from an SR of :func:`build_thyroid_sr`."""
+@dataclass(frozen=True)
+class ThyroidReport:
+    """What an SR of :func:`build_thyroid_sr` says, read back (:func:`read_thyroid_report`)."""
+
+    #: Finding key -> probability, every finding.
+    probabilities: dict[str, float]
+    #: The findings the algorithm reported, most probable first.
+    reported: tuple[str, ...]
+    #: "right"/"left" -> share of the gland's uptake, 0-1.
+    lobe_uptake: dict[str, float]
+
+
+def _code_of(item: Dataset, attribute: str) -> tuple[str, str] | None:
+    sequence = item.get(attribute)
+    if not sequence:
+        return None
+    return str(sequence[0].CodeValue), str(sequence[0].CodingSchemeDesignator)
+
+
+def read_thyroid_report(sr: Dataset) -> ThyroidReport:
+    """Probabilities, reported findings and lobe split, read back from a thyroid SR.
+
+    It walks the measurement groups of the SR's content tree (TID 1501), the way a
+    receiving system would, without the objects that wrote it.
+    """
     by_code = {(c.value, c.scheme_designator): key for key, c in FINDING_CODES.items()}
-    out: dict[str, float] = {}
+    sides = {(c.value, c.scheme_designator): side for side, c in mibi_codes.LATERALITY.items()}
+    probabilities: dict[str, float] = {}
+    reported: list[str] = []
+    lobes: dict[str, float] = {}
     for group in sr.ContentSequence:
         if group.get("ValueType") != "CONTAINER":
             continue
         for container in group.get("ContentSequence", []):
-            finding, probability = None, None
+            finding = probability = share = side = None
+            flagged = False
             for item in container.get("ContentSequence", []):
-                name = item.ConceptNameCodeSequence[0]
-                if name.CodeValue == "121071" and item.get("ConceptCodeSequence"):  # Finding
-                    code = item.ConceptCodeSequence[0]
-                    finding = by_code.get((code.CodeValue, code.CodingSchemeDesignator))
-                if name.CodeValue == "122157" and item.get("MeasuredValueSequence"):
+                name = _code_of(item, "ConceptNameCodeSequence")
+                value = _code_of(item, "ConceptCodeSequence")
+                if name == ("121071", "DCM") and value is not None:  # Finding
+                    finding = by_code.get(value)
+                elif name == ("122157", "DCM") and item.get("MeasuredValueSequence"):
                     probability = float(item.MeasuredValueSequence[0].NumericValue)
+                elif name == (_LOBE_SHARE.value, _LOBE_SHARE.scheme_designator):
+                    share = float(item.MeasuredValueSequence[0].NumericValue) / 100.0
+                elif name == (_REPORTED.value, _REPORTED.scheme_designator):
+                    flagged = value == (_YES.value, _YES.scheme_designator)
+                elif name == ("363698007", "SCT"):  # Finding Site, with its laterality
+                    for modifier in item.get("ContentSequence", []):
+                        side = sides.get(_code_of(modifier, "ConceptCodeSequence")) or side
             if finding is not None and probability is not None:
-                out[finding] = probability
-    return out
+                probabilities[finding] = probability
+                if flagged:
+                    reported.append(finding)
+            if share is not None and side is not None:
+                lobes[side] = share
+    reported.sort(key=lambda key: -probabilities[key])
+    return ThyroidReport(probabilities, tuple(reported), lobes)
+
+
+def read_thyroid_probabilities(sr: Dataset) -> dict[str, float]:
+    """Finding key -> probability, read back from an SR of :func:`build_thyroid_sr`."""
+    return read_thyroid_report(sr).probabilities
