@@ -13,6 +13,7 @@ the same for each member alone (the cross-feature ResNet against the plain ResNe
 
 Usage::
 
+    python -m training.thyroid synth DATA --studies 400 --seed 0
     python -m training.thyroid train config/thyroid-demo.toml DATA --out var/bundles/thyroid-demo
     python -m training.thyroid evaluate var/bundles/thyroid-demo DATA
 """
@@ -403,7 +404,10 @@ def train_thyroid(
         val = (x_all[val_idx], y_all[val_idx])
         if extra is not None:
             x_extra, y_extra = (torch.from_numpy(np.asarray(a, dtype=np.float32)) for a in extra)
-            if x_extra.shape[1:] != x_all.shape[1:] or y_extra.shape != (len(x_extra), len(FINDINGS)):
+            if x_extra.shape[1:] != x_all.shape[1:] or y_extra.shape != (
+                len(x_extra),
+                len(FINDINGS),
+            ):
                 raise ValueError(
                     f"extra examples are {tuple(x_extra.shape)} / {tuple(y_extra.shape)}; "
                     f"the recipe makes {tuple(x_all.shape[1:])} inputs and {len(FINDINGS)} findings"
@@ -471,6 +475,7 @@ def train_thyroid(
                     "split": "validation",
                     "studies": len(val_idx),
                     "schedule": schedule,
+                    "extra_examples": 0 if extra is None else len(extra[0]),
                     "train_seconds": round(seconds, 1),
                     "read_seconds": round(read_seconds, 1),
                     "member_val_loss": {
@@ -486,7 +491,6 @@ def train_thyroid(
                 "training_command": command,
                 "data_fingerprint": _fingerprint(Path(data)),
                 "seed": run_seed,
-                "extra_examples": 0 if extra is None else len(extra[0]),
                 "notes": f"{len(train_idx)} training ({len(single)} single-finding), "
                 f"{len(val_idx)} validation studies; {seconds:.0f} s",
             },
@@ -647,6 +651,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     train.add_argument("--out", type=Path, required=True)
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--schedule", choices=["cross_training", "all_at_once"], default=None)
+    synth = sub.add_parser("synth", help="write labelled thyroid phantom studies")
+    synth.add_argument("out", type=Path)
+    synth.add_argument("--studies", type=int, default=400)
+    synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument("--mixed-fraction", type=float, default=0.3)
+    synth.add_argument("--matrix", type=int, default=128)
     evaluate = sub.add_parser("evaluate", help="score a thyroid bundle on labelled studies")
     evaluate.add_argument("bundle", type=Path)
     evaluate.add_argument("data", type=Path)
@@ -656,6 +666,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         started = time.perf_counter()
         train_thyroid(args.recipe, args.data, args.out, seed=args.seed, schedule=args.schedule)
         print(f"wrote {args.out} in {time.perf_counter() - started:.1f} s")
+    elif args.command == "synth":
+        from mibi_node.analyses.thyroid.phantom import generate_thyroid_studies
+
+        if args.studies < 1 or not 0.0 <= args.mixed_fraction <= 1.0 or args.matrix < 32:
+            parser.error("--studies must be >= 1, --mixed-fraction in [0, 1], --matrix >= 32")
+        started = time.perf_counter()
+        generate_thyroid_studies(
+            args.out, args.studies, args.seed, mixed_fraction=args.mixed_fraction,
+            matrix=args.matrix,
+        )  # fmt: skip
+        print(
+            f"wrote {args.studies} studies to {args.out} in {time.perf_counter() - started:.1f} s"
+        )
     else:
         torch.set_num_threads(1)
         print(format_thyroid_table(evaluate_thyroid(args.bundle, args.data)))
