@@ -23,6 +23,7 @@ preprocessing settings, so a second run skips decoding and filtering. The splits
 from __future__ import annotations
 
 import csv
+import functools
 import hashlib
 import json
 import logging
@@ -372,6 +373,17 @@ def read_sample(sample: Sample, channels: Sequence[str]) -> StudyInput:
     return read_study(list(sample.files), required=tuple(channels))
 
 
+@functools.lru_cache(maxsize=4)
+def _superres(path: str) -> Any:
+    from mibi_node.imaging.superres import load_superres
+
+    return load_superres(path)
+
+
+def _file_sha256(path: str) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
 @dataclass(frozen=True)
 class Preprocessing:
     """The part of a recipe that turns a study into model input (cached arrays depend on it)."""
@@ -380,15 +392,19 @@ class Preprocessing:
     size: int
     normalisation: Normalisation
     denoise_smax: int | None
+    superres: str | None = None  # a superres.pt file, applied after the denoise
 
     @classmethod
     def from_recipe(cls, recipe: Any) -> Preprocessing:
         """From a :class:`~mibi_node.inference.recipe.Recipe` or a bundle manifest."""
+        section = getattr(recipe, "superres", None)
+        enabled = section is not None and section.enabled
         return cls(
             channels=tuple(recipe.input.channels),
             size=int(recipe.input.size),
             normalisation=recipe.normalisation.to_normalisation(),
             denoise_smax=recipe.denoise.smax if recipe.denoise.enabled else None,
+            superres=getattr(section, "generator", None) if enabled else None,
         )
 
     def key(self) -> dict[str, Any]:
@@ -400,7 +416,7 @@ class Preprocessing:
             "size": self.size,
             "normalisation": [n.method, n.percentile, n.scope, n.clip, list(n.mean), list(n.std)],
             "denoise_smax": self.denoise_smax,
-        }
+        } | ({"superres_sha256": _file_sha256(self.superres)} if self.superres else {})
 
     def apply(self, study: StudyInput) -> tuple[np.ndarray, np.ndarray]:
         """Model input of one study, as the engine computes it, and its count scale.
@@ -422,6 +438,9 @@ class Preprocessing:
                 if self.denoise_smax is None
                 else adaptive_median(pixels, smax=self.denoise_smax)
             )
+        if self.superres is not None:
+            upsampler = _superres(self.superres)
+            images = [upsampler.upsample(image) for image in images]
         array, geometries = to_model_input(images, self.size, self.normalisation)
         return array, self._count_scale(images, geometries[0].source_shape)
 

@@ -368,7 +368,7 @@ def train_bundle(
                 ),
             },
         }
-        write_bundle(out, manifest, members, overwrite=True)
+        write_bundle(out, manifest, members, overwrite=True, superres=preprocessing.superres)
         reports = out / "reports"
         reports.mkdir(exist_ok=True)
         for name in members:

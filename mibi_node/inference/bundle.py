@@ -5,9 +5,11 @@ version, name and version, intended use (``demonstration`` or ``clinical``), the
 with their SNOMED CT codes, the input channels and size, normalisation, denoise and TTA
 settings, every member (architecture, head settings, weight file and its sha256), the fusion
 method with its weights k_i and temperature, and provenance (data fingerprint, training
-command, package version). :func:`load_bundle` verifies the class list, every hash and every
-tensor shape, and fails with one :class:`~mibi_node.errors.BundleError` sentence naming the
-file and what is wrong.
+command, package version). A bundle may carry the optional super-resolution step: a
+``superres`` entry and the SRGAN generator ``superres.pt`` with its sha256; a bundle without
+the entry is read and written exactly as before. :func:`load_bundle` verifies the class
+list, every hash and every tensor shape, and fails with one
+:class:`~mibi_node.errors.BundleError` sentence naming the file and what is wrong.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import json
 import logging
 import os
 import shlex
+import shutil
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,6 +56,7 @@ __all__ = [
     "ClassEntry",
     "MemberEntry",
     "Provenance",
+    "SuperresEntry",
     "init_random_bundle",
     "load_bundle",
     "write_bundle",
@@ -62,6 +66,7 @@ logger = logging.getLogger(__name__)
 
 BUNDLE_FORMAT_VERSION = 1
 MANIFEST_NAME = "bundle.json"
+SUPERRES_NAME = "superres.pt"
 
 
 class _Section(BaseModel):
@@ -99,6 +104,15 @@ class MemberEntry(_Section):
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
 
 
+class SuperresEntry(_Section):
+    """The optional super-resolution step in ``bundle.json``: its generator file and hash."""
+
+    enabled: bool = True
+    weights: str = Field(default=SUPERRES_NAME, pattern=r"^[A-Za-z0-9_.\-]+\.pt$")
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    scale: Literal[2] = 2
+
+
 class Provenance(_Section):
     """Where the weights came from."""
 
@@ -126,6 +140,7 @@ class BundleManifest(_Section):
     members: tuple[MemberEntry, ...] = Field(min_length=1)
     fusion: FusionSection
     provenance: Provenance
+    superres: SuperresEntry | None = None
 
     @model_validator(mode="after")
     def _check(self) -> BundleManifest:
@@ -215,6 +230,14 @@ class Bundle:
     def denoise_smax(self) -> int | None:
         """Adaptive median filter ``smax``, ``None`` when the bundle skips denoising."""
         return self.manifest.denoise.smax if self.manifest.denoise.enabled else None
+
+    @property
+    def superres_path(self) -> Path | None:
+        """The super-resolution generator file, ``None`` when the bundle has no such step."""
+        entry = self.manifest.superres
+        if entry is None or not entry.enabled:
+            return None
+        return self.directory / entry.weights
 
     @property
     def views(self) -> tuple[TTAView, ...]:
@@ -379,8 +402,24 @@ def load_bundle(directory: Path | str, *, verify: bool = True) -> Bundle:
                     f"{path}: sha256 is {digest[:12]}... but {MANIFEST_NAME} says "
                     f"{member.sha256[:12]}... (file altered or replaced)"
                 )
+    superres = manifest.superres
+    if superres is not None and superres.enabled:
+        path = directory / superres.weights
+        if not path.is_file():
+            raise BundleError(f"{path}: super-resolution generator file is missing")
+        if verify:
+            digest = _sha256(path)
+            if digest != superres.sha256:
+                raise BundleError(
+                    f"{path}: sha256 is {digest[:12]}... but {MANIFEST_NAME} says "
+                    f"{superres.sha256[:12]}... (file altered or replaced)"
+                )
     if verify:
         _check_shapes(bundle)
+        if bundle.superres_path is not None:
+            from mibi_node.imaging.superres import load_superres
+
+            load_superres(bundle.superres_path)
     logger.info(
         "loaded bundle %s %s (%s, %d members)",
         manifest.name,
@@ -397,6 +436,7 @@ def write_bundle(
     members: Mapping[str, Member],
     *,
     overwrite: bool = False,
+    superres: Path | str | None = None,
 ) -> Bundle:
     """Write member weights and ``bundle.json`` (last, atomically) into a folder.
 
@@ -412,6 +452,9 @@ def write_bundle(
         Member name -> module, one per manifest member.
     overwrite
         Replace an existing bundle in ``directory``.
+    superres
+        A super-resolution generator file (``superres.pt``) to carry: it is copied into the
+        bundle and the manifest gets its ``superres`` entry. ``None`` writes no entry.
 
     Returns
     -------
@@ -454,12 +497,26 @@ def write_bundle(
             }
         )
     data["members"] = entries
+    data.pop("superres", None)
+    if superres is not None:
+        source = Path(superres)
+        if not source.is_file():
+            raise BundleError(f"{source}: super-resolution generator file is missing")
+        target = directory / SUPERRES_NAME
+        if source.resolve() != target.resolve():
+            shutil.copyfile(source, target)
+        target.chmod(0o666 & ~_umask())
+        data["superres"] = {"enabled": True, "weights": SUPERRES_NAME, "sha256": _sha256(target)}
+    else:
+        (directory / SUPERRES_NAME).unlink(missing_ok=True)
     try:
         checked = BundleManifest.model_validate(data)
     except ValidationError as exc:
         raise BundleError(f"bundle manifest: {describe_validation_error(exc)}") from None
     tmp = directory / f".{MANIFEST_NAME}.tmp"
-    tmp.write_text(json.dumps(checked.model_dump(mode="json"), indent=2) + "\n", encoding="utf-8")
+    # a bundle without the optional step keeps the manifest of before (no "superres": null)
+    content = checked.model_dump(mode="json", exclude={"superres"} if superres is None else None)
+    tmp.write_text(json.dumps(content, indent=2) + "\n", encoding="utf-8")
     os.replace(tmp, directory / MANIFEST_NAME)
     logger.info("wrote bundle %s %s to %s", checked.name, checked.version, directory)
     return Bundle(directory=directory, manifest=checked)

@@ -1,7 +1,8 @@
 """The inference engine: a bundle loaded once onto a device, studies in, results out.
 
-For a batch of studies the engine runs denoise -> normalise/resize -> every TTA view of every
-study as one batch per member -> fusion -> localisation, under ``torch.inference_mode`` with
+For a batch of studies the engine runs denoise -> (the bundle's optional super-resolution,
+:mod:`mibi_node.imaging.superres`) -> normalise/resize -> every TTA view of every study as
+one batch per member -> fusion -> localisation, under ``torch.inference_mode`` with
 channels-last tensors and, where the hardware does bf16 natively (CUDA, or CPUs with
 AVX512-BF16/AMX), bf16 autocast over weights stored in bf16 (cast once, at load, tensor by
 tensor, so no fp32 copy of a member is held; norm layers stay fp32). Members that do not fit
@@ -25,6 +26,7 @@ from mibi_node.errors import UnusableStudyError
 from mibi_node.imaging.denoise import adaptive_median, adaptive_median_torch
 from mibi_node.imaging.preprocess import Geometry, to_model_input
 from mibi_node.imaging.study import StudyInput
+from mibi_node.imaging.superres import SuperResolution, load_superres
 from mibi_node.imaging.tta import apply_views, average_views, invert_maps
 from mibi_node.inference.bundle import Bundle, load_bundle
 from mibi_node.inference.ensemble import fuse
@@ -160,6 +162,9 @@ class InferenceEngine:
         self._streamed: set[str] = set()
         for name in self.bundle.member_names:
             self.members[name] = self._place(name)
+        self.superres: SuperResolution | None = None
+        if self.bundle.superres_path is not None:
+            self.superres = load_superres(self.bundle.superres_path, self.device)
         self._forward = {
             name: (torch.compile(m.forward_with_attention) if compile else m.forward_with_attention)
             for name, m in self.members.items()
@@ -242,10 +247,17 @@ class InferenceEngine:
             started = time.perf_counter()
             images = [self._denoise(study.images[c].pixels) for c in self.bundle.channels]
             timings["denoise"] = time.perf_counter() - started
+            if self.superres is not None:
+                started = time.perf_counter()
+                shapes = [image.shape for image in images]
+                images = [self.superres.upsample(image) for image in images]
+                timings["superres"] = time.perf_counter() - started
             started = time.perf_counter()
             array, geometry = to_model_input(
                 images, self.bundle.input_size, self.bundle.normalisation
             )
+            if self.superres is not None:
+                geometry = [_source_geometry(g, s) for g, s in zip(geometry, shapes, strict=True)]
             timings["preprocess"] = time.perf_counter() - started
             inputs.append(array)
             geometries.append(geometry)
@@ -383,6 +395,20 @@ class InferenceEngine:
             total = averaged * weight if total is None else total + averaged * weight
         assert total is not None
         return total.reshape(n_studies, size, size).cpu().numpy()
+
+
+def _source_geometry(geometry: Geometry, shape: tuple[int, ...]) -> Geometry:
+    """The geometry of a super-resolved phase, mapped back onto its source image.
+
+    The padding of the upsampled image is the source's times the scale, so dividing it gives
+    the same model-input-to-source mapping as without super-resolution.
+    """
+    scale = geometry.source_shape[0] // shape[0]
+    return Geometry(
+        source_shape=(int(shape[0]), int(shape[1])),
+        size=geometry.size,
+        pad=(geometry.pad[0] // scale, geometry.pad[1] // scale),
+    )
 
 
 def _fp32_keys(member: torch.nn.Module) -> set[str]:

@@ -1,10 +1,11 @@
 """Ensemble recipes (``config/ensemble-*.toml``): what a bundle is made of, before training.
 
-A recipe names the input (phases, size, normalisation), the denoise and TTA settings, the
-members with their head settings, and the fusion rule; the ``[training]`` table belongs to
-the training code and is passed through untouched. The same pydantic sections describe the
-matching parts of a bundle's ``bundle.json`` (:mod:`mibi_node.inference.bundle`), so a recipe
-and the bundle made from it cannot drift apart.
+A recipe names the input (phases, size, normalisation), the denoise, optional
+super-resolution and TTA settings, the members with their head settings, and the fusion
+rule; the ``[training]`` table belongs to the training code and is passed through untouched.
+The same pydantic sections describe the matching parts of a bundle's ``bundle.json``
+(:mod:`mibi_node.inference.bundle`), so a recipe and the bundle made from it cannot drift
+apart.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ __all__ = [
     "MemberSection",
     "NormalisationSection",
     "Recipe",
+    "SuperresSection",
     "TTASection",
     "describe_validation_error",
     "load_recipe",
@@ -89,6 +91,25 @@ class DenoiseSection(_Section):
         return value
 
 
+class SuperresSection(_Section):
+    """The optional super-resolution data enhancement (claims 4 and 6); off by default.
+
+    When enabled, the SRGAN generator in ``generator`` (a ``superres.pt`` file written by
+    :func:`mibi_node.imaging.superres.save_superres`, e.g. by ``python -m training.gan
+    mibi``) doubles every phase image's matrix after denoising and before the model input
+    is made, in training and in use alike; the bundle carries a copy of it.
+    """
+
+    enabled: bool = False
+    generator: str | None = Field(default=None, min_length=1)
+
+    @model_validator(mode="after")
+    def _needs_generator(self) -> SuperresSection:
+        if self.enabled and self.generator is None:
+            raise ValueError("enabled = true needs generator = PATH of a superres.pt file")
+        return self
+
+
 class TTASection(_Section):
     """Test-time views (see :mod:`mibi_node.imaging.tta`)."""
 
@@ -148,6 +169,7 @@ class Recipe(_Section):
     input: InputSection = InputSection()
     normalisation: NormalisationSection = NormalisationSection()
     denoise: DenoiseSection = DenoiseSection()
+    superres: SuperresSection = SuperresSection()
     tta: TTASection = TTASection()
     members: tuple[MemberSection, ...] = Field(min_length=1)
     fusion: FusionSection = FusionSection()
