@@ -1,13 +1,22 @@
 """Does seed 001's GAN data generation help? Thyroid training with and without GAN images.
 
 For each training-set size (50, 100 and 400 phantom studies by default, each its own seeded
-folder) the thyroid recipe is trained twice with the same seed: once on the studies alone,
-once with as many DCGAN + SRGAN images added to the training split
-(:func:`training.gan.generate_examples`: DCGAN at 32 px, SRGAN x2 to 64 px, both trained on
-that size's training split only; the validation split that fits thresholds and fusion
-weights is left out of the GANs too). Every bundle is evaluated on one fresh folder of
-studies, drawn with a seed no training folder uses. The table (markdown and JSON) gives
-exact match, macro F1, the worst per-finding metric and the per-finding F1.
+folder) the thyroid recipe is trained with the same seed in up to three arms:
+
+* ``plain``: the studies alone;
+* ``gan``: as many DCGAN + SRGAN images added to the training split
+  (:func:`training.gan.generate_examples`: DCGAN at 32 px, SRGAN x2 to 64 px, both trained on
+  that size's training split only; the validation split that fits thresholds and fusion
+  weights is left out of the GANs too);
+* ``copies``: the control, as many extra examples drawn (with replacement) from the real
+  training images themselves. With a fixed epoch count, extra examples also mean more
+  optimiser steps; this arm has the same number of steps as ``gan``, so ``gan`` against
+  ``copies`` is what the generated images add beyond the longer training.
+
+Every bundle is evaluated on one fresh folder of studies, drawn with a seed no training
+folder uses. The table (markdown and JSON) gives exact match, macro F1, the worst
+per-finding metric and the per-finding F1. A second call with other ``--arms`` adds its rows
+to ``results.json`` (the folders and GAN images are reused).
 
 Usage::
 
@@ -37,6 +46,7 @@ __all__ = ["format_ablation_table", "run_ablation"]
 logger = logging.getLogger(__name__)
 
 DEFAULT_RECIPE = Path("config/thyroid-gan-ablation.toml")
+ARMS = ("plain", "gan", "copies")
 TRAIN_SEED = 101
 EVAL_SEED = 303
 
@@ -62,6 +72,7 @@ def run_ablation(
     dcgan_steps: int = 1000,
     srgan_steps: int = 400,
     extra_per_study: float = 1.0,
+    arms: Sequence[str] = ("plain", "gan"),
 ) -> list[dict[str, Any]]:
     """Train and evaluate every (size, with/without GAN) cell; write ``results.json``.
 
@@ -80,7 +91,9 @@ def run_ablation(
     dcgan_steps, srgan_steps
         GAN training steps.
     extra_per_study
-        Generated images per training study.
+        Generated images (and copies) per training study.
+    arms
+        Which of ``plain``, ``gan`` and ``copies`` to run.
 
     Returns
     -------
@@ -96,13 +109,19 @@ def run_ablation(
         train_thyroid,
     )
 
+    unknown = sorted(set(arms) - set(ARMS))
+    if unknown or not arms:
+        raise ValueError(f'Argument "arms" should name some of {list(ARMS)}, got {list(arms)}.')
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     parsed = load_thyroid_recipe(recipe)
     evaluation = out / f"eval-{eval_studies}-seed{EVAL_SEED}"
     if not (evaluation / "labels.csv").is_file():
         generate_thyroid_studies(evaluation, eval_studies, EVAL_SEED)
-    rows: list[dict[str, Any]] = []
+    results = out / "results.json"
+    earlier = json.loads(results.read_text(encoding="utf-8")) if results.is_file() else []
+    redone = {(size, arm) for size in sizes for arm in arms}
+    rows: list[dict[str, Any]] = [r for r in earlier if (r["studies"], _arm(r)) not in redone]
     for size in sizes:
         data = out / f"train-{size}-seed{TRAIN_SEED}"
         if not (data / "labels.csv").is_file():
@@ -111,32 +130,34 @@ def run_ablation(
         held = _validation_rows(parsed, data, seed)
         keep = np.setdiff1d(np.arange(len(inputs)), held)
         count = int(round(extra_per_study * size))
-        made = generate_examples(
-            inputs[keep],
-            targets[keep],
-            count,
-            seed=seed + size,
-            dcgan_steps=dcgan_steps,
-            srgan_steps=srgan_steps,
-        )
-        np.savez_compressed(out / f"gan-{size}.npz", inputs=made.inputs, targets=made.targets)
-        for with_gan in (False, True):
-            bundle = out / f"bundle-{size}-{'gan' if with_gan else 'plain'}"
-            started = time.perf_counter()
-            train_thyroid(
-                recipe,
-                data,
-                bundle,
-                seed=seed,
-                extra=(made.inputs, made.targets) if with_gan else None,
+        extras: dict[str, tuple[np.ndarray, np.ndarray] | None] = {"plain": None}
+        gan_seconds = 0.0
+        if "gan" in arms:
+            made = generate_examples(
+                inputs[keep],
+                targets[keep],
+                count,
+                seed=seed + size,
+                dcgan_steps=dcgan_steps,
+                srgan_steps=srgan_steps,
             )
+            np.savez_compressed(out / f"gan-{size}.npz", inputs=made.inputs, targets=made.targets)
+            extras["gan"] = (made.inputs, made.targets)
+            gan_seconds = made.seconds
+        if "copies" in arms:
+            pick = np.random.default_rng([seed, size, 2002]).choice(keep, count, replace=True)
+            extras["copies"] = (inputs[pick], targets[pick])
+        for arm in arms:
+            bundle = out / f"bundle-{size}-{arm}"
+            started = time.perf_counter()
+            train_thyroid(recipe, data, bundle, seed=seed, extra=extras[arm])
             train_seconds = time.perf_counter() - started
             metrics = evaluate_thyroid(bundle, evaluation)
             manifest = json.loads((bundle / "bundle.json").read_text(encoding="utf-8"))
             extra = next(iter(manifest["evaluation"].values()))["extra_examples"]
             row = {
                 "studies": size,
-                "gan": with_gan,
+                "arm": arm,
                 "extra_examples": extra,
                 "gan_training_studies": len(keep),
                 "exact_match": metrics["exact_match"],
@@ -144,13 +165,19 @@ def run_ablation(
                 "worst": metrics["worst"],
                 "f1": {k: metrics["per_finding"][k]["f1"] for k in FINDINGS},
                 "train_seconds": round(train_seconds, 1),
-                "gan_seconds": round(made.seconds, 1) if with_gan else 0.0,
+                "gan_seconds": round(gan_seconds, 1) if arm == "gan" else 0.0,
                 "eval_studies": metrics["studies"],
             }
             rows.append(row)
             logger.info("ablation %s", row)
-            (out / "results.json").write_text(json.dumps(rows, indent=1) + "\n", encoding="utf-8")
+            rows.sort(key=lambda r: (r["studies"], ARMS.index(_arm(r))))
+            results.write_text(json.dumps(rows, indent=1) + "\n", encoding="utf-8")
     return rows
+
+
+def _arm(row: dict[str, Any]) -> str:
+    """The row's arm (rows of the first version of this script say ``gan: true/false``)."""
+    return str(row.get("arm", "gan" if row.get("gan") else "plain"))
 
 
 _SHORT = {
@@ -165,13 +192,17 @@ _SHORT = {
 
 def format_ablation_table(rows: Sequence[dict[str, Any]]) -> str:
     """A markdown table: one line per (size, with/without GAN) cell."""
-    head = ["train studies", "GAN images", "exact match", "macro F1", "worst metric"]
+    head = ["train studies", "extra examples", "exact match", "macro F1", "worst metric"]
     head += [f"F1 {_SHORT[k]}" for k in FINDINGS] + ["train s", "GAN s"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [
             str(r["studies"]),
-            str(r["extra_examples"]) if r["gan"] else "0",
+            {
+                "plain": "none",
+                "gan": f"{r['extra_examples']} GAN",
+                "copies": f"{r['extra_examples']} copies",
+            }[_arm(r)],
             f"{r['exact_match']:.3f}",
             f"{r['macro_f1']:.3f}",
             f"{r['worst']:.3f}",
@@ -193,6 +224,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--dcgan-steps", type=int, default=1000)
     parser.add_argument("--srgan-steps", type=int, default=400)
+    parser.add_argument("--arms", nargs="+", choices=ARMS, default=["plain", "gan"])
     args = parser.parse_args(argv)
     if min(args.sizes) < 8 or args.eval_studies < 1:
         parser.error("--sizes must be >= 8 and --eval-studies >= 1")
@@ -207,6 +239,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         seed=args.seed,
         dcgan_steps=args.dcgan_steps,
         srgan_steps=args.srgan_steps,
+        arms=args.arms,
     )
     table = format_ablation_table(rows)
     seconds = time.perf_counter() - started
