@@ -352,7 +352,9 @@ def read_thyroid_report(sr: Dataset) -> ThyroidReport:
                     flagged = value == (_YES.value, _YES.scheme_designator)
                 elif name == ("363698007", "SCT"):  # Finding Site, with its laterality
                     for modifier in item.get("ContentSequence", []):
-                        side = sides.get(_code_of(modifier, "ConceptCodeSequence")) or side
+                        code = _code_of(modifier, "ConceptCodeSequence")
+                        if code is not None:
+                            side = sides.get(code) or side
             if finding is not None and probability is not None:
                 probabilities[finding] = probability
                 if flagged:
