@@ -1,12 +1,17 @@
 """`make demo`: the whole loop on one machine, from a gamma camera to an SR in PACS.
 
-1. builds the demonstration model bundle once (600 phantom studies, about 5 minutes of
-   training on 2 CPU cores) and reuses it afterwards;
+1. builds the two demonstration model bundles once and reuses them afterwards: the
+   parathyroid (MIBI) ensemble from 600 phantom studies and, beside it on the other core,
+   the thyroid scintigraphy ensemble from 400 thyroid phantoms (about 5 minutes together on
+   2 CPU cores);
 2. starts DCMTK storescp as the PACS that receives the SRs (AE DEMO_PACS);
-3. starts the node with one CPU worker that sends its SRs to that PACS;
-4. sends 10 phantom studies with DCMTK storescu, one association per study, as a camera would;
-5. waits for the 10 SRs, then shows truth, prediction and the time from each study's last
-   instance to its SR in PACS, and one SR as DCMTK's dsrdump prints it.
+3. starts the node with two analyses (parathyroid, thyroid) and one CPU worker that hosts
+   both bundles and sends its SRs to that PACS;
+4. sends 10 MIBI studies, 6 thyroid scans and one bone scan (which no analysis takes) with
+   DCMTK storescu, one association per study, as a camera would;
+5. waits for the 16 SRs, then shows a table per analysis (truth, prediction, the time from
+   each study's last instance to its SR in PACS), why the bone scan was IGNORED, and one SR
+   as DCMTK's dsrdump prints it.
 
 Everything it starts it stops again, also on Ctrl-C; the node's data stays in ./var/demo
 for a look with `mibi-node status --data-dir var/demo`.
@@ -23,6 +28,7 @@ import socket
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from collections import Counter
@@ -44,6 +50,13 @@ TRAIN_DATA = VAR / "demo-train"
 BUNDLE = VAR / "bundles" / "demo"
 CACHE = VAR / "cache" / "training"
 RECIPE = ROOT / "config" / "ensemble-demo.toml"
+THYROID_STUDIES = VAR / "demo-thyroid-studies"
+THYROID_TRAIN_DATA = VAR / "demo-thyroid-train"
+THYROID_BUNDLE = VAR / "bundles" / "thyroid-demo"
+THYROID_RECIPE = ROOT / "config" / "thyroid-demo.toml"
+THYROID_TRAIN_STUDIES = 400
+THYROID_COUNT = 6
+BONE_SCAN = VAR / "demo-bone-scan"
 BIN = Path(sys.executable).parent
 NODE = [str(BIN / "mibi-node")]
 STUDY_COUNT = 10
@@ -67,12 +80,15 @@ class Study:
 
     number: int
     study_instance_uid: str
-    truth: str
+    truth: str  # the class; for a thyroid scan its findings joined by ";"
     folder: Path
+    analysis: str = "parathyroid"
     sent_at: float = 0.0  # time.time() when its last instance was acknowledged
     sr_path: Path | None = None
     sr_arrived_at: float = 0.0
     probabilities: dict[str, float] | None = None
+    reported: tuple[str, ...] = ()  # thyroid: the findings the SR reports
+    lobe_uptake: dict[str, float] | None = None  # thyroid: right/left share
 
 
 def _rel(path: Path) -> str:
@@ -117,19 +133,97 @@ def _ensure_storescu() -> None:
         sys.exit("could not install DCMTK: run scripts/install-peers.sh as root, then make demo")
 
 
-# -- 1. the model bundle ---------------------------------------------------------------------
+# -- 1. the model bundles --------------------------------------------------------------------
+
+
+class ThyroidBuild:
+    """Builds the thyroid demo bundle in a background thread (phantoms, then training).
+
+    Its commands run as child processes with one thread each, so the MIBI training beside
+    it keeps the other core; what they print goes to a log, read when something fails.
+    """
+
+    def __init__(self) -> None:
+        self.log = VAR / "demo-thyroid-build.log"
+        self.error: str | None = None
+        self.seconds = 0.0
+        self._thread = threading.Thread(target=self._run, name="thyroid-build", daemon=True)
+
+    @property
+    def needed(self) -> bool:
+        return not (THYROID_BUNDLE / "bundle.json").is_file()
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def _run(self) -> None:
+        started = time.monotonic()
+        python = str(BIN / "python")
+        steps = [
+            ("generating the thyroid training phantoms",
+             [python, "-m", "training.thyroid", "synth", str(THYROID_TRAIN_DATA), "--studies",
+              str(THYROID_TRAIN_STUDIES), "--seed", "0"]),
+            ("training the thyroid bundle",
+             [python, "-m", "training.thyroid", "train", str(THYROID_RECIPE),
+              str(THYROID_TRAIN_DATA), "--out", str(THYROID_BUNDLE)]),
+        ]  # fmt: skip
+        self.log.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(THYROID_TRAIN_DATA, ignore_errors=True)
+        with self.log.open("wb") as out:
+            for what, command in steps:
+                code = subprocess.run(
+                    command, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, check=False
+                ).returncode
+                if code:
+                    self.error = f"{what} failed (exit status {code}); see {_rel(self.log)}"
+                    return
+        self.seconds = time.monotonic() - started
+
+    def wait(self) -> float:
+        """Wait for the build; returns its seconds, raises DemoError when it failed."""
+        if self._thread.is_alive():
+            console.print("   waiting for the thyroid bundle that trains beside it ...")
+        self._thread.join()
+        if self.error is not None or not (THYROID_BUNDLE / "bundle.json").is_file():
+            raise DemoError(self.error or f"no thyroid bundle was written; see {_rel(self.log)}")
+        console.print(f"   thyroid bundle ready in {self.seconds / 60:.1f} min")
+        return self.seconds
+
+
+def _ensure_bundles() -> float:
+    """Both demo bundles, built where missing; returns the seconds spent building them."""
+    started = time.monotonic()
+    thyroid = ThyroidBuild()
+    if thyroid.needed:
+        console.print(
+            f"1. building the thyroid demonstration bundle in {_rel(THYROID_BUNDLE)}: "
+            f"{THYROID_TRAIN_STUDIES} thyroid phantoms, then two members trained first on "
+            "single-finding scans and then on the cross-training set (one core, about 3 minutes, "
+            f"log: {_rel(thyroid.log)})"
+        )
+        thyroid.start()
+    else:
+        _reusing(THYROID_BUNDLE, "thyroid")
+    mibi = _ensure_bundle()
+    if thyroid.needed:
+        thyroid.wait()
+    return time.monotonic() - started if (mibi or thyroid.seconds) else 0.0
+
+
+def _reusing(bundle: Path, what: str) -> str:
+    provenance = json.loads((bundle / "bundle.json").read_text()).get("provenance", {})
+    console.print(
+        f"1. reusing the {what} model bundle in {_rel(bundle)} "
+        f"(built {provenance.get('created', '?')}; delete the folder to build it again)"
+    )
+    return str(provenance.get("training_command", ""))
 
 
 def _ensure_bundle() -> float:
-    """Train the demo bundle unless it is there; returns the seconds spent building it."""
+    """Train the MIBI demo bundle unless it is there; returns the seconds spent building it."""
     manifest = BUNDLE / "bundle.json"
     if manifest.is_file():
-        provenance = json.loads(manifest.read_text()).get("provenance", {})
-        command = str(provenance.get("training_command", ""))
-        console.print(
-            f"1. reusing the model bundle in {_rel(BUNDLE)} "
-            f"(built {provenance.get('created', '?')}; delete the folder to build it again)"
-        )
+        command = _reusing(BUNDLE, "parathyroid (MIBI)")
         if "init-bundle" in command:
             console.print(
                 "   [bold yellow]note:[/] this bundle has random weights (mibi-node init-bundle): "
@@ -138,8 +232,8 @@ def _ensure_bundle() -> float:
         return 0.0
     started = time.monotonic()
     console.print(
-        f"1. building the demonstration model bundle in {_rel(BUNDLE)}: 600 phantom studies, "
-        "then training three members and fitting their fusion.\n"
+        f"1. building the parathyroid (MIBI) demonstration bundle in {_rel(BUNDLE)}: 600 "
+        "phantom studies, then training three members and fitting their fusion.\n"
         "   This takes about 5 minutes on 2 idle CPU cores (longer on a busy machine) and happens "
         "once; later runs reuse it."
     )
@@ -167,7 +261,7 @@ def _ensure_bundle() -> float:
             f"above. Nothing was sent. `make demo` tries again from the start."
         )
     seconds = time.monotonic() - started
-    console.print(f"   bundle ready in {seconds / 60:.1f} min")
+    console.print(f"   parathyroid bundle ready in {seconds / 60:.1f} min")
     return seconds
 
 
@@ -243,10 +337,45 @@ def _make_studies() -> list[Study]:
         raise DemoError(f"generating the studies failed:\n{done.stderr.decode()}")
     with (STUDIES / "labels.csv").open(newline="") as handle:
         rows = list(csv.DictReader(handle))
-    return [
+    studies = [
         Study(n, row["study_instance_uid"], row["label"], STUDIES / row["path"])
         for n, row in enumerate(rows, start=1)
     ]
+    from mibi_node.analyses.thyroid.phantom import generate_thyroid_studies
+
+    shutil.rmtree(THYROID_STUDIES, ignore_errors=True)
+    thyroid_rows = generate_thyroid_studies(THYROID_STUDIES, THYROID_COUNT, 11, mixed_fraction=0.5)
+    studies += [
+        Study(len(studies) + n, row["study_instance_uid"], row["findings"],
+              THYROID_STUDIES / row["folder"], analysis="thyroid")
+        for n, row in enumerate(thyroid_rows, start=1)
+    ]  # fmt: skip
+    return studies
+
+
+def _make_bone_scan() -> Study:
+    """A study no analysis takes: a thyroid phantom relabelled as a Tc-99m MDP bone scan."""
+    import pydicom
+    from pydicom.uid import generate_uid
+
+    from mibi_node.analyses.thyroid.phantom import generate_thyroid_studies
+
+    shutil.rmtree(BONE_SCAN, ignore_errors=True)
+    [row] = generate_thyroid_studies(BONE_SCAN / "source", 1, 12)
+    study_uid, series_uid = generate_uid(), generate_uid()
+    for path in sorted((BONE_SCAN / "source" / row["folder"]).glob("*.dcm")):
+        ds = pydicom.dcmread(path)
+        ds.StudyInstanceUID, ds.SeriesInstanceUID = study_uid, series_uid
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        ds.StudyDescription, ds.SeriesDescription = "NM WHOLE BODY BONE", "WB ANT"
+        for item in ds.get("RadiopharmaceuticalInformationSequence", []):
+            item.Radiopharmaceutical = "Tc99m medronate"
+            for code in item.get("RadiopharmaceuticalCodeSequence", []):
+                code.CodeValue, code.CodingSchemeDesignator = "96390006", "SCT"
+                code.CodeMeaning = "Technetium Tc^99m^ medronate"
+        ds.save_as(BONE_SCAN / path.name, enforce_file_format=True)
+    shutil.rmtree(BONE_SCAN / "source")
+    return Study(0, study_uid, "bone scan", BONE_SCAN, analysis="none")
 
 
 def _send(study: Study, port: int) -> None:
@@ -264,6 +393,7 @@ def _collect_srs(studies: list[Study], seen: set[Path]) -> None:
     """Read SRs that have arrived at the sink and match them to their studies."""
     import pydicom
 
+    from mibi_node.analyses.thyroid.report import read_thyroid_report
     from mibi_node.report import read_probabilities
 
     by_uid = {s.study_instance_uid: s for s in studies}
@@ -280,11 +410,16 @@ def _collect_srs(studies: list[Study], seen: set[Path]) -> None:
         if study is None or not str(dataset.get("SOPClassUID", "")).startswith(SR_STORAGE_PREFIX):
             continue
         study.sr_path, study.sr_arrived_at = path, arrived
-        study.probabilities = read_probabilities(dataset)
+        if study.analysis == "thyroid":
+            report = read_thyroid_report(dataset)
+            study.probabilities, study.reported = report.probabilities, report.reported
+            study.lobe_uptake = report.lobe_uptake
+        else:
+            study.probabilities = read_probabilities(dataset)
 
 
 def _check_failures(studies: list[Study]) -> None:
-    uids = {s.study_instance_uid: s.number for s in studies}
+    uids = {s.study_instance_uid: s.number for s in studies if s.analysis != "none"}
     rows = _query(
         "SELECT study_instance_uid, state, state_reason FROM study "
         "WHERE state IN ('FAILED', 'IGNORED')"
@@ -325,10 +460,10 @@ def _wait_for_srs(studies: list[Study], node: subprocess.Popen[bytes]) -> None:
 
 
 def _agreements() -> dict[str, str]:
-    """Study Instance UID -> "agreeing members/members" from the node's latest job result."""
+    """Study Instance UID -> "agreeing members/members" from the node's latest MIBI result."""
     rows = _query(
         "SELECT s.study_instance_uid, j.result FROM job j JOIN study s ON s.id = j.study_id "
-        "WHERE j.state = 'DONE' ORDER BY j.version"
+        "WHERE j.state = 'DONE' AND j.analysis = 'parathyroid' ORDER BY j.version"
     )
     agreements = {}
     for uid, text in rows:
@@ -339,9 +474,27 @@ def _agreements() -> dict[str, str]:
     return agreements
 
 
-def _show_results(studies: list[Study]) -> None:
+def _show_results(studies: list[Study], ignored: Study) -> None:
+    _show_mibi([s for s in studies if s.analysis == "parathyroid"])
+    _show_thyroid([s for s in studies if s.analysis == "thyroid"])
+    _show_ignored(ignored)
+    console.print(
+        "Last image -> SR: from the study's last instance acknowledged to its SR in the PACS, "
+        f"including the {QUIET_SECONDS} s quiet period that tells the node a study is complete "
+        "and the wait behind the studies sent before it (one worker hosts both analyses)."
+    )
+    console.print(
+        "[bold]These are demonstration models trained on synthetic phantoms, not on patients: "
+        "NOT FOR DIAGNOSIS.[/] Every SR they write says so."
+    )
+
+
+def _show_mibi(studies: list[Study]) -> None:
     agreements = _agreements()
-    table = Table(title=f"{len(studies)} phantom studies: gamma camera -> mibi-node -> PACS")
+    table = Table(
+        title=f"parathyroid analysis: {len(studies)} MIBI phantom studies, "
+        "gamma camera -> mibi-node -> PACS"
+    )
     table.add_column("study", justify="right")
     table.add_column("truth")
     table.add_column("prediction (SR)")
@@ -365,16 +518,53 @@ def _show_results(studies: list[Study]) -> None:
         )
     console.print(table)
     console.print(
-        f"accuracy: {correct}/{len(studies)} ({correct / len(studies):.0%}). Agreement: members "
-        "whose own top class is the prediction. Last image -> SR: from the study's last instance "
-        "acknowledged to its SR in the PACS, including the "
-        f"{QUIET_SECONDS} s quiet period that tells the node a study is complete and the wait "
-        "behind the studies sent before it (one worker)."
+        f"parathyroid accuracy: {correct}/{len(studies)} ({correct / len(studies):.0%}). "
+        "Agreement: members whose own top class is the prediction."
     )
+
+
+def _show_thyroid(studies: list[Study]) -> None:
+    table = Table(
+        title=f"thyroid analysis: {len(studies)} thyroid phantom scans (multi-label findings)"
+    )
+    table.add_column("study", justify="right")
+    table.add_column("truth")
+    table.add_column("findings reported (SR)")
+    table.add_column("probabilities", justify="right")
+    table.add_column("lobes R/L", justify="right")
+    table.add_column("last image -> SR", justify="right")
+    exact = 0
+    for study in studies:
+        truth = tuple(study.truth.split(";"))
+        probabilities = study.probabilities or {}
+        right = set(truth) == set(study.reported)
+        exact += right
+        mark = "[green]✓[/]" if right else "[red]✗[/]"
+        lobes = study.lobe_uptake or {}
+        table.add_row(
+            f"#{study.number}",
+            ", ".join(truth),
+            f"{mark} {', '.join(study.reported) or '-'}",
+            " ".join(f"{probabilities[k]:.2f}" for k in study.reported),
+            f"{lobes.get('right', 0):.0%}/{lobes.get('left', 0):.0%}",
+            f"{study.sr_arrived_at - study.sent_at:.1f} s",
+        )
+    console.print(table)
     console.print(
-        "[bold]This is a demonstration model trained on synthetic phantoms, not on patients: "
-        "NOT FOR DIAGNOSIS.[/] Every SR it writes says so."
+        f"thyroid exact match (every finding right, none extra): {exact}/{len(studies)} "
+        f"({exact / len(studies):.0%}). Lobes: each lobe's share of the gland's counts."
     )
+
+
+def _show_ignored(study: Study) -> None:
+    rows = _query(
+        "SELECT state, state_reason FROM study WHERE study_instance_uid = ?",
+        study.study_instance_uid,
+    )
+    if not rows or rows[0][0] != "IGNORED":
+        raise DemoError(f"the bone scan is {rows[0][0] if rows else 'not in the database'}, "
+                        "not IGNORED")  # fmt: skip
+    console.print(f"the bone scan (Tc-99m medronate) was IGNORED, no SR: {rows[0][1]}")
 
 
 def _show_sr(study: Study) -> None:
@@ -401,17 +591,21 @@ def _show_status_page(web_port: int) -> None:
         raise DemoError(f"the status page at {base} did not answer: {exc}") from None
     states = Counter(str(row["state"]) for row in rows)
     delivered = sum(1 for row in rows if row.get("sr") == "delivered")
-    done = sum(
-        sample.value
-        for family in text_string_to_metric_families(metrics)
-        for sample in family.samples
-        if sample.name == "mibi_node_jobs_finished_total" and sample.labels["outcome"] == "done"
+    done = Counter(
+        {
+            sample.labels["analysis"]: sample.value
+            for family in text_string_to_metric_families(metrics)
+            for sample in family.samples
+            if sample.name == "mibi_node_analysis_results_total"
+            and sample.labels["outcome"] == "done"
+        }
     )
     console.print(
         f"6. status page {base}/ lists {len(rows)} studies ("
         + ", ".join(f"{count} {state}" for state, count in sorted(states.items()))
-        + f"), {delivered} with the SR delivered; /metrics counts {done:.0f} analyses "
-        "done. Run `make demo DEMO_ARGS=--keep` to keep the node up and browse it."
+        + f"), {delivered} with the SR delivered; /metrics counts analyses done: "
+        + ", ".join(f"{name} {count:.0f}" for name, count in sorted(done.items()))
+        + ". Run `make demo DEMO_ARGS=--keep` to keep the node up and browse it."
     )
 
 
@@ -433,7 +627,7 @@ def main() -> None:
     build_seconds = 0.0
     code = 0
     try:
-        build_seconds = _ensure_bundle()
+        build_seconds = _ensure_bundles()
         shutil.rmtree(DATA, ignore_errors=True)
         SINK.mkdir(parents=True)
         with (DATA / "sink.log").open("wb") as sink_out, node_log.open("wb") as node_out:
@@ -451,10 +645,14 @@ def main() -> None:
             port = _free_port(11112)
             web_port = _free_port(8080)
             config = DATA / "demo.toml"
-            config.write_text(f"[web]\nport = {web_port}\n")
+            config.write_text(
+                f"[web]\nport = {web_port}\n\n"
+                f"[analyses.thyroid]\nenabled = true\nbundle = {json.dumps(str(THYROID_BUNDLE))}\n"
+            )
             console.print(
                 f"3. starting the node: AE MIBI_NODE on 127.0.0.1:{port}, data in {_rel(DATA)}, "
-                f"one CPU worker, results to DEMO_PACS (log: {_rel(node_log)})"
+                "analyses parathyroid and thyroid, one CPU worker hosting both bundles, results "
+                f"to DEMO_PACS (log: {_rel(node_log)})"
             )
             node = _start(
                 [
@@ -484,19 +682,23 @@ def main() -> None:
             _wait_for(port, node, "the node", node_log)
             _wait_for_worker(node)
             studies = _make_studies()
+            bone_scan = _make_bone_scan()
+            bone_scan.number = len(studies) + 1
+            mibi_count = sum(s.analysis == "parathyroid" for s in studies)
             console.print(
-                f"4. sending {len(studies)} synthetic dual-phase MIBI studies (phantoms, not "
+                f"4. sending {mibi_count} synthetic dual-phase MIBI studies, "
+                f"{len(studies) - mibi_count} thyroid scans and one bone scan (phantoms, not "
                 "patients) with DCMTK storescu as GAMMA_CAM1, one association per study"
             )
-            for study in studies:
+            for study in [*studies, bone_scan]:
                 _send(study, port)
             console.print(
                 f"5. waiting for the SRs (each study is complete after {QUIET_SECONDS} s "
                 "without a new instance; then a worker analyses it and the node sends the SR)"
             )
             _wait_for_srs(studies, node)
-            _show_results(studies)
-            _show_sr(studies[0])
+            _show_results(studies, bone_scan)
+            _show_sr(next(s for s in studies if s.analysis == "thyroid"))
             _show_status_page(web_port)
             if "--keep" in sys.argv[1:]:
                 console.print(
