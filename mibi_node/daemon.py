@@ -115,6 +115,9 @@ class Node:
         self.limit: AssociationLimit | None = None
         self._acceptors: list[BaseProcess] = []
         self._workers: list[BaseProcess] = []
+        # Set by a sweep that queued jobs: the workers this node started wait on it between
+        # polls, so a job starts at once instead of up to ``workers.poll_seconds`` later.
+        self._wake = multiprocessing.get_context("spawn").Event()
         self.results = FileStore(config.results_dir)
         self._stop_signal: int | None = None
         self._stopping = False
@@ -275,7 +278,7 @@ class Node:
         context = multiprocessing.get_context("spawn")
         process = context.Process(
             target=worker_main,
-            args=(self.config, self.config.workers.device, index, os.getpid()),
+            args=(self.config, self.config.workers.device, index, os.getpid(), self._wake),
             name=f"mibi-node-worker-{index}",
             daemon=False,
         )
@@ -308,7 +311,7 @@ class Node:
             self._step(
                 "stability sweep", mark_stable_studies, database, config.assembly.quiet_seconds
             )
-            self._step(
+            routed = self._step(
                 "routing sweep",
                 route_stable_studies,
                 database,
@@ -316,7 +319,11 @@ class Node:
                 config.selections(),
                 config.analysis_labels(),
             )
-            self._step("lease sweep", release_expired_jobs, database, config.jobs.max_attempts)
+            released = self._step(
+                "lease sweep", release_expired_jobs, database, config.jobs.max_attempts
+            )
+            if routed or released:
+                self._wake.set()
         finally:
             self._sweep_finished_at = time.monotonic()
 
@@ -340,8 +347,10 @@ class Node:
             "retention sweep", sweep_retention, self.database, self.files, self.config.retention
         )
 
-    def _step(self, name: str, function: Callable[..., object], *args: Any, **kwargs: Any) -> None:
+    def _step(self, name: str, function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         """Run one scheduled step; a failure is logged and the step runs again on schedule.
+
+        Returns what the step returned, None when it failed.
 
         A database error (PostgreSQL stopped, the network to it cut, SQLite's disk failing)
         is one line, not a traceback, when it starts and then at most once a minute (see
@@ -349,8 +358,9 @@ class Node:
         fill the journal with the same outage. When the step works again, that is logged.
         """
         outage = self._outages.setdefault(name, Outage())
+        result = None
         try:
-            function(*args, **kwargs)
+            result = function(*args, **kwargs)
         except OperationalError as exc:
             if outage.failed():
                 logger.error(
@@ -365,6 +375,7 @@ class Node:
         else:
             if outage.recovered():
                 logger.warning("%s works again", name)
+        return result
 
     def _ping_watchdog(self) -> None:
         """Send WATCHDOG=1 every half ``WatchdogSec`` while the assembly sweep keeps running.

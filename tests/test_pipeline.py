@@ -232,6 +232,24 @@ def test_study_to_sr_in_pacs(
     assert str(source.StudyInstanceUID) not in log
 
 
+def test_a_routed_job_wakes_the_idle_worker(
+    node_factory, pacs: StoreSCP, tiny_bundle: Path, studies
+) -> None:
+    """The sweep that queues a job wakes the node's worker: with a 120 s poll the SR still
+    comes within the minute (a worker that only polled would idle until the poll ends)."""
+    node = _node(node_factory, tiny_bundle, pacs.port, workers={"poll_seconds": 120.0})
+    _wait(
+        lambda: node.query("SELECT COUNT(*) FROM worker WHERE state = 'ready'")[0][0],
+        90,
+        "the worker's bundle loaded (then it idles on its 120 s poll)",
+        node,
+    )
+    time.sleep(1.0)  # past its first, empty claim
+    assert storescu(node.port, studies[0], calling="GAMMA_CAM1").returncode == 0
+    _wait(lambda: pacs.files(), 60, "the SR at the PACS before the worker's poll ends", node)
+    assert pydicom.dcmread(pacs.files()[0], stop_before_pixels=True).Modality == "SR"
+
+
 def test_phases_versions_and_a_phase_that_never_comes(
     node_factory, pacs: StoreSCP, tiny_bundle: Path, studies, tmp_path: Path, node_database
 ) -> None:

@@ -96,8 +96,12 @@ class Worker:
         device: str | None = None,
         name: str | None = None,
         notifier: Notifier | None = None,
+        wake: Any = None,
     ):
         self.config = config
+        #: An event (``multiprocessing.Event``) the node sets when a sweep queued jobs; the
+        #: loop waits on it between polls. None: poll every ``workers.poll_seconds``.
+        self.wake = wake
         self.device = device or config.workers.device
         self.name = name or f"{socket.gethostname()}-{os.getpid()}-{self.device}"[:64]
         self.database = open_database(config.database_url)  # a standalone worker may be first
@@ -251,6 +255,8 @@ class Worker:
         self.notifier.ready()
         try:
             while not should_stop():
+                if self.wake is not None:
+                    self.wake.clear()  # before the claim: a later set() is not missed
                 try:
                     claimed = self.load_bundle() and self.run_once()
                 except OperationalError as exc:
@@ -259,7 +265,10 @@ class Worker:
                     continue
                 self._database_works()
                 if not claimed:
-                    time.sleep(self.config.workers.poll_seconds)
+                    if self.wake is not None:
+                        self.wake.wait(self.config.workers.poll_seconds)
+                    else:
+                        time.sleep(self.config.workers.poll_seconds)
         finally:
             self.notifier.stopping()
             self._stop.set()
@@ -539,8 +548,14 @@ def _die_with_parent() -> None:
         pass
 
 
-def worker_main(config: Config, device: str, index: int, parent: int | None = None) -> None:
-    """Body of a worker process (``mibi-node worker`` or one that ``serve`` started)."""
+def worker_main(
+    config: Config, device: str, index: int, parent: int | None = None, wake: Any = None
+) -> None:
+    """Body of a worker process (``mibi-node worker`` or one that ``serve`` started).
+
+    ``wake`` is the node's event that its sweeps set when they queue jobs (a worker that
+    ``serve`` started); a standalone worker polls.
+    """
     from mibi_node.logs import configure_logging
 
     if parent is not None:
@@ -559,7 +574,7 @@ def worker_main(config: Config, device: str, index: int, parent: int | None = No
     # Only a worker that is a unit's main process talks to systemd: one that `serve`
     # started inherited the node's NOTIFY_SOCKET, and systemd would ignore it (and log).
     notifier = Notifier.from_environment() if parent is None else None
-    worker = Worker(config, device=device, notifier=notifier)
+    worker = Worker(config, device=device, notifier=notifier, wake=wake)
     logger.info("worker %s started on %s", worker.name, device)
 
     def _should_stop() -> bool:
