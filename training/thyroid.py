@@ -13,7 +13,7 @@ the same for each member alone (the cross-feature ResNet against the plain ResNe
 
 Usage::
 
-    python -m training.thyroid synth DATA --studies 400 --seed 0
+    python -m training.thyroid synth DATA --studies 1200 --seed 0
     python -m training.thyroid train config/thyroid-demo.toml DATA --out var/bundles/thyroid-demo
     python -m training.thyroid evaluate var/bundles/thyroid-demo DATA
 """
