@@ -31,6 +31,7 @@ import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from multiprocessing.process import BaseProcess
+from multiprocessing.synchronize import Event
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
@@ -117,7 +118,9 @@ class Node:
         self._workers: list[BaseProcess] = []
         # Set by a sweep that queued jobs: the workers this node started wait on it between
         # polls, so a job starts at once instead of up to ``workers.poll_seconds`` later.
-        self._wake = multiprocessing.get_context("spawn").Event()
+        # Made only with the first worker: a spawn-context Event starts multiprocessing's
+        # resource tracker, a child process a node without workers has no use for.
+        self._wake: Event | None = None
         self.results = FileStore(config.results_dir)
         self._stop_signal: int | None = None
         self._stopping = False
@@ -276,6 +279,8 @@ class Node:
         from mibi_node.inference.worker import worker_main
 
         context = multiprocessing.get_context("spawn")
+        if self._wake is None:
+            self._wake = context.Event()
         process = context.Process(
             target=worker_main,
             args=(self.config, self.config.workers.device, index, os.getpid(), self._wake),
@@ -322,7 +327,7 @@ class Node:
             released = self._step(
                 "lease sweep", release_expired_jobs, database, config.jobs.max_attempts
             )
-            if routed or released:
+            if (routed or released) and self._wake is not None:
                 self._wake.set()
         finally:
             self._sweep_finished_at = time.monotonic()

@@ -135,7 +135,10 @@ class NodeProcess:
         out = subprocess.run(
             ["pgrep", "-P", str(self.process.pid)], capture_output=True, text=True, check=False
         )
-        return [int(pid) for pid in out.stdout.split()]
+        # Acceptors are forked, so they run the parent's command line; spawned workers and
+        # multiprocessing's resource tracker run their own and are not acceptors.
+        parent = _cmdline(self.process.pid)
+        return [int(pid) for pid in out.stdout.split() if _cmdline(int(pid)) == parent]
 
     def query(self, sql: str) -> list[tuple[Any, ...]]:
         """Run a read-only SQL query on the node's database."""
@@ -145,6 +148,14 @@ class NodeProcess:
                 return [tuple(row) for row in connection.execute(text(sql))]
         finally:
             engine.dispose()
+
+
+def _cmdline(pid: int) -> bytes | None:
+    """A process' command line, or ``None`` once it has gone."""
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return None
 
 
 def dcmtk_env() -> dict[str, str]:
