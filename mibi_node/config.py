@@ -173,6 +173,9 @@ class AnalysisSettings(_Section):
     max_wait: float | None = Field(default=None, ge=0)
     #: Keys of :class:`~mibi_node.analyses.selection.SelectionRule` over the analysis' own.
     selection: dict[str, Any] = Field(default_factory=dict)
+    #: Send a key image beside the SR; default the analysis' own choice (the spine analysis
+    #: sends one), else ``report.key_image``.
+    key_image: bool | None = None
 
 
 class JobsConfig(_Section):
@@ -387,6 +390,16 @@ class Config(_Section):
         from mibi_node.analyses.registry import get_analysis
 
         return self.report.series_number + get_analysis(name).series_offset
+
+    def key_image_for(self, name: str) -> bool:
+        """Whether analysis ``name`` sends a key image beside its SR."""
+        settings = self.analyses.get(name, AnalysisSettings())
+        if settings.key_image is not None:
+            return settings.key_image
+        from mibi_node.analyses.registry import get_analysis
+
+        default = get_analysis(name).key_image_default
+        return default if default is not None else self.report.key_image
 
     @property
     def database_url(self) -> str:

@@ -166,3 +166,40 @@ def test_a_bundle_over_the_memory_budget_is_refused_at_start_with_the_figures(
     big = worker(needs.cpu_mb * 4)
     assert big.load_bundle() is True and set(big.runners) == {"parathyroid"}
     assert big.runners["parathyroid"].memory == needs
+
+
+def _mr(description: str, series: str = "T2_TSE_SAG", body_part: str = "LSPINE") -> Dataset:
+    header = Dataset()
+    header.Modality, header.SOPClassUID = "MR", "1.2.840.10008.5.1.4.1.1.4"
+    header.StudyDescription, header.SeriesDescription = description, series
+    header.BodyPartExamined = body_part
+    return header
+
+
+def test_the_spine_rule_takes_lumbar_mr_studies_only() -> None:
+    config = load_config(None)
+    selections = {name: config.selection(name) for name in ("parathyroid", "thyroid", "spine")}
+    for description in ("MRI LUMBAR SPINE", "MRT LWS nativ", "IRM rachis lombaire", "L-SPINE"):
+        decision = select_analyses([_mr(description)], "MR_SCANNER", selections)
+        assert decision.analyses is not None and set(decision.analyses) == {"spine"}, description
+    for description in ("MRI CERVICAL SPINE", "MRT HWS", "MRI KNEE RIGHT", "MRI BRAIN"):
+        decision = select_analyses([_mr(description, series="T2 SAG")], "MR_SCANNER", selections)
+        assert not decision.analyse, description
+        assert "spine: " in decision.reason, decision.reason
+    # A lumbar description on an NM study is not an MR study.
+    nm = _mr("MRI LUMBAR SPINE")
+    nm.Modality = "NM"
+    assert "spine" not in (select_analyses([nm], "CAM", selections).analyses or {})
+
+
+def test_the_key_image_follows_the_analysis_then_the_site(tmp_path: Path) -> None:
+    config = load_config(None)
+    assert config.key_image_for("spine") is True  # the spine analysis sends one by default
+    assert config.key_image_for("parathyroid") is False  # as report.key_image says
+    toml = tmp_path / "node.toml"
+    toml.write_text(
+        "[report]\nkey_image = true\n[analyses.spine]\nkey_image = false\n[analyses.thyroid]\n"
+    )
+    site = load_config(toml)
+    assert site.key_image_for("spine") is False
+    assert site.key_image_for("parathyroid") is True and site.key_image_for("thyroid") is True

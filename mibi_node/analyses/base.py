@@ -137,7 +137,8 @@ class EncodeContext:
     institution_name
         ``report.institution_name`` or ``None``.
     key_image
-        Whether the site wants a key image beside the SR (``report.key_image``).
+        Whether the site wants a key image beside the SR (``[analyses.<name>] key_image``,
+        else the analysis' :attr:`Analysis.key_image_default`, else ``report.key_image``).
     """
 
     device_uid: str
@@ -228,6 +229,9 @@ class Analysis(ABC):
     #: Added to ``report.series_number`` for this analysis' result series, so two analyses
     #: of one study land in two series.
     series_offset: ClassVar[int] = 0
+    #: Whether the analysis sends a key image unless ``[analyses.<name>] key_image`` says;
+    #: ``None``: as ``report.key_image`` says.
+    key_image_default: ClassVar[bool | None] = None
     #: Training recipe of the demonstration bundle (``mibi-node train --analysis NAME``).
     recipe: ClassVar[Path | None] = None
     #: Where ``make demo`` builds the demonstration bundle.

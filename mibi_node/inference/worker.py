@@ -491,7 +491,7 @@ class Worker:
                 series_instance_uid=job.sr_series_instance_uid or generate_uid(),
                 predecessor=predecessor,
                 institution_name=report.institution_name or None,
-                key_image=report.key_image,
+                key_image=self.config.key_image_for(job.analysis),
             ),
         )
         sr = documents[0]
