@@ -104,3 +104,16 @@ def test_a_probability_outside_0_1_is_refused(scan) -> None:
     bad = ThyroidResult(**{**result.__dict__, "probabilities": {**PROBABILITIES, "graves": 1.5}})
     with pytest.raises(ValueError, match="probabilit"):
         build_thyroid_sr(bad, sources, device_uid=generate_uid(), series_number=1)
+
+
+def test_a_clinical_bundle_states_the_thyroid_use_not_the_parathyroid_one(scan) -> None:
+    from dataclasses import replace
+
+    from mibi_node.analyses.thyroid.report import THYROID_CLINICAL_USE
+
+    result, sources = scan
+    clinical = replace(result, intended_use="clinical")
+    sr = build_thyroid_sr(clinical, sources, device_uid=generate_uid(), series_number=9911)
+    text = " ".join(str(v.value) for v in sr.iterall() if v.VR in ("UT", "LT", "ST"))
+    assert THYROID_CLINICAL_USE in text
+    assert "sestamibi" not in text and DEMONSTRATION_DISCLAIMER not in text

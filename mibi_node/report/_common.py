@@ -62,18 +62,20 @@ _PROBABILITY_TOLERANCE = 1e-4
 _UID = re.compile(r"(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*")
 
 
-def intended_use_text(intended_use: str) -> str:
+def intended_use_text(intended_use: str, clinical: str = _CLINICAL_USE) -> str:
     """Return the sentence the SR states for a bundle's intended use.
 
     Parameters
     ----------
     intended_use
         ``"demonstration"`` or ``"clinical"``, as in the bundle manifest.
+    clinical
+        The analysis' own sentence for a clinical bundle (default: the parathyroid one).
     """
     if intended_use == "demonstration":
         return DEMONSTRATION_DISCLAIMER
     if intended_use == "clinical":
-        return _CLINICAL_USE
+        return clinical
     raise ValueError(
         f'Argument "intended_use" should be "demonstration" or "clinical", not {intended_use!r}.'
     )

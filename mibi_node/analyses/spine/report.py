@@ -162,8 +162,7 @@ def spine_intended_use_text(intended_use: str) -> str:
         ``"demonstration"`` (the node's demonstration disclaimer, exactly) or
         ``"clinical"``.
     """
-    text = intended_use_text(intended_use)  # validates, and is the disclaimer for demos
-    return SPINE_CLINICAL_USE if intended_use == "clinical" else text
+    return intended_use_text(intended_use, clinical=SPINE_CLINICAL_USE)
 
 
 def check_spine_result(result: SpineResult) -> None:

@@ -96,6 +96,14 @@ _YES = CodedConcept("373066001", "SCT", "Yes")
 _SERIES_DESCRIPTION = "MIBI-NODE AI THYROID"
 
 
+#: The intended-use sentence of a clinical thyroid bundle.
+THYROID_CLINICAL_USE = (
+    "Computer-assisted assessment of thyroid scintigraphy (normal, Graves' disease, toxic "
+    "multinodular goitre, toxic adenoma, cold nodule, thyroiditis; multi-label) with the lobe "
+    "uptake split. The result supports, and does not replace, the reading physician."
+)
+
+
 def _check(result: ThyroidResult) -> None:
     if not isinstance(result, ThyroidResult):
         raise TypeError('Argument "result" should be a ThyroidResult.')
@@ -150,7 +158,7 @@ def build_thyroid_sr(
             "This report supersedes the earlier mibi-node report "
             f"{predecessor.SOPInstanceUID}, which should no longer be used.",
         )
-    intended = intended_use_text(result.intended_use)
+    intended = intended_use_text(result.intended_use, clinical=THYROID_CLINICAL_USE)
     observer = ObserverContext(
         observer_type=codes.DCM.Device,
         observer_identifying_attributes=DeviceObserverIdentifyingAttributes(
