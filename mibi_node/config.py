@@ -391,6 +391,15 @@ class Config(_Section):
 
         return self.report.series_number + get_analysis(name).series_offset
 
+    def analysis_storage_classes(self) -> tuple[str, ...]:
+        """Storage SOP Class UIDs the enabled analyses' studies arrive as (reception adds
+        them to its own set)."""
+        from mibi_node.analyses.registry import get_analysis
+
+        return tuple(
+            uid for name in self.enabled_analyses for uid in get_analysis(name).storage_sop_classes
+        )
+
     def key_image_for(self, name: str) -> bool:
         """Whether analysis ``name`` sends a key image beside its SR."""
         settings = self.analyses.get(name, AnalysisSettings())

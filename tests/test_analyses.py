@@ -203,3 +203,18 @@ def test_the_key_image_follows_the_analysis_then_the_site(tmp_path: Path) -> Non
     site = load_config(toml)
     assert site.key_image_for("spine") is False
     assert site.key_image_for("parathyroid") is True and site.key_image_for("thyroid") is True
+
+
+def test_reception_accepts_what_the_enabled_analyses_read(tmp_path: Path) -> None:
+    from mibi_node.reception.contexts import MIBI_STORAGE_CLASSES, storage_sop_classes
+
+    mr = "1.2.840.10008.5.1.4.1.1.4"
+    plain = load_config(None)
+    assert mr not in storage_sop_classes(False, plain.analysis_storage_classes())
+    toml = tmp_path / "node.toml"
+    toml.write_text("[analyses.spine]\n")
+    spine = load_config(toml)
+    accepted = storage_sop_classes(False, spine.analysis_storage_classes())
+    assert accepted[: len(MIBI_STORAGE_CLASSES)] == MIBI_STORAGE_CLASSES and mr in accepted
+    every = storage_sop_classes(True, spine.analysis_storage_classes())
+    assert len(every) == len(set(every)) and mr in every  # listed once with accept_all_storage

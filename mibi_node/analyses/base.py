@@ -229,6 +229,9 @@ class Analysis(ABC):
     #: Added to ``report.series_number`` for this analysis' result series, so two analyses
     #: of one study land in two series.
     series_offset: ClassVar[int] = 0
+    #: Storage SOP Class UIDs its studies arrive as beyond the node's own set (NM, Secondary
+    #: Capture, SR): reception accepts them while the analysis is enabled.
+    storage_sop_classes: ClassVar[tuple[str, ...]] = ()
     #: Whether the analysis sends a key image unless ``[analyses.<name>] key_image`` says;
     #: ``None``: as ``report.key_image`` says.
     key_image_default: ClassVar[bool | None] = None

@@ -6,6 +6,8 @@ transcoding; decoding compressed pixel data is the imaging reader's job.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from pydicom.uid import (
     JPEG2000,
     UID,
@@ -67,10 +69,14 @@ MIBI_STORAGE_CLASSES: tuple[UID, ...] = (
 )
 
 
-def storage_sop_classes(accept_all: bool) -> tuple[UID, ...]:
-    """The storage SOP classes to support: the MIBI set, or every one pynetdicom knows."""
+def storage_sop_classes(accept_all: bool, analyses: Iterable[str] = ()) -> tuple[UID, ...]:
+    """The storage SOP classes to support: the MIBI set and those the enabled analyses'
+    studies arrive as (``Analysis.storage_sop_classes``, e.g. MR Image Storage for the
+    spine), or every one pynetdicom knows."""
+    base = MIBI_STORAGE_CLASSES + tuple(
+        UID(uid) for uid in dict.fromkeys(analyses) if uid not in MIBI_STORAGE_CLASSES
+    )
     if not accept_all:
-        return MIBI_STORAGE_CLASSES
+        return base
     every = [UID(cx.abstract_syntax) for cx in AllStoragePresentationContexts if cx.abstract_syntax]
-    extra = [uid for uid in every if uid not in MIBI_STORAGE_CLASSES]
-    return MIBI_STORAGE_CLASSES + tuple(extra)
+    return base + tuple(uid for uid in every if uid not in base)

@@ -246,7 +246,9 @@ class StorageSCP:
         ae.require_called_aet = False
         ae.require_calling_aet = []
         ae.add_supported_context(VERIFICATION)
-        for uid in storage_sop_classes(reception.accept_all_storage):
+        for uid in storage_sop_classes(
+            reception.accept_all_storage, self.config.analysis_storage_classes()
+        ):
             ae.add_supported_context(uid, list(TRANSFER_SYNTAXES))
         return ae
 

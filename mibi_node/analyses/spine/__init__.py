@@ -72,6 +72,9 @@ class SpineAnalysis(Analysis):
     default_selection: ClassVar[SelectionRule] = SPINE_SELECTION
     completeness: ClassVar[Completeness] = Completeness(parts=("T2 sagittal",))
     series_offset: ClassVar[int] = 20
+    # MR Image Storage (one slice per instance); the reader does not read Enhanced MR
+    # (multi-frame) yet, so the node does not accept it for this analysis.
+    storage_sop_classes: ClassVar[tuple[str, ...]] = ("1.2.840.10008.5.1.4.1.1.4",)
     key_image_default: ClassVar[bool | None] = True
     recipe: ClassVar[Path | None] = Path("config/spine-demo.toml")
     default_bundle: ClassVar[Path | None] = Path("var/bundles/spine-demo")
