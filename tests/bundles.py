@@ -11,7 +11,13 @@ from pathlib import Path
 
 from mibi_node.inference.bundle import init_random_bundle
 
-__all__ = ["SLOW_RECIPE", "TINY_RECIPE", "random_bundle"]
+__all__ = [
+    "SLOW_RECIPE",
+    "TINY_RECIPE",
+    "random_bundle",
+    "random_spine_bundle",
+    "random_thyroid_bundle",
+]
 
 TINY_RECIPE = """
 name = "pipeline-test"
@@ -89,4 +95,36 @@ def random_thyroid_bundle(folder: Path) -> Path:
     }
     out = folder / "thyroid"
     write_thyroid_bundle(out, manifest, members, overwrite=True)
+    return out
+
+
+def random_spine_bundle(folder: Path) -> Path:
+    """A spine bundle (keypoint net + ROI classifier at 64 px) with random weights (seed 0)
+    in ``folder/spine``: eleven points of no meaning, the same code path as a trained one."""
+    import torch
+
+    from mibi_node.analyses.spine.bundle import write_spine_bundle
+    from mibi_node.analyses.spine.model import create_keypoint_model, create_roi_classifier
+
+    torch.manual_seed(0)
+    manifest = {
+        "name": "spine-random",
+        "version": "0.0.1",
+        "intended_use": "demonstration",
+        "input": {"size": 64, "channels": 3},
+        "crop": {"scale": 2.0, "size": 32},
+        "provenance": {
+            "created": "2026-01-01T00:00:00+00:00",
+            "package_version": "test",
+            "training_command": "tests.bundles.random_spine_bundle",
+        },
+    }
+    out = folder / "spine"
+    write_spine_bundle(
+        out,
+        manifest,
+        create_keypoint_model(decoder_channels=16),
+        create_roi_classifier(size=32, heads=2, embed_dim=16),
+        overwrite=True,
+    )
     return out

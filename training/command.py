@@ -170,10 +170,22 @@ def train(
     evaluate_test: Annotated[
         bool, typer.Option("--evaluate/--no-evaluate", help="Run the test module at the end.")
     ] = True,
+    analysis: Annotated[
+        str,
+        typer.Option(
+            "--analysis",
+            help="Which analysis' bundle: parathyroid (the ensemble), thyroid or spine "
+            "(its recipe defaults to config/<analysis>-demo.toml; the data folder is in its "
+            "own format, e.g. annotations.json beside the DICOM files for spine).",
+        ),
+    ] = "parathyroid",
 ) -> None:
     """Train the members of a recipe, fit the fusion, and write and evaluate a model bundle."""
     from mibi_node.errors import MibiNodeError
     from training.pipeline import train_bundle
+
+    if analysis != "parathyroid":
+        raise typer.Exit(_train_analysis(analysis, recipe, data, out))
 
     changes: dict[str, Any] = {} if epochs is None else {"epochs": epochs}
     command = shlex.join(["mibi-node", *sys.argv[1:]]) if sys.argv[1:2] == ["train"] else None
@@ -225,6 +237,24 @@ def train(
         highlight=False,
         soft_wrap=True,
     )
+
+
+#: The analyses whose training lives in a module of its own with a ``main(argv)``.
+_ANALYSIS_TRAINING = {"thyroid": "training.thyroid", "spine": "training.spine"}
+
+
+def _train_analysis(analysis: str, recipe: Path, data: Path, out: Path) -> int:
+    """``mibi-node train --analysis NAME``: that analysis' own ``train`` subcommand."""
+    from importlib import import_module
+
+    module = _ANALYSIS_TRAINING.get(analysis)
+    if module is None:
+        known = ", ".join(["parathyroid", *_ANALYSIS_TRAINING])
+        raise _fail(f"--analysis: no analysis called {analysis!r} trains here ({known})", 2)
+    if recipe == Path("config/ensemble-demo.toml"):  # the option's default: the analysis' own
+        recipe = Path(f"config/{analysis}-demo.toml")
+    code = import_module(module).main(["train", str(recipe), str(data), "--out", str(out)])
+    return int(code or 0)
 
 
 def evaluate(

@@ -1,0 +1,439 @@
+"""The spine analysis' model bundle: ``bundle.json`` plus two safetensors files.
+
+The manifest keeps the keys every analysis shares (:mod:`mibi_node.analyses.bundles`:
+``analysis``, ``intended_use``, ``memory``, ``evaluation``, ``changelog``) and the spine's
+own: the model input (square side, channels, percentile normalisation), the keypoint
+network (encoder, decoder width, stride, heatmap sigma), the ROI classifier (member
+architecture, head, crop size) with the crop rule (side = ``scale`` x the distance between
+a level's neighbours), each network's weight file with its sha256, and the provenance.
+Weights are written and hashed like the thyroid bundle's; the manifest is written last,
+atomically.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from mibi_node.errors import BundleError
+from mibi_node.imaging.preprocess import Normalisation
+from mibi_node.inference.bundle import Provenance
+from mibi_node.inference.recipe import NormalisationSection, describe_validation_error
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+    from mibi_node.analyses.spine.model import SpineKeypointNet
+    from mibi_node.inference.members import Member
+
+__all__ = [
+    "SPINE_FORMAT_VERSION",
+    "SpineBundle",
+    "SpineManifest",
+    "load_spine_bundle",
+    "record_spine_evaluation",
+    "spine_memory_needs",
+    "write_spine_bundle",
+]
+
+logger = logging.getLogger(__name__)
+
+SPINE_FORMAT_VERSION = 1
+MANIFEST_NAME = "bundle.json"
+_WEIGHTS = r"^[A-Za-z0-9_.\-]+\.safetensors$"
+_SHA = r"^[0-9a-f]{64}$"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SpineInputSection(_Section):
+    """The keypoint network's input: the slice stack padded to a square of ``size`` px."""
+
+    size: int = Field(default=192, ge=32, le=1024)
+    channels: int = Field(default=3, ge=1, le=9)
+
+
+class KeypointSection(_Section):
+    """The heatmap network: how to rebuild it and which file holds its weights."""
+
+    arch: str
+    decoder_channels: int = Field(ge=4)
+    stride: Literal[2, 4] = 4
+    sigma: float = Field(default=2.0, gt=0)
+    weights: str = Field(pattern=_WEIGHTS)
+    sha256: str = Field(pattern=_SHA)
+
+
+class ClassifierSection(_Section):
+    """The ROI classifier (a member with the vertebra and disc heads' logits)."""
+
+    arch: str
+    heads: int = Field(ge=1)
+    embed_dim: int = Field(ge=8)
+    weights: str = Field(pattern=_WEIGHTS)
+    sha256: str = Field(pattern=_SHA)
+
+
+class CropSection(_Section):
+    """The crop rule: side = ``scale`` x the neighbours' distance, resampled to ``size``."""
+
+    scale: float = Field(default=1.5, gt=0, le=8)
+    size: int = Field(default=48, ge=16, le=256)
+
+
+class MemoryHint(_Section):
+    """What the loaded bundle needs, in MiB."""
+
+    cpu_mb: float = Field(ge=0)
+    gpu_mb: float = Field(default=0.0, ge=0)
+
+
+class SpineManifest(_Section):
+    """The parsed spine ``bundle.json``."""
+
+    format_version: int
+    analysis: Literal["spine"]
+    name: str = Field(min_length=1)
+    version: str = Field(min_length=1)
+    intended_use: Literal["demonstration", "clinical"]
+    description: str = ""
+    input: SpineInputSection = SpineInputSection()
+    normalisation: NormalisationSection = NormalisationSection()
+    keypoints: KeypointSection
+    classifier: ClassifierSection
+    crop: CropSection = CropSection()
+    memory: MemoryHint
+    evaluation: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    changelog: dict[str, str] = Field(default_factory=dict)
+    provenance: Provenance
+
+    @model_validator(mode="after")
+    def _check(self) -> SpineManifest:
+        if self.format_version != SPINE_FORMAT_VERSION:
+            raise ValueError(
+                f"format_version {self.format_version} is not supported "
+                f"(this mibi-node reads {SPINE_FORMAT_VERSION})"
+            )
+        if self.keypoints.weights == self.classifier.weights:
+            raise ValueError("keypoints and classifier should have their own weight files")
+        if self.input.size % self.keypoints.stride:
+            raise ValueError(
+                f"input size {self.input.size} should be a multiple of the keypoint stride "
+                f"{self.keypoints.stride}"
+            )
+        return self
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class SpineBundle:
+    """A checked spine bundle folder (weights are read by the ``build_*`` methods).
+
+    Attributes
+    ----------
+    directory
+        The bundle folder.
+    manifest
+        Its parsed ``bundle.json``.
+    """
+
+    directory: Path
+    manifest: SpineManifest
+
+    @classmethod
+    def load(cls, directory: Path | str, *, verify: bool = True) -> SpineBundle:
+        """Read and check a bundle folder (see :func:`load_spine_bundle`)."""
+        return load_spine_bundle(directory, verify=verify)
+
+    @property
+    def name(self) -> str:
+        """Bundle name."""
+        return self.manifest.name
+
+    @property
+    def version(self) -> str:
+        """Bundle version."""
+        return self.manifest.version
+
+    @property
+    def intended_use(self) -> str:
+        """``demonstration`` or ``clinical``."""
+        return self.manifest.intended_use
+
+    @property
+    def input_size(self) -> int:
+        """Side of the square keypoint input."""
+        return self.manifest.input.size
+
+    @property
+    def channels(self) -> int:
+        """Slices stacked as channels (the middle one in the middle)."""
+        return self.manifest.input.channels
+
+    @property
+    def normalisation(self) -> Normalisation:
+        """Input normalisation."""
+        return self.manifest.normalisation.to_normalisation()
+
+    def build_keypoint_model(self, device: torch.device | str = "cpu") -> SpineKeypointNet:
+        """The keypoint network with its weights, on ``device``, in eval mode.
+
+        Raises
+        ------
+        BundleError
+            The weight file does not fit the network the manifest describes.
+        """
+        from mibi_node.analyses.spine.model import create_keypoint_model
+
+        entry = self.manifest.keypoints
+        model = create_keypoint_model(
+            entry.arch,
+            in_chans=self.channels,
+            decoder_channels=entry.decoder_channels,
+            stride=entry.stride,
+        )
+        _load_weights(model, self.directory / entry.weights, entry.arch, device)
+        return model.to(device).eval()
+
+    def build_classifier(self, device: torch.device | str = "cpu") -> Member:
+        """The ROI classifier with its weights, on ``device``, in eval mode.
+
+        Raises
+        ------
+        BundleError
+            The weight file does not fit the member the manifest describes.
+        """
+        from mibi_node.analyses.spine.model import create_roi_classifier
+
+        entry = self.manifest.classifier
+        member = create_roi_classifier(
+            entry.arch,
+            in_chans=self.channels,
+            size=self.manifest.crop.size,
+            heads=entry.heads,
+            embed_dim=entry.embed_dim,
+        )
+        _load_weights(member, self.directory / entry.weights, entry.arch, device)
+        return member.to(device).eval()
+
+
+def _load_weights(module: nn.Module, path: Path, arch: str, device: torch.device | str) -> None:
+    from safetensors.torch import load_file
+
+    try:
+        state = load_file(str(path), device=str(device))
+    except Exception as exc:  # safetensors raises its own errors for corrupt headers
+        raise BundleError(f"{path}: not a readable safetensors file ({exc})") from None
+    try:
+        module.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise BundleError(
+            f"{path}: does not fit the {arch} network described in {MANIFEST_NAME} ({first})"
+        ) from None
+
+
+def _read_manifest(directory: Path) -> SpineManifest:
+    path = directory / MANIFEST_NAME
+    if not directory.is_dir():
+        raise BundleError(f"spine bundle {directory}: no such folder")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise BundleError(f"spine bundle {directory}: it has no {MANIFEST_NAME}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise BundleError(f"{path}: cannot read it ({exc})") from None
+    except json.JSONDecodeError as exc:
+        raise BundleError(f"{path}: not valid JSON ({exc})") from None
+    try:
+        return SpineManifest.model_validate(data)
+    except ValidationError as exc:
+        raise BundleError(f"{path}: {describe_validation_error(exc)}") from None
+
+
+def load_spine_bundle(directory: Path | str, *, verify: bool = True) -> SpineBundle:
+    """Read a spine bundle folder and check it.
+
+    Parameters
+    ----------
+    directory
+        The folder holding ``bundle.json``.
+    verify
+        Check both weight files' sha256.
+
+    Raises
+    ------
+    BundleError
+        The folder or manifest is missing or invalid, or a weight file is missing or altered;
+        the message names the file.
+    """
+    directory = Path(directory)
+    manifest = _read_manifest(directory)
+    for role, entry in (("keypoints", manifest.keypoints), ("classifier", manifest.classifier)):
+        path = directory / entry.weights
+        if not path.is_file():
+            raise BundleError(f"{path}: weight file of the {role} network is missing")
+        if verify:
+            digest = _sha256(path)
+            if digest != entry.sha256:
+                raise BundleError(
+                    f"{path}: sha256 is {digest[:12]}... but {MANIFEST_NAME} says "
+                    f"{entry.sha256[:12]}... (file altered or replaced)"
+                )
+    logger.info(
+        "loaded spine bundle %s %s (%s)", manifest.name, manifest.version, manifest.intended_use
+    )
+    return SpineBundle(directory=directory, manifest=manifest)
+
+
+def spine_memory_needs(directory: Path | str) -> tuple[float, float]:
+    """``(cpu_mb, gpu_mb)`` the manifest declares, read without loading any weights."""
+    manifest = _read_manifest(Path(directory))
+    return float(manifest.memory.cpu_mb), float(manifest.memory.gpu_mb)
+
+
+def _estimate_memory(modules: list[nn.Module], size: int) -> dict[str, float]:
+    weights = (
+        sum(p.numel() * p.element_size() for m in modules for p in m.state_dict().values()) / 2**20
+    )
+    # a batch of 16 studies' activations at ``size`` px plus the source images
+    working = 250.0 + 16 * 0.004 * size * size / 64.0
+    return {"cpu_mb": round(weights + working, 1), "gpu_mb": round(weights + working, 1)}
+
+
+def _save(module: nn.Module, path: Path) -> str:
+    from safetensors.torch import save_file
+
+    state = {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
+    save_file(state, str(path), metadata={"format": "pt"})
+    return _sha256(path)
+
+
+def write_spine_bundle(
+    directory: Path | str,
+    manifest: Mapping[str, Any],
+    keypoint_model: SpineKeypointNet,
+    classifier: Member,
+    *,
+    overwrite: bool = False,
+) -> SpineBundle:
+    """Write both networks' weights and ``bundle.json`` (last, atomically) into a folder.
+
+    Parameters
+    ----------
+    directory
+        Target folder; created if needed.
+    manifest
+        ``bundle.json`` content. The ``keypoints`` and ``classifier`` sections may leave out
+        what the modules tell (``arch``, widths, ``weights``, ``sha256``); ``format_version``,
+        ``analysis`` and ``memory`` are filled in when missing.
+    keypoint_model, classifier
+        The trained networks.
+    overwrite
+        Replace an existing bundle in ``directory``.
+
+    Raises
+    ------
+    BundleError
+        The folder holds a bundle already, or the manifest is invalid.
+    """
+    directory = Path(directory)
+    if (directory / MANIFEST_NAME).exists() and not overwrite:
+        raise BundleError(f"spine bundle {directory}: already exists (pass overwrite)")
+    directory.mkdir(parents=True, exist_ok=True)
+    data = dict(manifest)
+    data.setdefault("format_version", SPINE_FORMAT_VERSION)
+    data.setdefault("analysis", "spine")
+    size = int(dict(data.get("input") or {}).get("size", SpineInputSection().size))
+    data.setdefault("memory", _estimate_memory([keypoint_model, classifier], size))
+    config = keypoint_model.config
+    data["keypoints"] = {
+        "sigma": 2.0,
+        **dict(data.get("keypoints") or {}),
+        "arch": config.arch,
+        "decoder_channels": config.decoder_channels,
+        "stride": config.stride,
+        "weights": "keypoints.safetensors",
+        "sha256": _save(keypoint_model, directory / "keypoints.safetensors"),
+    }
+    member = classifier.config
+    data["classifier"] = {
+        "arch": member.arch,
+        "heads": member.heads,
+        "embed_dim": member.embed_dim,
+        "weights": "classifier.safetensors",
+        "sha256": _save(classifier, directory / "classifier.safetensors"),
+    }
+    try:
+        checked = SpineManifest.model_validate(data)
+    except ValidationError as exc:
+        raise BundleError(f"spine bundle manifest: {describe_validation_error(exc)}") from None
+    if checked.crop.size != member.input_size:
+        raise BundleError(
+            f"spine bundle manifest: key 'crop.size' is {checked.crop.size} but the classifier "
+            f"was built for {member.input_size} px crops"
+        )
+    if checked.input.channels != config.in_chans:
+        raise BundleError(
+            f"spine bundle manifest: key 'input.channels' is {checked.input.channels} but the "
+            f"keypoint network takes {config.in_chans}"
+        )
+    tmp = directory / f".{MANIFEST_NAME}.tmp"
+    tmp.write_text(json.dumps(checked.model_dump(mode="json"), indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, directory / MANIFEST_NAME)
+    logger.info("wrote spine bundle %s %s to %s", checked.name, checked.version, directory)
+    return SpineBundle(directory=directory, manifest=checked)
+
+
+def record_spine_evaluation(
+    directory: Path | str,
+    metrics: Mapping[str, Any],
+    *,
+    split: str = "test",
+    version: str | None = None,
+) -> SpineBundle:
+    """Store figures under ``evaluation[version][split]`` of a bundle's manifest.
+
+    Figures of the other splits of that version are kept; the weights are left alone (their
+    hashes still hold) and the manifest is rewritten atomically. ``version`` defaults to the
+    bundle's own version.
+
+    Raises
+    ------
+    BundleError
+        The bundle cannot be read, or the figures are not JSON.
+    """
+    bundle = load_spine_bundle(directory, verify=False)
+    data = bundle.manifest.model_dump(mode="json")
+    key = version or bundle.version
+    evaluation = dict(data.get("evaluation") or {})
+    evaluation[key] = {**dict(evaluation.get(key) or {}), split: dict(metrics)}
+    data["evaluation"] = evaluation
+    try:
+        text = json.dumps(SpineManifest.model_validate(data).model_dump(mode="json"), indent=2)
+    except (TypeError, ValueError) as exc:
+        raise BundleError(
+            f"{bundle.directory / MANIFEST_NAME}: cannot store the figures ({exc})"
+        ) from None
+    tmp = bundle.directory / f".{MANIFEST_NAME}.tmp"
+    tmp.write_text(text + "\n", encoding="utf-8")
+    os.replace(tmp, bundle.directory / MANIFEST_NAME)
+    return load_spine_bundle(directory, verify=False)
