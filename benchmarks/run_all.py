@@ -12,6 +12,7 @@ BENCHMARKS = [
     "bench_denoise.py",
     "bench_inference.py",
     "bench_e2e.py",
+    "bench_spine.py",
     "bench_queue.py",
 ]
 
