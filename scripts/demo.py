@@ -1,15 +1,16 @@
 """`make demo`: the whole loop on one machine, from a gamma camera to an SR in PACS.
 
-1. builds the two demonstration model bundles once and reuses them afterwards: the
-   parathyroid (MIBI) ensemble from 600 phantom studies and, beside it on the other core,
-   the thyroid scintigraphy ensemble from 1200 thyroid phantoms (about 8 minutes together
-   on 2 CPU cores);
+1. builds the three demonstration model bundles once and reuses them afterwards: the
+   parathyroid (MIBI) ensemble from 600 phantom studies on one core, the thyroid
+   scintigraphy ensemble from 1200 thyroid phantoms on the other, and then, on the first
+   core, the lumbar spine keypoint bundle from spine MR phantoms (scripts/demo_spine.py);
 2. starts DCMTK storescp as the PACS that receives the SRs (AE DEMO_PACS);
-3. starts the node with two analyses (parathyroid, thyroid) and one CPU worker that hosts
-   both bundles and sends its SRs to that PACS;
-4. sends 10 MIBI studies, 6 thyroid scans and one bone scan (which no analysis takes) with
-   DCMTK storescu, one association per study, as a camera would;
-5. waits for the 16 SRs, then shows a table per analysis (truth, prediction, the time from
+3. starts the node with three analyses (parathyroid, thyroid, spine) and one CPU worker that
+   hosts the three bundles and sends its SRs (and the spine's key images) to that PACS;
+4. sends 10 MIBI studies, 6 thyroid scans, one bone scan (which no analysis takes) and 4
+   lumbar spine MR studies with DCMTK storescu, one association per study, as a camera or
+   scanner would;
+5. waits for the 20 SRs, then shows a table per analysis (truth, prediction, the time from
    each study's last instance to its SR in PACS), why the bone scan was IGNORED, and one SR
    as DCMTK's dsrdump prints it.
 
@@ -36,6 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
+import demo_spine
 from prometheus_client.parser import text_string_to_metric_families
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -89,6 +91,7 @@ class Study:
     probabilities: dict[str, float] | None = None
     reported: tuple[str, ...] = ()  # thyroid: the findings the SR reports
     lobe_uptake: dict[str, float] | None = None  # thyroid: right/left share
+    spine: demo_spine.SpineTruth | None = None  # spine: the phantom's points, the SR's
 
 
 def _rel(path: Path) -> str:
@@ -136,41 +139,38 @@ def _ensure_storescu() -> None:
 # -- 1. the model bundles --------------------------------------------------------------------
 
 
-class ThyroidBuild:
-    """Builds the thyroid demo bundle in a background thread (phantoms, then training).
+class BackgroundBuild:
+    """Builds one analysis' demo bundle in a background thread (phantoms, then training).
 
     Its commands run as child processes with one thread each, so the MIBI training beside
     it keeps the other core; what they print goes to a log, read when something fails.
     """
 
-    def __init__(self) -> None:
-        self.log = VAR / "demo-thyroid-build.log"
+    def __init__(
+        self, what: str, bundle: Path, data: Path, steps: list[tuple[str, list[str]]]
+    ) -> None:
+        self.what = what
+        self.bundle = bundle
+        self.data = data  # the training phantoms, made afresh by the first step
+        self.steps = steps
+        self.log = VAR / f"demo-{what}-build.log"
         self.error: str | None = None
         self.seconds = 0.0
-        self._thread = threading.Thread(target=self._run, name="thyroid-build", daemon=True)
+        self._thread = threading.Thread(target=self._run, name=f"{what}-build", daemon=True)
 
     @property
     def needed(self) -> bool:
-        return not (THYROID_BUNDLE / "bundle.json").is_file()
+        return not (self.bundle / "bundle.json").is_file()
 
     def start(self) -> None:
         self._thread.start()
 
     def _run(self) -> None:
         started = time.monotonic()
-        python = str(BIN / "python")
-        steps = [
-            ("generating the thyroid training phantoms",
-             [python, "-m", "training.thyroid", "synth", str(THYROID_TRAIN_DATA), "--studies",
-              str(THYROID_TRAIN_STUDIES), "--seed", "0"]),
-            ("training the thyroid bundle",
-             [python, "-m", "training.thyroid", "train", str(THYROID_RECIPE),
-              str(THYROID_TRAIN_DATA), "--out", str(THYROID_BUNDLE)]),
-        ]  # fmt: skip
         self.log.parent.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(THYROID_TRAIN_DATA, ignore_errors=True)
+        shutil.rmtree(self.data, ignore_errors=True)
         with self.log.open("wb") as out:
-            for what, command in steps:
+            for what, command in self.steps:
                 code = subprocess.run(
                     command, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, check=False
                 ).returncode
@@ -182,32 +182,67 @@ class ThyroidBuild:
     def wait(self) -> float:
         """Wait for the build; returns its seconds, raises DemoError when it failed."""
         if self._thread.is_alive():
-            console.print("   waiting for the thyroid bundle that trains beside it ...")
+            console.print(f"   waiting for the {self.what} bundle that trains beside it ...")
         self._thread.join()
-        if self.error is not None or not (THYROID_BUNDLE / "bundle.json").is_file():
-            raise DemoError(self.error or f"no thyroid bundle was written; see {_rel(self.log)}")
-        console.print(f"   thyroid bundle ready in {self.seconds / 60:.1f} min")
+        if self.error is not None or not (self.bundle / "bundle.json").is_file():
+            raise DemoError(
+                self.error or f"no {self.what} bundle was written; see {_rel(self.log)}"
+            )
+        console.print(f"   {self.what} bundle ready in {self.seconds / 60:.1f} min")
         return self.seconds
 
 
+def _thyroid_build() -> BackgroundBuild:
+    python = str(BIN / "python")
+    return BackgroundBuild(
+        "thyroid",
+        THYROID_BUNDLE,
+        THYROID_TRAIN_DATA,
+        [
+            ("generating the thyroid training phantoms",
+             [python, "-m", "training.thyroid", "synth", str(THYROID_TRAIN_DATA), "--studies",
+              str(THYROID_TRAIN_STUDIES), "--seed", "0"]),
+            ("training the thyroid bundle",
+             [python, "-m", "training.thyroid", "train", str(THYROID_RECIPE),
+              str(THYROID_TRAIN_DATA), "--out", str(THYROID_BUNDLE)]),
+        ],
+    )  # fmt: skip
+
+
 def _ensure_bundles() -> float:
-    """Both demo bundles, built where missing; returns the seconds spent building them."""
+    """The three demo bundles, built where missing; returns the seconds spent building them.
+
+    The thyroid bundle trains on one core beside the MIBI bundle on the other; the spine
+    bundle trains on the MIBI core once the MIBI bundle is done.
+    """
     started = time.monotonic()
-    thyroid = ThyroidBuild()
+    thyroid = _thyroid_build()
     if thyroid.needed:
         console.print(
             f"1. building the thyroid demonstration bundle in {_rel(THYROID_BUNDLE)}: "
             f"{THYROID_TRAIN_STUDIES} thyroid phantoms, then two members trained first on "
-            "single-finding scans and then on the cross-training set (one core, about 3 minutes, "
+            "single-finding scans and then on the cross-training set (one core, about 7 minutes, "
             f"log: {_rel(thyroid.log)})"
         )
         thyroid.start()
     else:
         _reusing(THYROID_BUNDLE, "thyroid")
     mibi = _ensure_bundle()
-    if thyroid.needed:
-        thyroid.wait()
-    return time.monotonic() - started if (mibi or thyroid.seconds) else 0.0
+    spine = demo_spine.build(BackgroundBuild)
+    if spine.needed:
+        console.print(
+            f"   building the spine demonstration bundle in {_rel(spine.bundle)}: "
+            f"{demo_spine.TRAIN_STUDIES} lumbar MR phantoms (T2 sagittal), then the keypoint "
+            f"model and the level classifier (one core, log: {_rel(spine.log)})"
+        )
+        spine.start()
+    else:
+        _reusing(spine.bundle, "spine")
+    for build in (thyroid, spine):
+        if build.needed:
+            build.wait()
+    built = mibi or thyroid.seconds or spine.seconds
+    return time.monotonic() - started if built else 0.0
 
 
 def _reusing(bundle: Path, what: str) -> str:
@@ -350,6 +385,10 @@ def _make_studies() -> list[Study]:
               THYROID_STUDIES / row["folder"], analysis="thyroid")
         for n, row in enumerate(thyroid_rows, start=1)
     ]  # fmt: skip
+    studies += [
+        Study(len(studies) + n, uid, "", folder, analysis="spine", spine=truth)
+        for n, (uid, folder, truth) in enumerate(demo_spine.make_studies(), start=1)
+    ]
     return studies
 
 
@@ -380,7 +419,8 @@ def _make_bone_scan() -> Study:
 
 def _send(study: Study, port: int) -> None:
     files = sorted(study.folder.glob("*.dcm"))
-    command = ["storescu", "-aet", "GAMMA_CAM1", "-aec", "MIBI_NODE", "127.0.0.1", str(port)]
+    calling = "MR_SCANNER" if study.analysis == "spine" else "GAMMA_CAM1"
+    command = ["storescu", "-aet", calling, "-aec", "MIBI_NODE", "127.0.0.1", str(port)]
     done = subprocess.run(
         [*command, *map(str, files)], env=DCMTK_ENV, capture_output=True, check=False
     )
@@ -410,7 +450,9 @@ def _collect_srs(studies: list[Study], seen: set[Path]) -> None:
         if study is None or not str(dataset.get("SOPClassUID", "")).startswith(SR_STORAGE_PREFIX):
             continue
         study.sr_path, study.sr_arrived_at = path, arrived
-        if study.analysis == "thyroid":
+        if study.analysis == "spine" and study.spine is not None:
+            demo_spine.read_sr(dataset, study.spine)
+        elif study.analysis == "thyroid":
             report = read_thyroid_report(dataset)
             study.probabilities, study.reported = report.probabilities, report.reported
             study.lobe_uptake = report.lobe_uptake
@@ -477,6 +519,14 @@ def _agreements() -> dict[str, str]:
 def _show_results(studies: list[Study], ignored: Study) -> None:
     _show_mibi([s for s in studies if s.analysis == "parathyroid"])
     _show_thyroid([s for s in studies if s.analysis == "thyroid"])
+    demo_spine.show(
+        console,
+        [
+            (s.number, s.spine, s.sr_arrived_at - s.sent_at)
+            for s in studies
+            if s.analysis == "spine" and s.spine is not None
+        ],
+    )
     _show_ignored(ignored)
     console.print(
         "Last image -> SR: from the study's last instance acknowledged to its SR in the PACS, "
@@ -648,11 +698,12 @@ def main() -> None:
             config.write_text(
                 f"[web]\nport = {web_port}\n\n"
                 f"[analyses.thyroid]\nenabled = true\nbundle = {json.dumps(str(THYROID_BUNDLE))}\n"
+                f"[analyses.spine]\nenabled = true\nbundle = {json.dumps(str(demo_spine.BUNDLE))}\n"
             )
             console.print(
                 f"3. starting the node: AE MIBI_NODE on 127.0.0.1:{port}, data in {_rel(DATA)}, "
-                "analyses parathyroid and thyroid, one CPU worker hosting both bundles, results "
-                f"to DEMO_PACS (log: {_rel(node_log)})"
+                "analyses parathyroid, thyroid and spine, one CPU worker hosting the three "
+                f"bundles, results to DEMO_PACS (log: {_rel(node_log)})"
             )
             node = _start(
                 [
@@ -684,11 +735,12 @@ def main() -> None:
             studies = _make_studies()
             bone_scan = _make_bone_scan()
             bone_scan.number = len(studies) + 1
-            mibi_count = sum(s.analysis == "parathyroid" for s in studies)
+            count = Counter(s.analysis for s in studies)
             console.print(
-                f"4. sending {mibi_count} synthetic dual-phase MIBI studies, "
-                f"{len(studies) - mibi_count} thyroid scans and one bone scan (phantoms, not "
-                "patients) with DCMTK storescu as GAMMA_CAM1, one association per study"
+                f"4. sending {count['parathyroid']} synthetic dual-phase MIBI studies, "
+                f"{count['thyroid']} thyroid scans and one bone scan as GAMMA_CAM1, and "
+                f"{count['spine']} lumbar spine MR studies (T1/T2 sagittal, T2 axial) as "
+                "MR_SCANNER (phantoms, not patients) with DCMTK storescu, one association per study"
             )
             for study in [*studies, bone_scan]:
                 _send(study, port)
