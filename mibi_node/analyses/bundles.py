@@ -26,12 +26,26 @@ analysis' manifest names its inputs and outputs in its own terms) and ``models/m
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
+from typing import TypeVar
+
+from pydantic import BaseModel, ValidationError
 
 from mibi_node.analyses.base import MemoryNeeds
+from mibi_node.errors import BundleError
 
-__all__ = ["MANIFEST_NAMES", "bundle_analysis", "manifest_memory", "weights_megabytes"]
+__all__ = [
+    "MANIFEST_NAMES",
+    "bundle_analysis",
+    "file_sha256",
+    "manifest_memory",
+    "read_manifest",
+    "weights_megabytes",
+]
+
+_Manifest = TypeVar("_Manifest", bound=BaseModel)
 
 #: The manifest file names the node looks for, in order.
 MANIFEST_NAMES = ("bundle.json",)
@@ -75,3 +89,40 @@ def manifest_memory(bundle: Path) -> MemoryNeeds | None:
 def weights_megabytes(bundle: Path) -> float:
     """Size of the bundle's weight files in MiB (what loading them costs at most in fp32)."""
     return sum(path.stat().st_size for path in Path(bundle).glob("*.safetensors")) / 2**20
+
+
+def file_sha256(path: Path) -> str:
+    """The sha256 of a weight file, read in 1 MiB chunks (the manifests record it)."""
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def read_manifest(directory: Path, model: type[_Manifest], what: str) -> _Manifest:
+    """Read and validate ``directory/bundle.json`` as ``model``.
+
+    Raises
+    ------
+    BundleError
+        The folder or the file is missing, unreadable, not JSON or not a valid manifest;
+        the message names the file (``what`` names the bundle kind, e.g. "spine bundle").
+    """
+    from mibi_node.inference.recipe import describe_validation_error
+
+    path = directory / MANIFEST_NAMES[0]
+    if not directory.is_dir():
+        raise BundleError(f"{what} {directory}: no such folder")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise BundleError(f"{what} {directory}: it has no {path.name}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise BundleError(f"{path}: cannot read it ({exc})") from None
+    except json.JSONDecodeError as exc:
+        raise BundleError(f"{path}: not valid JSON ({exc})") from None
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise BundleError(f"{path}: {describe_validation_error(exc)}") from None

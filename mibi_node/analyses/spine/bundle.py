@@ -12,7 +12,6 @@ atomically.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -23,6 +22,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from mibi_node.analyses.bundles import file_sha256, read_manifest
 from mibi_node.errors import BundleError
 from mibi_node.imaging.preprocess import Normalisation
 from mibi_node.inference.bundle import Provenance
@@ -135,14 +135,6 @@ class SpineManifest(_Section):
         return self
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 @dataclass(frozen=True)
 class SpineBundle:
     """A checked spine bundle folder (weights are read by the ``build_*`` methods).
@@ -252,21 +244,7 @@ def _load_weights(module: nn.Module, path: Path, arch: str, device: torch.device
 
 
 def _read_manifest(directory: Path) -> SpineManifest:
-    path = directory / MANIFEST_NAME
-    if not directory.is_dir():
-        raise BundleError(f"spine bundle {directory}: no such folder")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise BundleError(f"spine bundle {directory}: it has no {MANIFEST_NAME}") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise BundleError(f"{path}: cannot read it ({exc})") from None
-    except json.JSONDecodeError as exc:
-        raise BundleError(f"{path}: not valid JSON ({exc})") from None
-    try:
-        return SpineManifest.model_validate(data)
-    except ValidationError as exc:
-        raise BundleError(f"{path}: {describe_validation_error(exc)}") from None
+    return read_manifest(directory, SpineManifest, "spine bundle")
 
 
 def load_spine_bundle(directory: Path | str, *, verify: bool = True) -> SpineBundle:
@@ -292,7 +270,7 @@ def load_spine_bundle(directory: Path | str, *, verify: bool = True) -> SpineBun
         if not path.is_file():
             raise BundleError(f"{path}: weight file of the {role} network is missing")
         if verify:
-            digest = _sha256(path)
+            digest = file_sha256(path)
             if digest != entry.sha256:
                 raise BundleError(
                     f"{path}: sha256 is {digest[:12]}... but {MANIFEST_NAME} says "
@@ -324,7 +302,7 @@ def _save(module: nn.Module, path: Path) -> str:
 
     state = {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
     save_file(state, str(path), metadata={"format": "pt"})
-    return _sha256(path)
+    return file_sha256(path)
 
 
 def write_spine_bundle(

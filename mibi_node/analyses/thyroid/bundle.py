@@ -11,7 +11,6 @@ Weights are written and hashed like the parathyroid bundle's
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -23,6 +22,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from mibi_node.analyses.bundles import file_sha256, read_manifest
 from mibi_node.analyses.thyroid.result import FINDINGS
 from mibi_node.errors import BundleError
 from mibi_node.imaging.preprocess import Normalisation
@@ -153,14 +153,6 @@ def default_findings() -> list[dict[str, str]]:
     ]
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 @dataclass(frozen=True)
 class ThyroidBundle:
     """A checked thyroid bundle folder (weights are read by :meth:`build_member`).
@@ -277,21 +269,7 @@ class ThyroidBundle:
 
 
 def _read_manifest(directory: Path) -> ThyroidManifest:
-    path = directory / MANIFEST_NAME
-    if not directory.is_dir():
-        raise BundleError(f"thyroid bundle {directory}: no such folder")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise BundleError(f"thyroid bundle {directory}: it has no {MANIFEST_NAME}") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise BundleError(f"{path}: cannot read it ({exc})") from None
-    except json.JSONDecodeError as exc:
-        raise BundleError(f"{path}: not valid JSON ({exc})") from None
-    try:
-        return ThyroidManifest.model_validate(data)
-    except ValidationError as exc:
-        raise BundleError(f"{path}: {describe_validation_error(exc)}") from None
+    return read_manifest(directory, ThyroidManifest, "thyroid bundle")
 
 
 def load_thyroid_bundle(directory: Path | str, *, verify: bool = True) -> ThyroidBundle:
@@ -317,7 +295,7 @@ def load_thyroid_bundle(directory: Path | str, *, verify: bool = True) -> Thyroi
         if not path.is_file():
             raise BundleError(f"{path}: weight file of member {member.name!r} is missing")
         if verify:
-            digest = _sha256(path)
+            digest = file_sha256(path)
             if digest != member.sha256:
                 raise BundleError(
                     f"{path}: sha256 is {digest[:12]}... but {MANIFEST_NAME} says "
@@ -408,7 +386,7 @@ def write_thyroid_bundle(
                 "embed_dim": module.config.embed_dim,
                 "input_size": module.config.input_size,
                 "weights": filename,
-                "sha256": _sha256(path),
+                "sha256": file_sha256(path),
             }
         )
     data["members"] = entries
