@@ -64,6 +64,14 @@ NODE = [str(BIN / "mibi-node")]
 STUDY_COUNT = 10
 QUIET_SECONDS = 2
 SR_TIMEOUT = 600.0
+# The bundles train side by side, one core each: one thread per process for every library
+# that would start its own (torch sets its own from the recipes).
+ONE_THREAD_ENV = {
+    **os.environ,
+    "OMP_NUM_THREADS": "1",
+    "MKL_NUM_THREADS": "1",
+    "OPENBLAS_NUM_THREADS": "1",
+}
 # Without TCP_NODELAY every DCMTK C-STORE stalls on Nagle's algorithm (about 40 ms twice).
 DCMTK_ENV = {**os.environ, "TCP_NODELAY": "1"}
 SR_STORAGE_PREFIX = "1.2.840.10008.5.1.4.1.1.88."
@@ -172,7 +180,12 @@ class BackgroundBuild:
         with self.log.open("wb") as out:
             for what, command in self.steps:
                 code = subprocess.run(
-                    command, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, check=False
+                    command,
+                    cwd=ROOT,
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                    env=ONE_THREAD_ENV,
+                    check=False,
                 ).returncode
                 if code:
                     self.error = f"{what} failed (exit status {code}); see {_rel(self.log)}"
@@ -274,7 +287,7 @@ def _ensure_bundle() -> float:
     )
     shutil.rmtree(TRAIN_DATA, ignore_errors=True)
     synth = [*NODE, "synth", "--out", str(TRAIN_DATA), "--studies", "600", "--seed", "1"]
-    if subprocess.run(synth, cwd=ROOT, check=False).returncode:
+    if subprocess.run(synth, cwd=ROOT, env=ONE_THREAD_ENV, check=False).returncode:
         raise DemoError("generating the 600 training phantoms failed (see the message above)")
     train = [
         *NODE,
@@ -288,8 +301,12 @@ def _ensure_bundle() -> float:
         "--overwrite",
         "--cache",
         str(CACHE),
+        # One thread: the thyroid bundle trains on the other core. Two torch threads beside
+        # it made every epoch 5-9 times slower (OpenMP threads waiting on a busy core).
+        "--threads",
+        "1",
     ]
-    code = subprocess.run(train, cwd=ROOT, check=False).returncode
+    code = subprocess.run(train, cwd=ROOT, env=ONE_THREAD_ENV, check=False).returncode
     if code or not manifest.is_file():
         raise DemoError(
             f"training the demo bundle failed (exit status {code}); the reason is printed "

@@ -170,6 +170,15 @@ def train(
     evaluate_test: Annotated[
         bool, typer.Option("--evaluate/--no-evaluate", help="Run the test module at the end.")
     ] = True,
+    threads: Annotated[
+        int | None,
+        typer.Option(
+            "--threads",
+            min=1,
+            help="Replace the recipe's CPU thread count (1 when another training shares the "
+            "machine: torch threads beyond the free cores slow both down several times).",
+        ),
+    ] = None,
     analysis: Annotated[
         str,
         typer.Option(
@@ -188,6 +197,8 @@ def train(
         raise typer.Exit(_train_analysis(analysis, recipe, data, out))
 
     changes: dict[str, Any] = {} if epochs is None else {"epochs": epochs}
+    if threads is not None:
+        changes["threads"] = threads
     command = shlex.join(["mibi-node", *sys.argv[1:]]) if sys.argv[1:2] == ["train"] else None
     try:
         with _progress() as progress:
