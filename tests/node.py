@@ -129,16 +129,25 @@ class NodeProcess:
                 return pids
             time.sleep(0.1)
 
-    def acceptor_pids(self) -> list[int]:
-        """Process ids of the node's acceptor children."""
+    def child_pids(self) -> list[int]:
+        """Process ids of all the node's children (acceptors, workers, helpers)."""
         assert self.process is not None
         out = subprocess.run(
             ["pgrep", "-P", str(self.process.pid)], capture_output=True, text=True, check=False
         )
+        return [int(pid) for pid in out.stdout.split()]
+
+    def acceptor_pids(self) -> list[int]:
+        """Process ids of the node's acceptor children."""
+        assert self.process is not None
         # Acceptors are forked, so they run the parent's command line; spawned workers and
         # multiprocessing's resource tracker run their own and are not acceptors.
         parent = _cmdline(self.process.pid)
-        return [int(pid) for pid in out.stdout.split() if _cmdline(int(pid)) == parent]
+        return [pid for pid in self.child_pids() if _cmdline(pid) == parent]
+
+    def worker_pids(self) -> list[int]:
+        """Process ids of the node's spawned worker children (not the resource tracker)."""
+        return [pid for pid in self.child_pids() if b"spawn_main" in (_cmdline(pid) or b"")]
 
     def query(self, sql: str) -> list[tuple[Any, ...]]:
         """Run a read-only SQL query on the node's database."""

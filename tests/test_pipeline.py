@@ -82,7 +82,10 @@ class StoreSCP:
             self.process.wait(10)
 
     def files(self) -> list[Path]:
-        return sorted(self.folder.glob("*"))
+        """The files storescp has written; one written to in the last 0.5 s may still be
+        incomplete (storescp writes in place), so it is listed on a later look."""
+        settled = time.time() - 0.5
+        return sorted(p for p in self.folder.glob("*") if p.stat().st_mtime < settled)
 
 
 @pytest.fixture

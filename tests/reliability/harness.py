@@ -199,14 +199,7 @@ def wait_for(
 def children(node: NodeProcess) -> tuple[list[int], list[int]]:
     """The node's acceptor processes (forked) and worker processes (spawned)."""
     assert node.process is not None
-    acceptors, workers = [], []
-    for pid in node.acceptor_pids():
-        try:
-            command = Path(f"/proc/{pid}/cmdline").read_bytes()
-        except OSError:
-            continue
-        (workers if b"multiprocessing" in command else acceptors).append(pid)
-    return acceptors, workers
+    return node.acceptor_pids(), node.worker_pids()
 
 
 def rss_mib(pid: int) -> float:
