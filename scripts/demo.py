@@ -454,27 +454,32 @@ def _collect_srs(studies: list[Study], seen: set[Path]) -> None:
     from mibi_node.report import read_probabilities
 
     by_uid = {s.study_instance_uid: s for s in studies}
+    # storescp writes a file in place: one written to in the last half second may be
+    # incomplete (a truncated SR still parses, with groups missing), so it waits a look.
+    settled = time.time() - 0.5
     for path in sorted(SINK.glob("*")):
         if path in seen or not path.is_file():
             continue
         try:
-            dataset = pydicom.dcmread(path)
             arrived = path.stat().st_mtime
+            if arrived > settled:
+                continue
+            dataset = pydicom.dcmread(path)
+            study = by_uid.get(str(dataset.get("StudyInstanceUID", "")))
+            is_sr = str(dataset.get("SOPClassUID", "")).startswith(SR_STORAGE_PREFIX)
+            if study is not None and is_sr:
+                if study.analysis == "spine" and study.spine is not None:
+                    demo_spine.read_sr(dataset, study.spine)
+                elif study.analysis == "thyroid":
+                    report = read_thyroid_report(dataset)
+                    study.probabilities, study.reported = report.probabilities, report.reported
+                    study.lobe_uptake = report.lobe_uptake
+                else:
+                    study.probabilities = read_probabilities(dataset)
+                study.sr_path, study.sr_arrived_at = path, arrived
         except Exception:  # still being written: try again on the next look
             continue
         seen.add(path)
-        study = by_uid.get(str(dataset.get("StudyInstanceUID", "")))
-        if study is None or not str(dataset.get("SOPClassUID", "")).startswith(SR_STORAGE_PREFIX):
-            continue
-        study.sr_path, study.sr_arrived_at = path, arrived
-        if study.analysis == "spine" and study.spine is not None:
-            demo_spine.read_sr(dataset, study.spine)
-        elif study.analysis == "thyroid":
-            report = read_thyroid_report(dataset)
-            study.probabilities, study.reported = report.probabilities, report.reported
-            study.lobe_uptake = report.lobe_uptake
-        else:
-            study.probabilities = read_probabilities(dataset)
 
 
 def _check_failures(studies: list[Study]) -> None:
