@@ -141,7 +141,10 @@ def test_two_receivers_three_workers_every_study_analysed_once(
         "database": {"url": postgres_server.create_database()},
         "storage": {"root": shared / "store", "results_root": shared / "results"},
         "workers": {"count": 0, "device": "cpu", "bundle": bundle, "poll_seconds": 0.1},
-        "jobs": {"lease_seconds": 3, "batch_size": 1, "max_attempts": 3},
+        # 8 s: a 3 s lease ran out under a saturated 2-core host (three workers, two
+        # receivers, PostgreSQL) and a study was analysed twice; the kill below still
+        # shows a lease running out.
+        "jobs": {"lease_seconds": 8, "batch_size": 1, "max_attempts": 3},
         "dispatch": {
             "destinations": [{"ae_title": "PACS", "host": "127.0.0.1", "port": pacs.port}],
             "initial_backoff_seconds": 0.5,
