@@ -235,6 +235,8 @@ class Analysis(ABC):
     #: Whether the analysis sends a key image unless ``[analyses.<name>] key_image`` says;
     #: ``None``: as ``report.key_image`` says.
     key_image_default: ClassVar[bool | None] = None
+    #: MiB one batch needs on top of the weights, when the manifest declares no ``memory``.
+    working_memory_mb: ClassVar[float] = 300.0
     #: Training recipe of the demonstration bundle (``mibi-node train --analysis NAME``).
     recipe: ClassVar[Path | None] = None
     #: Where ``make demo`` builds the demonstration bundle.
@@ -253,9 +255,18 @@ class Analysis(ABC):
 
     # -- bundle and runner ---------------------------------------------------------------
 
-    @abstractmethod
     def memory_needs(self, bundle: Path, device: str) -> MemoryNeeds:
-        """What loading ``bundle`` on ``device`` will cost, without loading it."""
+        """What loading ``bundle`` on ``device`` will cost, without loading it: the
+        manifest's ``memory``, else the weight files' size plus :attr:`working_memory_mb`."""
+        from mibi_node.analyses.bundles import manifest_memory, weights_megabytes
+
+        declared = manifest_memory(bundle)
+        if declared is not None:
+            return declared
+        weights, working = weights_megabytes(bundle), self.working_memory_mb
+        if device.startswith("cuda"):
+            return MemoryNeeds(cpu_mb=working, gpu_mb=weights + working)
+        return MemoryNeeds(cpu_mb=weights + working)
 
     @abstractmethod
     def load(self, bundle: Path, device: str) -> Runner:

@@ -24,7 +24,6 @@ from mibi_node.analyses.base import (
     Panel,
     TaskKind,
 )
-from mibi_node.analyses.bundles import manifest_memory, weights_megabytes
 from mibi_node.analyses.selection import SelectionRule
 
 if TYPE_CHECKING:
@@ -45,8 +44,6 @@ MIBI_SELECTION = SelectionRule(
     description_pattern=DESCRIPTION_PATTERN,
 )
 
-#: Working memory of one batch on top of the weights (activations of 4 studies x 8 views).
-_WORKING_MB = 600.0
 
 _CLASS_NAMES = {
     "normal": "normal",
@@ -87,20 +84,12 @@ class ParathyroidAnalysis(Analysis):
     series_offset: ClassVar[int] = 0
     recipe: ClassVar[Path | None] = Path("config/ensemble-demo.toml")
     default_bundle: ClassVar[Path | None] = Path("var/bundles/demo")
+    working_memory_mb: ClassVar[float] = 600.0
 
     def read(self, paths: Sequence[Path], runner: Any) -> StudyInput:
         from mibi_node.imaging.nm import read_study
 
         return read_study(paths, required=getattr(runner, "channels", ("early", "delayed")))
-
-    def memory_needs(self, bundle: Path, device: str) -> MemoryNeeds:
-        declared = manifest_memory(bundle)
-        if declared is not None:
-            return declared
-        weights = weights_megabytes(bundle)
-        if device.startswith("cuda"):
-            return MemoryNeeds(cpu_mb=_WORKING_MB, gpu_mb=weights + _WORKING_MB)
-        return MemoryNeeds(cpu_mb=weights + _WORKING_MB)
 
     def load(self, bundle: Path, device: str) -> ParathyroidRunner:
         from mibi_node.inference.engine import InferenceEngine

@@ -25,12 +25,10 @@ from mibi_node.analyses.base import (
     Analysis,
     Completeness,
     EncodeContext,
-    MemoryNeeds,
     OutputKind,
     Panel,
     TaskKind,
 )
-from mibi_node.analyses.bundles import manifest_memory, weights_megabytes
 from mibi_node.analyses.selection import SelectionRule
 from mibi_node.analyses.spine.levels import LEVELS
 
@@ -47,8 +45,6 @@ SPINE_SELECTION = SelectionRule(
     exclude_description_pattern=r"cervic|c[-_ ]?spine|\bhws\b|halswirbel|brain|head|knee",
 )
 
-#: Working memory of one batch on top of the weights.
-_WORKING_MB = 400.0
 
 _NAMES = {
     "normal": "normal",
@@ -78,20 +74,12 @@ class SpineAnalysis(Analysis):
     key_image_default: ClassVar[bool | None] = True
     recipe: ClassVar[Path | None] = Path("config/spine-demo.toml")
     default_bundle: ClassVar[Path | None] = Path("var/bundles/spine-demo")
+    working_memory_mb: ClassVar[float] = 400.0
 
     def read(self, paths: Sequence[Path], runner: Any) -> SpineInput:
         from mibi_node.analyses.spine.reader import read_spine_study
 
         return read_spine_study(paths)
-
-    def memory_needs(self, bundle: Path, device: str) -> MemoryNeeds:
-        declared = manifest_memory(bundle)
-        if declared is not None:
-            return declared
-        weights = weights_megabytes(bundle)
-        if device.startswith("cuda"):
-            return MemoryNeeds(cpu_mb=_WORKING_MB, gpu_mb=weights + _WORKING_MB)
-        return MemoryNeeds(cpu_mb=weights + _WORKING_MB)
 
     def load(self, bundle: Path, device: str) -> Any:
         from mibi_node.analyses.spine.runner import SpineRunner

@@ -27,12 +27,10 @@ from mibi_node.analyses.base import (
     Analysis,
     Completeness,
     EncodeContext,
-    MemoryNeeds,
     OutputKind,
     Panel,
     TaskKind,
 )
-from mibi_node.analyses.bundles import manifest_memory, weights_megabytes
 from mibi_node.analyses.selection import SelectionRule
 
 if TYPE_CHECKING:
@@ -53,8 +51,6 @@ THYROID_SELECTION = SelectionRule(
     exclude_description_pattern=r"parathyr|mibi|sestamibi|\bpth\b|nebenschild",
 )
 
-#: Working memory of one batch on top of the weights.
-_WORKING_MB = 300.0
 
 _NAMES = {
     "normal": "normal",
@@ -80,20 +76,12 @@ class ThyroidAnalysis(Analysis):
     series_offset: ClassVar[int] = 10
     recipe: ClassVar[Path | None] = Path("config/thyroid-demo.toml")
     default_bundle: ClassVar[Path | None] = Path("var/bundles/thyroid-demo")
+    working_memory_mb: ClassVar[float] = 300.0
 
     def read(self, paths: Sequence[Path], runner: Any) -> StudyInput:
         from mibi_node.analyses.thyroid.reader import read_thyroid_study
 
         return read_thyroid_study(paths)
-
-    def memory_needs(self, bundle: Path, device: str) -> MemoryNeeds:
-        declared = manifest_memory(bundle)
-        if declared is not None:
-            return declared
-        weights = weights_megabytes(bundle)
-        if device.startswith("cuda"):
-            return MemoryNeeds(cpu_mb=_WORKING_MB, gpu_mb=weights + _WORKING_MB)
-        return MemoryNeeds(cpu_mb=weights + _WORKING_MB)
 
     def load(self, bundle: Path, device: str) -> Any:
         from mibi_node.analyses.thyroid.runner import ThyroidRunner
