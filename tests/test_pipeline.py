@@ -82,10 +82,16 @@ class StoreSCP:
             self.process.wait(10)
 
     def files(self) -> list[Path]:
-        """The files storescp has written; one written to in the last 0.5 s may still be
-        incomplete (storescp writes in place), so it is listed on a later look."""
-        settled = time.time() - 0.5
-        return sorted(p for p in self.folder.glob("*") if p.stat().st_mtime < settled)
+        """The files storescp has written. One written to in the last 0.5 s may still be
+        incomplete (storescp writes in place), so this waits until every file is 0.5 s
+        old before it lists them: a file the node has seen acknowledged is always listed."""
+        while True:
+            files = sorted(self.folder.glob("*"))
+            youngest = max((p.stat().st_mtime for p in files), default=0.0)
+            wait = youngest + 0.5 - time.time()
+            if wait <= 0:
+                return files
+            time.sleep(wait)
 
 
 @pytest.fixture

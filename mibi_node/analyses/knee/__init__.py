@@ -1,0 +1,1 @@
+"""Knee MR cartilage (seed 003): two-stage segmentation returned as DICOM SEG and SR."""
