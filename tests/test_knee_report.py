@@ -591,3 +591,17 @@ def test_other_bad_arguments_name_themselves() -> None:
     )
     with pytest.raises(ValueError, match="measures 1 voxels of femoral_cartilage"):
         build_knee_seg(miscounted, sources, series_number=31)
+
+
+def test_read_knee_seg_gives_back_the_label_volume(tmp_path) -> None:
+    """The SEG reader the demo and the end-to-end test use: labels by code, not number."""
+    from mibi_node.analyses.knee.seg import read_knee_seg
+
+    volume, headers = _series(tilt=0.0)
+    labels = _labels(absent=("medial_tibial_cartilage",))  # segment numbers shift by one
+    seg = build_knee_seg(_result(volume, labels), headers, series_number=9932)
+    back = read_knee_seg(
+        pydicom.dcmread(_save(seg, tmp_path / "seg.dcm")),
+        [s.sop_instance_uid for s in volume.slices],
+    )
+    np.testing.assert_array_equal(back, labels)

@@ -61,6 +61,7 @@ __all__ = [
     "check_knee_result",
     "check_knee_sources",
     "knee_intended_use_text",
+    "read_knee_seg",
     "segment_numbers",
     "tracking_id",
 ]
@@ -371,3 +372,37 @@ def build_knee_seg(
         numbers,
     )
     return seg
+
+
+def read_knee_seg(seg: Dataset, slice_uids: Sequence[str]) -> np.ndarray:
+    """The label volume a knee SEG holds, on the grid of the source slices ``slice_uids``.
+
+    Segments are told apart by their Segmented Property Type code (a SEG numbers only the
+    plates it holds, from 1), so the values are :data:`LABEL_OF`'s whatever was found; the
+    demo, the end-to-end test and a site's check of what reached its PACS read it the same
+    way. Frames the SEG leaves out (no voxels) read as background.
+
+    Raises
+    ------
+    ValueError
+        ``seg`` holds a segment of an unknown type or a frame on no slice of ``slice_uids``.
+    """
+    segmentation = hd.seg.Segmentation.from_dataset(seg, copy=False)
+    by_code = {(c.value, c.scheme_designator): s for s, c in STRUCTURE_CODES.items()}
+    numbers: dict[int, str] = {}
+    for item in seg.SegmentSequence:
+        code = item.SegmentedPropertyTypeCodeSequence[0]
+        key = (str(code.CodeValue), str(code.CodingSchemeDesignator))
+        if key not in by_code:
+            raise ValueError(
+                f"segment {item.SegmentNumber} of SEG {seg.SOPInstanceUID} is no knee plate "
+                f"({code.CodeValue}, {code.CodingSchemeDesignator})"
+            )
+        numbers[int(item.SegmentNumber)] = by_code[key]
+    pixels = segmentation.get_pixels_by_source_instance(
+        list(slice_uids), segment_numbers=sorted(numbers), assert_missing_frames_are_empty=True
+    )
+    labels = np.zeros(pixels.shape[:3], np.uint8)
+    for index, number in enumerate(sorted(numbers)):
+        labels[pixels[..., index] > 0] = LABEL_OF[numbers[number]]
+    return labels
