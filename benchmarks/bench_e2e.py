@@ -15,7 +15,8 @@ on CPU; issue 15, the node around the engine (queue, worker's SR, record, C-STOR
   the node's database (the job is created when the sweep finds the study stable and routes
   it). Also reported: last instance acknowledged -> SR file in the PACS (adds the quiet
   period and the sweep interval), where the node's time goes, and the worker's resident
-  memory (now and peak, from /proc) beside what the analyses said their bundles need.
+  memory (now and peak, from /proc) beside what its budget check counted: its own baseline
+  (from its log) plus what the analyses said their bundles need.
 
 Everything is interleaved (MIBI runner i, node MIBI i, thyroid runner i, node thyroid i, ...)
 so that background load hits all alike. The bundles are the demo recipes with random
@@ -32,6 +33,7 @@ import argparse
 import csv
 import json
 import os
+import re
 import shutil
 import sqlite3
 import statistics
@@ -54,6 +56,8 @@ RECIPE = ROOT / "config" / "ensemble-demo.toml"
 THYROID_RECIPE = ROOT / "config" / "thyroid-demo.toml"
 GOAL_SECONDS = 1.0
 OVERHEAD_GOAL_SECONDS = 0.3
+#: The worker's log line that gives its own baseline (inference/worker.py).
+WORKER_MEMORY = re.compile(r"memory: the worker (\d+) MiB")
 QUIET_SECONDS = 1.0
 STUDY_TIMEOUT = 180.0
 
@@ -426,15 +430,21 @@ def main() -> None:
                     file=sys.stderr,
                 )
         memory.update(_proc_memory(int(pid)))
+        # What the worker's budget check believed: its own baseline (from its log) and each
+        # bundle's figure, read while the bundles are still there.
+        needs_of = {
+            name: get_analysis(name).memory_needs(path, "cpu")
+            for name, path in (("parathyroid", bundle.directory), ("thyroid", thyroid_bundle))
+        }
+        found = WORKER_MEMORY.findall(node.log.read_text(errors="replace"))
+        worker_baseline = float(found[-1]) if found else float("nan")
     finally:
         if node is not None:
             node.close()
         shutil.rmtree(work, ignore_errors=True)
 
-    needs = {
-        name: get_analysis(name).memory_needs(path, "cpu").cpu_mb
-        for name, path in (("parathyroid", bundle.directory), ("thyroid", thyroid_bundle))
-    }
+    needs = {name: n.cpu_mb for name, n in needs_of.items()}
+    stated = worker_baseline + sum(needs.values())
     print(
         f"\nend to end, {args.studies} studies per analysis one at a time after {args.warmup} "
         f"warm-up each, one CPU worker hosting both bundles (random weights): parathyroid "
@@ -449,6 +459,13 @@ def main() -> None:
         f"MiB; the analyses' stated needs: parathyroid {needs['parathyroid']:.0f} MiB + "
         f"thyroid {needs['thyroid']:.0f} MiB = {sum(needs.values()):.0f} MiB (peak / stated "
         f"{memory['peak_rss_mib'] / sum(needs.values()):.2f})"
+    )
+    print(
+        f"worker's budget check: its own baseline {worker_baseline:.0f} MiB + parathyroid "
+        f"{needs['parathyroid']:.0f} MiB ({needs_of['parathyroid'].source}) + thyroid "
+        f"{needs['thyroid']:.0f} MiB ({needs_of['thyroid'].source}) = {stated:.0f} MiB; "
+        f"measured peak {memory['peak_rss_mib']:.0f} MiB (peak / stated "
+        f"{memory['peak_rss_mib'] / stated:.2f})"
     )
     print(f"SR probabilities vs the runners', max |difference|: {max_diff:.2e}")
     path = write_result(
@@ -471,6 +488,8 @@ def main() -> None:
             "analyses": reports,
             "worker_memory_mib": memory,
             "stated_needs_mib": needs,
+            "worker_baseline_mib": worker_baseline,
+            "stated_with_baseline_mib": stated,
             "sr_vs_runner_max_abs_diff": max_diff,
         },
     )

@@ -199,7 +199,8 @@ class WorkersConfig(_Section):
     bundle: Path = Path("var/bundles/demo")
     #: Seconds between looks at the queue when it is empty.
     poll_seconds: float = Field(default=0.25, gt=0)
-    #: MiB of memory a worker may fill with bundles (GPU memory on a GPU); 0: 85 % of what
+    #: MiB of resident memory a worker may use in all, its own baseline (measured at start)
+    #: included (on a GPU: GPU memory for its bundles); 0: the baseline plus 85 % of what
     #: the device has free at start-up. A bundle that does not fit is refused then.
     memory_budget_mb: float = Field(default=0.0, ge=0)
 

@@ -138,11 +138,15 @@ def test_a_site_rule_overrides_the_default_and_bad_keys_are_named(tmp_path: Path
 
 
 def test_a_bundle_over_the_memory_budget_is_refused_at_start_with_the_figures(
-    tmp_path: Path,
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     bundle = random_bundle(tmp_path / "tiny")
     needs = get_analysis("parathyroid").memory_needs(bundle, "cpu")
     assert needs.cpu_mb > 0 and needs.source == "estimated from the weight files"
+    # The worker's own memory (torch, timm, ...), measured at start; fixed here, since this
+    # test process holds far more than a worker would.
+    baseline = 950.0
+    monkeypatch.setattr("mibi_node.analyses.memory.worker_baseline_megabytes", lambda: baseline)
 
     def worker(budget: float) -> Worker:
         config = Config.model_validate(
@@ -153,19 +157,27 @@ def test_a_bundle_over_the_memory_budget_is_refused_at_start_with_the_figures(
         )
         return Worker(config, device="cpu", name=f"budget-{budget:g}")
 
-    small = worker(needs.cpu_mb / 2)
+    small = worker(baseline + needs.cpu_mb / 2)
     assert small.load_bundle() is False and small.runners == {}
     [problem] = small.problems.values()
     assert f"needs {needs.cpu_mb:.0f} MiB" in problem and "not loaded" in problem
+    assert f"the worker itself {baseline:.0f} MiB" in problem
     assert "workers.memory_budget_mb" in problem
     with small.database.session() as session:
         from mibi_node.storage.models import WorkerStatus
 
         row = session.get_one(WorkerStatus, small.name)
         assert row.state == "waiting for a bundle" and "not loaded" in (row.message or "")
-    big = worker(needs.cpu_mb * 4)
+    # A budget for the bundles alone, as the check was before it counted the worker itself.
+    bundles_only = worker(needs.cpu_mb * 4)
+    assert needs.cpu_mb * 4 < baseline + needs.cpu_mb
+    assert bundles_only.load_bundle() is False and bundles_only.runners == {}
+    big = worker(baseline + needs.cpu_mb * 2)
     assert big.load_bundle() is True and set(big.runners) == {"parathyroid"}
     assert big.runners["parathyroid"].memory == needs
+    # No budget configured: the worker's baseline plus 85 % of the memory free at start.
+    default = worker(0)
+    assert default.memory_budget_mb() > baseline and default.baseline_mb() == baseline
 
 
 def _mr(description: str, series: str = "T2_TSE_SAG", body_part: str = "LSPINE") -> Dataset:

@@ -8,6 +8,7 @@ import sys
 from collections.abc import Iterator
 from io import BytesIO
 from pathlib import Path
+from typing import Any
 
 import highdicom as hd
 import numpy as np
@@ -302,6 +303,74 @@ def test_invalid_arguments_are_named() -> None:
 def _without(ds: Dataset, keyword: str) -> Dataset:
     delattr(ds, keyword)
     return ds
+
+
+def test_the_document_is_the_one_highdicoms_constructor_makes() -> None:
+    # build_sr skips the constructor's copy, parse and walk of the content tree
+    # (comprehensive_3d_sr); the document must not change for it.
+    from mibi_node.report._common import check_sources, comprehensive_3d_sr
+
+    result, sources = make_case("carcinoma", seed=4)
+    sources = check_sources(sources, result)
+    image = hd.sr.SourceImageForMeasurementGroup(
+        referenced_sop_class_uid=sources[0].SOPClassUID,
+        referenced_sop_instance_uid=sources[0].SOPInstanceUID,
+    )
+    content = hd.sr.MeasurementReport(
+        observation_context=hd.sr.ObservationContext(
+            observer_device_context=hd.sr.ObserverContext(
+                observer_type=hd.sr.CodedConcept("121007", "DCM", "Device"),
+                observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
+                    uid=DEVICE_UID
+                ),
+            )
+        ),
+        procedure_reported=report_codes.PROCEDURE_REPORTED,
+        imaging_measurements=[
+            hd.sr.MeasurementsAndQualitativeEvaluations(
+                tracking_identifier=hd.sr.TrackingIdentifier(uid=generate_uid(), identifier="p"),
+                finding_type=report_codes.CLASS_CODES["carcinoma"],
+                measurements=[
+                    hd.sr.Measurement(
+                        name=report_codes.PROBABILITY, value=0.25, unit=report_codes.NO_UNITS
+                    )
+                ],
+                source_images=[image, image],
+            )
+        ],
+        referenced_images=sources,
+    )
+    arguments: dict[str, Any] = {
+        "series_instance_uid": generate_uid(),
+        "series_number": 5,
+        "sop_instance_uid": generate_uid(),
+        "instance_number": 1,
+        "manufacturer": "ACME",
+        "is_complete": True,
+    }
+    fast = comprehensive_3d_sr(content, sources, **arguments)
+    slow = hd.sr.Comprehensive3DSR(evidence=sources, content=content, **arguments)
+
+    def written(ds: Dataset) -> list[str]:
+        for keyword in (
+            "ContentDate",
+            "ContentTime",
+            "InstanceCreationDate",
+            "InstanceCreationTime",
+            "ContributingEquipmentSequence",
+        ):
+            delattr(ds, keyword)
+        buffer = BytesIO()
+        ds.save_as(buffer, enforce_file_format=True)
+        buffer.seek(0)
+        back = dcmread(buffer)
+        return [str(element) for element in back.iterall()]
+
+    (root,) = fast.content
+    assert len(list(walk(root.ContentSequence))) == len(list(walk(slow.ContentSequence)))
+    assert written(fast) == written(slow)
+    with pytest.raises(ValueError, match='"content"'):
+        comprehensive_3d_sr(hd.sr.ContentSequence(), sources, **arguments)
 
 
 def test_report_package_imports_neither_torch_nor_sqlalchemy() -> None:

@@ -202,6 +202,8 @@ def test_one_epoch_training_gives_a_loadable_bundle(studies: Path, tmp_path: Pat
     assert set(bundle.thresholds) == set(FINDINGS)
     assert bundle.manifest.input.field_mm == 100
     assert (out / "history.csv").is_file()
+    # measured in a fresh interpreter on the validation studies (tests/test_memory.py)
+    assert bundle.manifest.memory.measured_on and bundle.manifest.memory.cpu_mb > 0
     metrics = evaluate_thyroid(out, studies)
     assert metrics["studies"] == 12
     assert set(metrics["members"]) == {"cross", "plain"}

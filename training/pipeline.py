@@ -202,6 +202,7 @@ def train_bundle(
     """
     import torch
 
+    from mibi_node.analyses.memory import record_measured_memory
     from mibi_node.inference.bundle import write_bundle
     from mibi_node.inference.engine import resolve_device
     from training.trainer import predict_probabilities, train_member
@@ -369,6 +370,16 @@ def train_bundle(
             },
         }
         write_bundle(out, manifest, members, overwrite=True, superres=preprocessing.superres)
+        samples = {sample.key: sample for sample in source.samples}
+        record_measured_memory(
+            "parathyroid",
+            out,
+            [
+                samples[key].files
+                for key in (*split.val, *split.test)
+                if samples[key].kind == "dicom"
+            ],
+        )
         reports = out / "reports"
         reports.mkdir(exist_ok=True)
         for name in members:

@@ -43,6 +43,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 import mibi_node
+from mibi_node.analyses.memory import record_measured_memory
 from mibi_node.analyses.spine.bundle import record_spine_evaluation, write_spine_bundle
 from mibi_node.analyses.spine.levels import LEVELS
 from mibi_node.analyses.spine.model import (
@@ -63,6 +64,7 @@ from mibi_node.inference.members import Member, is_member
 from mibi_node.inference.recipe import NormalisationSection, describe_validation_error
 from training.spine_data import (
     SpineStudy,
+    _index_dicom,
     annotations_fingerprint,
     augment_keypoints,
     context_crops,
@@ -447,6 +449,9 @@ def train_spine(
                 f"median error {figures['median_error_mm']} mm"
             )
         record_spine_evaluation(Path(out), figures, split="validation")
+        files = _index_dicom(Path(data))
+        uids = [studies[i].input.study_instance_uid for i in val_idx]
+        record_measured_memory("spine", out, [files[uid] for uid in uids if uid in files])
     finally:
         torch.set_num_threads(threads)
     say(f"trained spine bundle {out} in {seconds:.1f} s")

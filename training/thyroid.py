@@ -41,6 +41,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 import mibi_node
 import mibi_node.analyses.thyroid.model  # noqa: F401  (registers the cross-feature members)
+from mibi_node.analyses.memory import record_measured_memory
 from mibi_node.analyses.thyroid.bundle import load_thyroid_bundle, write_thyroid_bundle
 from mibi_node.analyses.thyroid.reader import read_thyroid_study
 from mibi_node.analyses.thyroid.result import FINDINGS
@@ -497,6 +498,7 @@ def train_thyroid(
         }
         write_thyroid_bundle(Path(out), manifest, modules, overwrite=overwrite)
         _write_history(Path(out) / "history.csv", histories)
+        record_measured_memory("thyroid", out, [[Path(data) / rows[i]["folder"]] for i in val_idx])
     finally:
         torch.set_num_threads(threads)
     logger.info("trained thyroid bundle %s in %.1f s", out, seconds)

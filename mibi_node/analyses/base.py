@@ -45,6 +45,7 @@ __all__ = [
     "AnalysisResult",
     "Completeness",
     "EncodeContext",
+    "WEIGHTS_FACTOR",
     "MemoryNeeds",
     "OutputKind",
     "Panel",
@@ -96,9 +97,17 @@ class Completeness:
     partial_allowed: bool = False
 
 
+#: Resident memory per MiB of weight files that a loaded bundle and its batch take on the
+#: CPU, beside the analysis' working memory. Measured (peak RSS above the worker's baseline,
+#: batches of 4): the parathyroid demo bundle 156 MiB for 80 MiB of weights; the nine-member
+#: recipe about 2 GiB for 1.1 GiB (2973 MiB peak RSS in all, docs/analysis.md).
+WEIGHTS_FACTOR = 2.0
+
+
 @dataclass(frozen=True)
 class MemoryNeeds:
-    """What one loaded bundle costs, as its manifest or the weight files say.
+    """What one loaded bundle costs above the worker's baseline, as its manifest or the
+    weight files say.
 
     Attributes
     ----------
@@ -107,7 +116,8 @@ class MemoryNeeds:
     gpu_mb
         Device memory on a GPU (0 on the CPU).
     source
-        Where the figures come from ("bundle manifest", "estimated from the weight files").
+        Where the figures come from ("measured, bundle manifest", "bundle manifest,
+        estimated", "estimated from the weight files").
     """
 
     cpu_mb: float
@@ -235,7 +245,8 @@ class Analysis(ABC):
     #: Whether the analysis sends a key image unless ``[analyses.<name>] key_image`` says;
     #: ``None``: as ``report.key_image`` says.
     key_image_default: ClassVar[bool | None] = None
-    #: MiB one batch needs on top of the weights, when the manifest declares no ``memory``.
+    #: MiB a loaded bundle and one batch need beyond ``WEIGHTS_FACTOR`` x the weights, for
+    #: a bundle whose manifest declares no ``memory`` (a measured figure replaces it).
     working_memory_mb: ClassVar[float] = 300.0
     #: Training recipe of the demonstration bundle (``mibi-node train --analysis NAME``).
     recipe: ClassVar[Path | None] = None
@@ -256,17 +267,19 @@ class Analysis(ABC):
     # -- bundle and runner ---------------------------------------------------------------
 
     def memory_needs(self, bundle: Path, device: str) -> MemoryNeeds:
-        """What loading ``bundle`` on ``device`` will cost, without loading it: the
-        manifest's ``memory``, else the weight files' size plus :attr:`working_memory_mb`."""
-        from mibi_node.analyses.bundles import manifest_memory, weights_megabytes
+        """What loading ``bundle`` on ``device`` will cost above the worker's baseline,
+        without loading it: the manifest's ``memory`` (measured when the bundle was
+        trained), else ``WEIGHTS_FACTOR`` x the weight files plus :attr:`working_memory_mb`
+        (on a GPU: the weights plus the working memory, on the device)."""
+        from mibi_node.analyses.bundles import estimated_memory, manifest_memory, weights_megabytes
 
         declared = manifest_memory(bundle)
         if declared is not None:
             return declared
-        weights, working = weights_megabytes(bundle), self.working_memory_mb
+        estimate = estimated_memory(weights_megabytes(bundle), self.working_memory_mb)
         if device.startswith("cuda"):
-            return MemoryNeeds(cpu_mb=working, gpu_mb=weights + working)
-        return MemoryNeeds(cpu_mb=weights + working)
+            return MemoryNeeds(cpu_mb=self.working_memory_mb, gpu_mb=estimate["gpu_mb"])
+        return MemoryNeeds(cpu_mb=estimate["cpu_mb"])
 
     @abstractmethod
     def load(self, bundle: Path, device: str) -> Runner:

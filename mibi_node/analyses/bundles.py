@@ -10,8 +10,12 @@ bundle's ``configs/metadata.json`` carries them:
 ``intended_use``
     ``demonstration`` or ``clinical``; the SR says which.
 ``memory``
-    ``{"cpu_mb": ..., "gpu_mb": ...}``: what the bundle needs loaded (MONAI's
-    ``required_memory``-style hint); without it the node estimates from the weight files.
+    ``{"cpu_mb": ..., "gpu_mb": ..., "measured_on": ...}``: what the bundle adds to a worker
+    loaded and at the peak of a batch, above the worker's own baseline (MONAI's
+    ``required_memory``-style hint). Training measures it in a fresh interpreter
+    (:func:`mibi_node.analyses.memory.measure_memory`) and says how in ``measured_on``; a
+    figure without ``measured_on`` is an estimate. Without the key the node estimates
+    from the weight files (:meth:`~mibi_node.analyses.base.Analysis.memory_needs`).
 ``evaluation``
     Version -> metrics measured on the evaluation data (MONAI's versioned ``changelog`` and
     performance figures, together).
@@ -28,20 +32,24 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from mibi_node.analyses.base import MemoryNeeds
+from mibi_node.analyses.base import WEIGHTS_FACTOR, MemoryNeeds
 from mibi_node.errors import BundleError
 
 __all__ = [
     "MANIFEST_NAMES",
+    "MemoryHint",
     "bundle_analysis",
+    "estimated_memory",
     "file_sha256",
     "manifest_memory",
     "read_manifest",
+    "record_memory",
     "weights_megabytes",
 ]
 
@@ -49,6 +57,17 @@ _Manifest = TypeVar("_Manifest", bound=BaseModel)
 
 #: The manifest file names the node looks for, in order.
 MANIFEST_NAMES = ("bundle.json",)
+
+
+class MemoryHint(BaseModel):
+    """A manifest's ``memory``: what the loaded bundle adds to a worker, in MiB."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    cpu_mb: float = Field(ge=0)
+    gpu_mb: float = Field(default=0.0, ge=0)
+    #: How and where ``cpu_mb`` was measured; absent for an estimate.
+    measured_on: str | None = None
 
 
 def _manifest(bundle: Path) -> dict[str, object]:
@@ -77,18 +96,54 @@ def manifest_memory(bundle: Path) -> MemoryNeeds | None:
     if not isinstance(memory, dict):
         return None
     try:
-        return MemoryNeeds(
-            cpu_mb=float(memory.get("cpu_mb", 0.0)),
-            gpu_mb=float(memory.get("gpu_mb", 0.0)),
-            source="bundle manifest",
-        )
-    except (TypeError, ValueError):
+        hint = MemoryHint.model_validate(memory)
+    except ValidationError:
         return None
+    return MemoryNeeds(
+        cpu_mb=hint.cpu_mb,
+        gpu_mb=hint.gpu_mb,
+        source="measured, bundle manifest" if hint.measured_on else "bundle manifest, estimated",
+    )
 
 
 def weights_megabytes(bundle: Path) -> float:
-    """Size of the bundle's weight files in MiB (what loading them costs at most in fp32)."""
+    """Size of the bundle's weight files in MiB (their fp32 size when written in fp32)."""
     return sum(path.stat().st_size for path in Path(bundle).glob("*.safetensors")) / 2**20
+
+
+def estimated_memory(weights_mb: float, working_mb: float) -> dict[str, float]:
+    """A manifest ``memory`` estimated from the weights, for a bundle not measured yet.
+
+    ``WEIGHTS_FACTOR`` x the weights plus the analysis' working memory, on the CPU; the
+    weights plus the working memory on a GPU (not measured).
+    """
+    return {
+        "cpu_mb": round(WEIGHTS_FACTOR * weights_mb + working_mb, 1),
+        "gpu_mb": round(weights_mb + working_mb, 1),
+    }
+
+
+def record_memory(bundle: Path, memory: dict[str, Any]) -> None:
+    """Replace the ``memory`` of ``bundle``'s manifest (atomically; nothing else changes).
+
+    Raises
+    ------
+    BundleError
+        When the manifest cannot be read or ``memory`` is not a valid entry.
+    """
+    try:
+        MemoryHint.model_validate(memory)
+    except ValidationError as exc:
+        raise BundleError(f"bundle memory entry {memory!r} is not valid: {exc}") from None
+    path = Path(bundle) / MANIFEST_NAMES[0]
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise BundleError(f"{path}: cannot read it ({exc})") from None
+    data["memory"] = dict(memory)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
 
 
 def file_sha256(path: Path) -> str:

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 import mibi_node
+from mibi_node.analyses.bundles import MemoryHint
 from mibi_node.errors import BundleError, ConfigError
 from mibi_node.imaging.preprocess import Normalisation
 from mibi_node.imaging.tta import TTAView, parse_views
@@ -141,6 +142,8 @@ class BundleManifest(_Section):
     fusion: FusionSection
     provenance: Provenance
     superres: SuperresEntry | None = None
+    #: Measured when training writes the bundle; absent: estimated from the weight files.
+    memory: MemoryHint | None = None
 
     @model_validator(mode="after")
     def _check(self) -> BundleManifest:
@@ -514,8 +517,12 @@ def write_bundle(
     except ValidationError as exc:
         raise BundleError(f"bundle manifest: {describe_validation_error(exc)}") from None
     tmp = directory / f".{MANIFEST_NAME}.tmp"
-    # a bundle without the optional step keeps the manifest of before (no "superres": null)
-    content = checked.model_dump(mode="json", exclude={"superres"} if superres is None else None)
+    # a bundle without the optional step or a memory figure keeps the manifest of before
+    # (no "superres": null, no "memory": null)
+    leave_out = {"superres"} if superres is None else set()
+    if checked.memory is None:
+        leave_out.add("memory")
+    content = checked.model_dump(mode="json", exclude=leave_out or None)
     tmp.write_text(json.dumps(content, indent=2) + "\n", encoding="utf-8")
     os.replace(tmp, directory / MANIFEST_NAME)
     logger.info("wrote bundle %s %s to %s", checked.name, checked.version, directory)

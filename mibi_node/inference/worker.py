@@ -1,12 +1,13 @@
 """The analysis worker: one process per GPU (or one on the CPU) that turns jobs into SRs.
 
 A worker hosts the bundles of every enabled analysis (:mod:`mibi_node.analyses`) on its
-device, within a memory budget: before loading, each analysis says what its bundle needs,
-and a bundle that does not fit in what is left is refused with that sentence, not loaded
-into an OOM later. It then loops: claim a small batch of jobs of the analyses it has
-loaded (atomically, with a lease it renews from a background thread), read each study with
-its analysis' input builder, run the batch per analysis, build each result's documents,
-record the result and its deliveries in one transaction, and send them at once.
+device, within a memory budget: before loading, each analysis says what its bundle needs
+above the worker's own baseline (measured when the bundle was trained), and a bundle that
+does not fit in what the baseline and the bundles already loaded leave is refused with that
+sentence, not loaded into an OOM later. It then loops: claim a small batch of jobs of the
+analyses it has loaded (atomically, with a lease it renews from a background thread), read
+each study with its analysis' input builder, run the batch per analysis, build each result's
+documents, record the result and its deliveries in one transaction, and send them at once.
 
 It is a separate process so that nothing it does (a decoder that crashes, the kernel's OOM
 killer) can touch reception; a job it dies on is retried until ``jobs.max_attempts``, then
@@ -114,6 +115,7 @@ class Worker:
         self._device_uid: str | None = None
         self._next_bundle_try = 0.0
         self._budget_mb: float | None = None
+        self._baseline_mb: float | None = None
         self._stop = threading.Event()
         self._state = ("starting", "")
         self.notifier = notifier or Notifier()
@@ -168,12 +170,31 @@ class Worker:
         text = ", ".join(f"{r.bundle_name} {r.bundle_version}" for r in self.runners.values())
         return text[:128]
 
+    def baseline_mb(self) -> float:
+        """MiB this worker holds before any bundle, measured once (0 on a GPU).
+
+        On the CPU: its resident memory once torch, timm and the report builders are
+        imported, some 950 MiB, which the bundles' figures do not include. On a GPU the
+        budget is device memory, which the worker's baseline does not use.
+        """
+        if self._baseline_mb is None:
+            if _resolve(self.device).startswith("cuda"):
+                self._baseline_mb = 0.0
+            else:
+                from mibi_node.analyses.memory import worker_baseline_megabytes
+
+                self._baseline_mb = worker_baseline_megabytes()
+        return self._baseline_mb
+
     def memory_budget_mb(self) -> float:
-        """MiB this worker may fill with bundles: ``workers.memory_budget_mb``, else 85 % of
-        what the device has free when the worker starts (fixed then)."""
+        """MiB this worker may use in all (GPU memory on a GPU): ``workers.memory_budget_mb``,
+        else its baseline plus 85 % of what the device has free when the worker starts
+        (fixed then)."""
         if self._budget_mb is None:
             configured = self.config.workers.memory_budget_mb
-            self._budget_mb = configured or 0.85 * _free_megabytes(_resolve(self.device))
+            baseline = self.baseline_mb()  # first: the imports it measures are not free
+            free = _free_megabytes(_resolve(self.device))
+            self._budget_mb = configured or baseline + 0.85 * free
         return self._budget_mb
 
     def load_bundle(self) -> bool:
@@ -215,18 +236,21 @@ class Worker:
             return f"{analysis.name}: no model bundle at {bundle}: its jobs wait"
         try:
             needs = analysis.memory_needs(bundle, device)
-            used = sum(
+            budget = self.memory_budget_mb()
+            baseline = self.baseline_mb()
+            loaded = sum(
                 (r.memory.gpu_mb if device.startswith("cuda") else r.memory.cpu_mb)
                 for r in self.runners.values()
             )
             wanted = needs.gpu_mb if device.startswith("cuda") else needs.cpu_mb
-            budget = self.memory_budget_mb()
-            if used + wanted > budget:
+            if baseline + loaded + wanted > budget:
                 return (
                     f"{analysis.name}: bundle {bundle} needs {wanted:.0f} MiB "
-                    f"({needs.source}) and {budget - used:.0f} MiB of the worker's "
-                    f"{budget:.0f} MiB budget on {device} are left: not loaded; raise "
-                    "workers.memory_budget_mb or run this analysis in another worker"
+                    f"({needs.source}) and {budget - baseline - loaded:.0f} MiB of the "
+                    f"worker's {budget:.0f} MiB budget on {device} are left (the worker "
+                    f"itself {baseline:.0f} MiB, bundles loaded {loaded:.0f} MiB): not "
+                    "loaded; raise workers.memory_budget_mb or run this analysis in another "
+                    "worker"
                 )
             self.runners[analysis.name] = analysis.load(bundle, device)
         except (MibiNodeError, ValueError, OSError, RuntimeError) as exc:
@@ -235,13 +259,18 @@ class Worker:
         import mibi_node.report.sr  # noqa: F401
 
         logger.info(
-            "worker %s: %s bundle %s %s on %s (%.0f MiB)",
+            "worker %s: %s bundle %s %s on %s (%.0f MiB, %s); memory: the worker %.0f MiB "
+            "+ bundles %.0f MiB of %.0f MiB",
             self.name,
             analysis.name,
             self.runners[analysis.name].bundle_name,
             self.runners[analysis.name].bundle_version,
             device,
             wanted,
+            needs.source,
+            baseline,
+            loaded + wanted,
+            budget,
         )
         return None
 

@@ -66,6 +66,7 @@ from mibi_node.report._common import (
     check_result,
     check_sources,
     check_uid,
+    comprehensive_3d_sr,
     detach_person_names,
     intended_use_text,
 )
@@ -165,9 +166,9 @@ def build_sr(
         headers[0].get("SpecificCharacterSet"),
         [manufacturer, result.bundle_name, result.bundle_version, institution_name or "", *texts],
     )
-    sr = Comprehensive3DSR(
-        evidence=headers,
-        content=content,
+    sr = comprehensive_3d_sr(
+        content,
+        headers,
         series_instance_uid=series_instance_uid or generate_uid(),
         series_number=series_number,
         sop_instance_uid=sop_instance_uid or generate_uid(),
@@ -260,11 +261,24 @@ def _measurement_report(
             serial_number=result.bundle_version,
         ),
     )
+    # The items every group repeats are built once and shared by the groups: the document
+    # writes each occurrence in full, and highdicom's checks of each item cost more than
+    # anything else in the tree.
+    algorithm = _algorithm(result)
+    site = FindingSite(anatomic_location=mibi_codes.FINDING_SITE)
+    source_images = [
+        SourceImageForMeasurementGroup(
+            referenced_sop_class_uid=image.sop_class_uid,
+            referenced_sop_instance_uid=image.sop_instance_uid,
+            referenced_frame_numbers=None if image.frame_number is None else [image.frame_number],
+        )
+        for image in result.source_images.values()
+    ]
     groups: list[
         MeasurementsAndQualitativeEvaluations | PlanarROIMeasurementsAndQualitativeEvaluations
-    ] = [_class_group(result, key) for key in result.probabilities]
+    ] = [_class_group(result, key, algorithm, site, source_images) for key in result.probabilities]
     if result.predicted != "normal" and result.focus is not None:
-        groups.append(_focus_group(result, result.focus))
+        groups.append(_focus_group(result, result.focus, algorithm))
     report = MeasurementReport(
         observation_context=ObservationContext(observer_device_context=observer),
         procedure_reported=mibi_codes.PROCEDURE_REPORTED,
@@ -278,7 +292,13 @@ def _measurement_report(
     return report
 
 
-def _class_group(result: StudyResult, key: str) -> MeasurementsAndQualitativeEvaluations:
+def _class_group(
+    result: StudyResult,
+    key: str,
+    algorithm: AlgorithmIdentification,
+    site: FindingSite,
+    source_images: list[SourceImageForMeasurementGroup],
+) -> MeasurementsAndQualitativeEvaluations:
     measurements = [_fraction(mibi_codes.PROBABILITY, result.probabilities[key])]
     if key == result.predicted:
         measurements.append(_fraction(mibi_codes.AGREEMENT, result.agreement))
@@ -288,24 +308,15 @@ def _class_group(result: StudyResult, key: str) -> MeasurementsAndQualitativeEva
             uid=generate_uid(), identifier=f"{mibi_codes.DEVICE_NAME} {key} probability"
         ),
         finding_type=mibi_codes.CLASS_CODES[key],
-        finding_sites=[FindingSite(anatomic_location=mibi_codes.FINDING_SITE)],
-        algorithm_id=_algorithm(result),
+        finding_sites=[site],
+        algorithm_id=algorithm,
         measurements=measurements,
-        source_images=[
-            SourceImageForMeasurementGroup(
-                referenced_sop_class_uid=image.sop_class_uid,
-                referenced_sop_instance_uid=image.sop_instance_uid,
-                referenced_frame_numbers=(
-                    None if image.frame_number is None else [image.frame_number]
-                ),
-            )
-            for image in result.source_images.values()
-        ],
+        source_images=source_images,
     )
 
 
 def _focus_group(
-    result: StudyResult, focus: Focus
+    result: StudyResult, focus: Focus, algorithm: AlgorithmIdentification
 ) -> PlanarROIMeasurementsAndQualitativeEvaluations:
     image = result.source_images[focus.phase]
     source_image = SourceImageForRegion(
@@ -334,7 +345,7 @@ def _focus_group(
                 topographical_modifier=mibi_codes.POLE.get(focus.pole),
             )
         ],
-        algorithm_id=_algorithm(result),
+        algorithm_id=algorithm,
         measurements=[_fraction(mibi_codes.PROBABILITY, result.probabilities[key])],
     )
 

@@ -22,7 +22,12 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from mibi_node.analyses.bundles import file_sha256, read_manifest
+from mibi_node.analyses.bundles import (
+    MemoryHint,
+    estimated_memory,
+    file_sha256,
+    read_manifest,
+)
 from mibi_node.errors import BundleError
 from mibi_node.imaging.preprocess import Normalisation
 from mibi_node.inference.bundle import Provenance
@@ -90,13 +95,6 @@ class CropSection(_Section):
 
     scale: float = Field(default=1.5, gt=0, le=8)
     size: int = Field(default=48, ge=16, le=256)
-
-
-class MemoryHint(_Section):
-    """What the loaded bundle needs, in MiB."""
-
-    cpu_mb: float = Field(ge=0)
-    gpu_mb: float = Field(default=0.0, ge=0)
 
 
 class SpineManifest(_Section):
@@ -288,13 +286,14 @@ def spine_memory_needs(directory: Path | str) -> tuple[float, float]:
     return float(manifest.memory.cpu_mb), float(manifest.memory.gpu_mb)
 
 
-def _estimate_memory(modules: list[nn.Module], size: int) -> dict[str, float]:
+def _estimate_memory(modules: list[nn.Module]) -> dict[str, float]:
+    """The manifest's ``memory`` until training measures it (:mod:`mibi_node.analyses.memory`)."""
+    from mibi_node.analyses.spine import SpineAnalysis
+
     weights = (
         sum(p.numel() * p.element_size() for m in modules for p in m.state_dict().values()) / 2**20
     )
-    # a batch of 16 studies' activations at ``size`` px plus the source images
-    working = 250.0 + 16 * 0.004 * size * size / 64.0
-    return {"cpu_mb": round(weights + working, 1), "gpu_mb": round(weights + working, 1)}
+    return estimated_memory(weights, SpineAnalysis.working_memory_mb)
 
 
 def _save(module: nn.Module, path: Path) -> str:
@@ -340,8 +339,7 @@ def write_spine_bundle(
     data = dict(manifest)
     data.setdefault("format_version", SPINE_FORMAT_VERSION)
     data.setdefault("analysis", "spine")
-    size = int(dict(data.get("input") or {}).get("size", SpineInputSection().size))
-    data.setdefault("memory", _estimate_memory([keypoint_model, classifier], size))
+    data.setdefault("memory", _estimate_memory([keypoint_model, classifier]))
     config = keypoint_model.config
     data["keypoints"] = {
         "sigma": 2.0,

@@ -22,7 +22,12 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from mibi_node.analyses.bundles import file_sha256, read_manifest
+from mibi_node.analyses.bundles import (
+    MemoryHint,
+    estimated_memory,
+    file_sha256,
+    read_manifest,
+)
 from mibi_node.analyses.thyroid.result import FINDINGS
 from mibi_node.errors import BundleError
 from mibi_node.imaging.preprocess import Normalisation
@@ -87,13 +92,6 @@ class ThyroidMember(_Section):
     input_size: int = Field(ge=16)
     weights: str = Field(pattern=r"^[A-Za-z0-9_.\-]+\.safetensors$")
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
-
-
-class MemoryHint(_Section):
-    """What the loaded bundle needs, in MiB."""
-
-    cpu_mb: float = Field(ge=0)
-    gpu_mb: float = Field(default=0.0, ge=0)
 
 
 class ThyroidManifest(_Section):
@@ -317,14 +315,15 @@ def thyroid_memory_needs(directory: Path | str) -> tuple[float, float]:
     return float(manifest.memory.cpu_mb), float(manifest.memory.gpu_mb)
 
 
-def _estimate_memory(members: Mapping[str, Member], size: int) -> dict[str, float]:
+def _estimate_memory(members: Mapping[str, Member]) -> dict[str, float]:
+    """The manifest's ``memory`` until training measures it (:mod:`mibi_node.analyses.memory`)."""
+    from mibi_node.analyses.thyroid import ThyroidAnalysis
+
     weights = (
         sum(p.numel() * p.element_size() for m in members.values() for p in m.state_dict().values())
         / 2**20
     )
-    # one batch of activations at ``size`` px: generous for the small members used here
-    working = 200.0 + 0.05 * size * size / 64.0
-    return {"cpu_mb": round(weights + working, 1), "gpu_mb": round(weights + working, 1)}
+    return estimated_memory(weights, ThyroidAnalysis.working_memory_mb)
 
 
 def write_thyroid_bundle(
@@ -366,8 +365,7 @@ def write_thyroid_bundle(
     data.setdefault("format_version", THYROID_FORMAT_VERSION)
     data.setdefault("analysis", "thyroid")
     data.setdefault("findings", default_findings())
-    size = int(dict(data.get("input") or {}).get("size", ThyroidInput().size))
-    data.setdefault("memory", _estimate_memory(members, size))
+    data.setdefault("memory", _estimate_memory(members))
     entries = []
     for spec in data.get("members", []):
         name = spec["name"]
