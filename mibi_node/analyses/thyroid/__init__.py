@@ -77,10 +77,10 @@ class ThyroidAnalysis(Analysis):
     recipe: ClassVar[Path | None] = Path("config/thyroid-demo.toml")
     default_bundle: ClassVar[Path | None] = Path("var/bundles/thyroid-demo")
     # Measured on the demo bundle (24 MiB of weights): 60 MiB loaded, 110-170 MiB at the
-    # peak of a batch of 4, but 1384 MiB when the batch holds a magnified (pinhole) scan
-    # whose gland outline fills the 128 px image: the measurements' morphology
-    # (measure.py: disk footprints that grow with the gland) takes 1.3 GiB there.
-    working_memory_mb: ClassVar[float] = 1400.0
+    # peak of a batch of 4. (A magnified pinhole scan whose gland fills the image took
+    # 1.3 GiB at 128 px and more than 8 GiB at 256 px in the measurements' disk morphology
+    # until measure.py computed it by distance transform and disk chords: < 10 MiB now.)
+    working_memory_mb: ClassVar[float] = 200.0
 
     def read(self, paths: Sequence[Path], runner: Any) -> StudyInput:
         from mibi_node.analyses.thyroid.reader import read_thyroid_study

@@ -10,6 +10,7 @@ replace a physician's regions of interest.
 from __future__ import annotations
 
 import logging
+import math
 
 import numpy as np
 from scipy import ndimage
@@ -31,10 +32,63 @@ _ROUND = 1.6
 _FOCUS = 6.0
 
 
+def _disk_radius(radius: float) -> int:
+    """The whole-pixel radius of the disk ``x**2 + y**2 <= r**2`` the morphology uses."""
+    return max(1, int(round(radius)))
+
+
 def _disk(radius: float) -> np.ndarray:
-    r = max(1, int(round(radius)))
+    r = _disk_radius(radius)
     yy, xx = np.mgrid[-r : r + 1, -r : r + 1]
     return xx**2 + yy**2 <= r * r
+
+
+def _dilate_disk(mask: np.ndarray, radius: float) -> np.ndarray:
+    """Binary dilation by the disk of :func:`_disk`, nothing outside the image.
+
+    The same pixels as ``ndimage.binary_dilation(mask, _disk(radius))``, whose tables grow
+    as the fourth power of the radius (gigabytes when the gland fills a pinhole image):
+    a pixel is in the dilation when its nearest mask pixel lies within the disk. The
+    distance transform is exact, ``sqrt`` of a whole number of squared pixels, so
+    ``<= r`` decides exactly as ``dy**2 + dx**2 <= r**2`` does.
+    """
+    if not mask.any():
+        return np.zeros(mask.shape, dtype=bool)
+    distance = ndimage.distance_transform_edt(~mask)
+    return np.asarray(distance <= _disk_radius(radius))
+
+
+def _grey_disk(image: np.ndarray, radius: float, *, dilate: bool) -> np.ndarray:
+    """Grey dilation (maximum) or erosion (minimum) over the flat disk of :func:`_disk`.
+
+    The same values as ``ndimage.grey_dilation`` / ``grey_erosion`` with that footprint
+    and their mirrored border, without their tables that grow as the fourth power of the
+    radius. The disk is the union of its rows, so the extreme over it is the extreme, over
+    the row offsets ``dy``, of a 1-D filter along that row's chord (half-width
+    ``isqrt(r**2 - dy**2)``) shifted by ``dy``: about ``r`` 1-D filters. Rows beyond the
+    image are left out: a mirrored pixel is never nearer than the pixel it mirrors, so
+    the disk that reaches the copy reaches the original too, and the border adds nothing.
+    """
+    r = _disk_radius(radius)
+    image = np.asarray(image, dtype=np.float64)
+    rows = image.shape[0]
+    filter1d = ndimage.maximum_filter1d if dilate else ndimage.minimum_filter1d
+    combine = np.maximum if dilate else np.minimum
+    offsets: dict[int, list[int]] = {}
+    for dy in range(1, min(r, rows - 1) + 1):
+        offsets.setdefault(math.isqrt(r * r - dy * dy), []).append(dy)
+    out = filter1d(image, 2 * r + 1, axis=1, mode="reflect")
+    for half, shifts in offsets.items():
+        chord = filter1d(image, 2 * half + 1, axis=1, mode="reflect")
+        for dy in shifts:
+            combine(out[:-dy], chord[dy:], out=out[:-dy])  # the chord dy rows below
+            combine(out[dy:], chord[:-dy], out=out[dy:])  # and dy rows above
+    return np.asarray(out)
+
+
+def _close_disk(image: np.ndarray, radius: float) -> np.ndarray:
+    """Grey closing by the flat disk: ``ndimage.grey_closing(image, footprint=_disk(radius))``."""
+    return _grey_disk(_grey_disk(image, radius, dilate=True), radius, dilate=False)
 
 
 def _remove_markers(image: np.ndarray) -> np.ndarray:
@@ -67,9 +121,7 @@ def _thyroid_mask(smooth: np.ndarray) -> tuple[np.ndarray, float]:
     scores = np.asarray(ndimage.sum(smooth * centre, labels, index))
     seed = labels == 1 + int(np.argmax(scores))
     scale = max(3.0, float(np.sqrt(seed.sum())))
-    ring = ndimage.binary_dilation(seed, _disk(0.6 * scale)) & ~ndimage.binary_dilation(
-        seed, _disk(0.3 * scale)
-    )
+    ring = _dilate_disk(seed, 0.6 * scale) & ~_dilate_disk(seed, 0.3 * scale)
     ring &= labels == 0
     background = float(np.median(smooth[ring])) if ring.any() else 0.0
     level = float(np.percentile(smooth[seed], 75))
@@ -188,7 +240,7 @@ def _hot(
 
 
 def _cold(smooth: np.ndarray, mask: np.ndarray, midline: float, scale: float) -> list[Nodule]:
-    closed = ndimage.grey_closing(smooth, footprint=_disk(0.4 * scale))
+    closed = _close_disk(smooth, 0.4 * scale)
     level = float(np.percentile(smooth[mask], 75))
     inside = ndimage.binary_erosion(mask, _disk(1))
     deficit = (closed - smooth) / np.maximum(closed, 1e-9)
