@@ -13,6 +13,7 @@ BENCHMARKS = [
     "bench_inference.py",
     "bench_e2e.py",
     "bench_spine.py",
+    "bench_knee.py",
     "bench_queue.py",
 ]
 

@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
+import demo_knee
 import demo_spine
 from prometheus_client.parser import text_string_to_metric_families
 from rich.console import Console
@@ -100,6 +101,7 @@ class Study:
     reported: tuple[str, ...] = ()  # thyroid: the findings the SR reports
     lobe_uptake: dict[str, float] | None = None  # thyroid: right/left share
     spine: demo_spine.SpineTruth | None = None  # spine: the phantom's points, the SR's
+    knee: demo_knee.KneeTruth | None = None  # knee: the phantom's labels, the SEG's Dice
 
 
 def _rel(path: Path) -> str:
@@ -223,10 +225,11 @@ def _thyroid_build() -> BackgroundBuild:
 
 
 def _ensure_bundles() -> float:
-    """The three demo bundles, built where missing; returns the seconds spent building them.
+    """The four demo bundles, built where missing; returns the seconds spent building them.
 
     The thyroid bundle trains on one core beside the MIBI bundle on the other; the spine
-    bundle trains on the MIBI core once the MIBI bundle is done.
+    bundle trains on the MIBI core once the MIBI bundle is done, the knee bundle on the
+    thyroid core once the thyroid bundle is done.
     """
     started = time.monotonic()
     thyroid = _thyroid_build()
@@ -251,10 +254,22 @@ def _ensure_bundles() -> float:
         spine.start()
     else:
         _reusing(spine.bundle, "spine")
-    for build in (thyroid, spine):
+    if thyroid.needed:
+        thyroid.wait()
+    knee = demo_knee.build(BackgroundBuild)
+    if knee.needed:
+        console.print(
+            f"   building the knee demonstration bundle in {_rel(knee.bundle)}: "
+            f"{demo_knee.TRAIN_CASES} knee MR phantoms with cartilage labels, then the coarse "
+            f"and the fine segmentation stage (one core, log: {_rel(knee.log)})"
+        )
+        knee.start()
+    else:
+        _reusing(knee.bundle, "knee")
+    for build in (spine, knee):
         if build.needed:
             build.wait()
-    built = mibi or thyroid.seconds or spine.seconds
+    built = mibi or thyroid.seconds or spine.seconds or knee.seconds
     return time.monotonic() - started if built else 0.0
 
 
@@ -406,6 +421,10 @@ def _make_studies() -> list[Study]:
         Study(len(studies) + n, uid, "", folder, analysis="spine", spine=truth)
         for n, (uid, folder, truth) in enumerate(demo_spine.make_studies(), start=1)
     ]
+    studies += [
+        Study(len(studies) + n, uid, "", folder, analysis="knee", knee=truth)
+        for n, (uid, folder, truth) in enumerate(demo_knee.make_studies(), start=1)
+    ]
     return studies
 
 
@@ -436,7 +455,7 @@ def _make_bone_scan() -> Study:
 
 def _send(study: Study, port: int) -> None:
     files = sorted(study.folder.glob("*.dcm"))
-    calling = "MR_SCANNER" if study.analysis == "spine" else "GAMMA_CAM1"
+    calling = "MR_SCANNER" if study.analysis in ("spine", "knee") else "GAMMA_CAM1"
     command = ["storescu", "-aet", calling, "-aec", "MIBI_NODE", "127.0.0.1", str(port)]
     done = subprocess.run(
         [*command, *map(str, files)], env=DCMTK_ENV, capture_output=True, check=False
@@ -467,7 +486,13 @@ def _collect_srs(studies: list[Study], seen: set[Path]) -> None:
             dataset = pydicom.dcmread(path)
             study = by_uid.get(str(dataset.get("StudyInstanceUID", "")))
             is_sr = str(dataset.get("SOPClassUID", "")).startswith(SR_STORAGE_PREFIX)
-            if study is not None and is_sr:
+            is_seg = str(dataset.get("SOPClassUID", "")) == demo_knee.SEGMENTATION_STORAGE
+            if study is not None and study.knee is not None and (is_sr or is_seg):
+                # A knee study is complete when both its SR and its SEG are in.
+                demo_knee.read_document(dataset, study.knee)
+                if study.knee.complete:
+                    study.sr_path, study.sr_arrived_at = path, arrived
+            elif study is not None and is_sr:
                 if study.analysis == "spine" and study.spine is not None:
                     demo_spine.read_sr(dataset, study.spine)
                 elif study.analysis == "thyroid":
@@ -547,6 +572,14 @@ def _show_results(studies: list[Study], ignored: Study) -> None:
             (s.number, s.spine, s.sr_arrived_at - s.sent_at)
             for s in studies
             if s.analysis == "spine" and s.spine is not None
+        ],
+    )
+    demo_knee.show(
+        console,
+        [
+            (s.number, s.knee, s.sr_arrived_at - s.sent_at)
+            for s in studies
+            if s.analysis == "knee" and s.knee is not None
         ],
     )
     _show_ignored(ignored)
@@ -721,10 +754,11 @@ def main() -> None:
                 f"[web]\nport = {web_port}\n\n"
                 f"[analyses.thyroid]\nenabled = true\nbundle = {json.dumps(str(THYROID_BUNDLE))}\n"
                 f"[analyses.spine]\nenabled = true\nbundle = {json.dumps(str(demo_spine.BUNDLE))}\n"
+                f"[analyses.knee]\nenabled = true\nbundle = {json.dumps(str(demo_knee.BUNDLE))}\n"
             )
             console.print(
                 f"3. starting the node: AE MIBI_NODE on 127.0.0.1:{port}, data in {_rel(DATA)}, "
-                "analyses parathyroid, thyroid and spine, one CPU worker hosting the three "
+                "analyses parathyroid, thyroid, spine and knee, one CPU worker hosting the four "
                 f"bundles, results to DEMO_PACS (log: {_rel(node_log)})"
             )
             node = _start(
@@ -761,7 +795,8 @@ def main() -> None:
             console.print(
                 f"4. sending {count['parathyroid']} synthetic dual-phase MIBI studies, "
                 f"{count['thyroid']} thyroid scans and one bone scan as GAMMA_CAM1, and "
-                f"{count['spine']} lumbar spine MR studies (T1/T2 sagittal, T2 axial) as "
+                f"{count['spine']} lumbar spine MR studies (T1/T2 sagittal, T2 axial) and "
+                f"{count['knee']} knee MR studies (3-D sagittal DESS, coronal PD) as "
                 "MR_SCANNER (phantoms, not patients) with DCMTK storescu, one association per study"
             )
             for study in [*studies, bone_scan]:

@@ -44,8 +44,8 @@ def test_the_built_in_analyses_are_registered_and_described() -> None:
         assert isinstance(analysis, Analysis) and analysis.name == name
         described = analysis.describe()
         assert described["name"] == name and described["outputs"][0] == "sr"
-    with pytest.raises(MibiNodeError, match="no analysis called 'knee'.*parathyroid"):
-        get_analysis("knee")
+    with pytest.raises(MibiNodeError, match="no analysis called 'lung'.*parathyroid"):
+        get_analysis("lung")
     with pytest.raises(ValueError, match="registered already"):
 
         class Impostor(type(get_analysis("thyroid"))):  # type: ignore[misc]
@@ -120,7 +120,7 @@ def test_a_site_rule_overrides_the_default_and_bad_keys_are_named(tmp_path: Path
     off.write_text("[analyses.parathyroid]\nenabled = false\n[analyses.thyroid]\n")
     assert load_config(off).enabled_analyses == ("thyroid",)
     for text, key in (
-        ("[analyses.knee]\n", "analyses.knee: no such analysis"),
+        ("[analyses.lung]\n", "analyses.lung: no such analysis"),
         ("[analyses.thyroid.selection]\nmodality = ['NM']\n", "selection.modality: unknown key"),
         (
             "[analyses.thyroid.selection]\ndescription_pattern = '('\n",
@@ -202,6 +202,18 @@ def test_the_spine_rule_takes_lumbar_mr_studies_only() -> None:
     nm = _mr("MRI LUMBAR SPINE")
     nm.Modality = "NM"
     assert "spine" not in (select_analyses([nm], "CAM", selections).analyses or {})
+
+
+def test_the_knee_rule_takes_knee_mr_studies_only() -> None:
+    config = load_config(None)
+    names = ("parathyroid", "thyroid", "spine", "knee")
+    selections = {name: config.selection(name) for name in names}
+    for description in ("MRI KNEE RIGHT", "MRT Knie links", "IRM genou gauche", "RM GINOCCHIO"):
+        decision = select_analyses([_mr(description, "SAG 3D DESS", "KNEE")], "MR", selections)
+        assert decision.analyses is not None and set(decision.analyses) == {"knee"}, description
+    for description in ("MRI LUMBAR SPINE", "MRI HIP LEFT", "MRI ANKLE", "MRI BRAIN"):
+        decision = select_analyses([_mr(description, "T2 SAG")], "MR", selections)
+        assert "knee" not in (decision.analyses or {}), description
 
 
 def test_the_key_image_follows_the_analysis_then_the_site(tmp_path: Path) -> None:

@@ -13,8 +13,14 @@ import time
 import numpy as np
 import pytest
 
+from mibi_node.analyses.knee import measure
 from mibi_node.analyses.knee.labels import LABEL_OF, STRUCTURES
-from mibi_node.analyses.knee.measure import measure_structures, plate_thickness
+from mibi_node.analyses.knee.measure import (
+    MAX_DEPTH_MM,
+    MAX_PLATE_MM3,
+    measure_structures,
+    plate_thickness,
+)
 
 SPACING = (1.2, 0.7, 0.7)
 
@@ -164,6 +170,44 @@ def test_a_fragment_has_a_volume_but_no_thickness() -> None:
     assert patellar.voxels == 27
     assert patellar.volume_mm3 == pytest.approx(27 * 1.2 * 0.7 * 0.7)
     assert patellar.mean_thickness_mm is None and patellar.min_thickness_mm is None
+
+
+@pytest.mark.parametrize("normal", [(1.0, 0.0, 0.0), (1.0, 2.0, 3.0)])
+def test_a_sample_of_a_large_sheet_reads_as_the_whole_sheet(
+    normal: tuple[float, float, float], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    mask, _, _ = _disc_plate((40, 64, 64), SPACING, normal, 2.5)
+    whole = plate_thickness(mask, SPACING)
+    monkeypatch.setattr(measure, "MAX_SHEET_POINTS", 300)  # a few hundred of >1000
+    monkeypatch.setattr(measure, "_MIN_SHEET_POINTS", 300)
+    sampled = plate_thickness(mask, SPACING)
+    assert sampled == pytest.approx(whole, abs=0.05)
+    assert plate_thickness(mask, SPACING) == sampled  # the sample is the same every time
+
+
+def test_junk_masks_are_measured_or_refused_without_raising() -> None:
+    """What a barely trained model may call a plate: speckle, a block, the whole volume."""
+    spacing = (1.5, 0.8, 0.8)
+    shape = (48, 128, 128)
+    voxel_mm3 = 1.5 * 0.8 * 0.8
+    rng = np.random.default_rng(0)
+    speckle = np.where(rng.random(shape) < 0.04, LABEL_OF["femoral_cartilage"], 0)
+    whole = np.full(shape, LABEL_OF["femoral_cartilage"])
+    block = np.zeros(shape, dtype=np.uint8)
+    block[10:30, 30:70, 30:70] = LABEL_OF["patellar_cartilage"]  # 31 cm3, 16 mm deep
+    assert block.astype(bool).sum() * voxel_mm3 < MAX_PLATE_MM3
+    for labels in (speckle.astype(np.uint8), whole.astype(np.uint8), block, speckle + block):
+        for m in measure_structures(labels, spacing):
+            values = (m.mean_thickness_mm, m.min_thickness_mm)
+            assert all(v is None or (np.isfinite(v) and v >= 0) for v in values)
+            assert m.remark == "" or (values == (None, None) and m.voxels > 0)
+    femoral = measure_structures(whole.astype(np.uint8), spacing)[0]
+    assert femoral.mean_thickness_mm is None and femoral.volume_mm3 > MAX_PLATE_MM3
+    assert "755 cm3, too large for a cartilage plate" in femoral.remark
+    patellar = measure_structures(block, spacing)[-1]
+    assert patellar.mean_thickness_mm is None and "too thick" in patellar.remark
+    assert f"at most {2 * MAX_DEPTH_MM:.0f} mm" in patellar.remark
+    assert plate_thickness(block > 0, spacing) == (None, None)
 
 
 def test_empty_labels_measure_nothing() -> None:

@@ -21,7 +21,8 @@ from mibi_node.analyses.knee.phantom import (
     write_knee_dataset,
     write_knee_study,
 )
-from mibi_node.analyses.knee.reader import PART, read_knee_study
+from mibi_node.analyses.knee.reader import PART, knee_laterality, read_knee_study
+from mibi_node.analyses.knee.runner import medial_toward_higher_slices
 from mibi_node.errors import MissingPhaseError, UnusableStudyError
 from mibi_node.imaging.volume_reader import read_volume
 
@@ -177,6 +178,66 @@ def test_round_trip_gives_back_the_image_and_the_label_grid(
     assert knee.reason.startswith(f"sagittal, 3-D, {SMALL[0]} slices")
     assert any("'COR PD TSE' is coronal" in w for w in knee.warnings)
     assert [s.instance_number for s in volume.slices] == list(range(1, SMALL[0] + 1))
+
+
+@pytest.mark.parametrize("side", ["L", "R"])
+def test_the_read_side_and_normal_find_the_phantoms_medial_plate(side: str, tmp_path: Path) -> None:
+    knee = make_knee_case(2, shape=SMALL, spacing=SMALL_SPACING, side=side)
+    study = read_knee_study(write_knee_study(knee, tmp_path, extra_series=False))
+    assert study.laterality == side
+    k = np.arange(SMALL[0])[:, None, None]
+    medial, lateral = (knee.labels == LABEL_OF[name] for name in STRUCTURES[1:3])
+    toward_higher = (k * medial).sum() / medial.sum() > (k * lateral).sum() / lateral.sum()
+    assert medial_toward_higher_slices(study) == (toward_higher, "")
+
+
+def _headers(**values: str) -> pydicom.Dataset:
+    ds = pydicom.Dataset()
+    for keyword, value in values.items():
+        setattr(ds, keyword, value)
+    return ds
+
+
+@pytest.mark.parametrize(
+    ("headers", "side"),
+    [
+        ({"Laterality": "R"}, "R"),
+        ({"ImageLaterality": "L", "StudyDescription": "MR KNEE LEFT"}, "L"),
+        ({"ImageLaterality": "B"}, None),  # both: no side
+        ({"ImageLaterality": "U", "BodyPartExamined": "KNEE"}, None),
+        ({"SeriesDescription": "sag_dess_right"}, "R"),
+        ({"StudyDescription": "MRT Knie links"}, "L"),
+        ({"StudyDescription": "IRM GENOU DROIT"}, "R"),
+        ({"StudyDescription": "IRM genou gauche"}, "L"),
+        ({"StudyDescription": "RM ginocchio sinistro"}, "L"),
+        ({"StudyDescription": "RM rodilla derecha"}, "R"),
+        ({"StudyDescription": "右膝 MRI"}, "R"),
+        ({"StudyDescription": "左膝关节"}, "L"),
+        ({"StudyDescription": "KNEE LEFTOVER SERIES", "SeriesDescription": "BRIGHTNESS"}, None),
+        ({}, None),
+    ],
+)
+def test_the_knee_side_comes_from_the_headers(headers: dict[str, str], side: str | None) -> None:
+    assert knee_laterality(_headers(**headers)) == (side, "")
+
+
+def test_headers_that_disagree_leave_the_side_unknown(study: list[Path], tmp_path: Path) -> None:
+    found, warning = knee_laterality(_headers(Laterality="L", StudyDescription="KNEE RIGHT"))
+    assert found is None
+    assert warning == (
+        "the headers disagree on the knee's side "
+        "(Laterality left, StudyDescription 'KNEE RIGHT' right)"
+    )
+    assert knee_laterality(_headers(SeriesDescription="LEFT vs RIGHT"))[0] is None
+    paths = []
+    for path in (p for p in study if p.name.startswith("01-")):
+        ds = pydicom.dcmread(path)
+        ds.Laterality = "R" if ds.ImageLaterality == "L" else "L"
+        paths.append(tmp_path / path.name)
+        ds.save_as(paths[-1])
+    knee = read_knee_study(paths)
+    assert knee.laterality is None
+    assert any(w.startswith("the headers disagree on the knee's side") for w in knee.warnings)
 
 
 def test_only_the_distractor_raises_missing_phase(study: list[Path]) -> None:

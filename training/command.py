@@ -251,7 +251,11 @@ def train(
 
 
 #: The analyses whose training lives in a module of its own with a ``main(argv)``.
-_ANALYSIS_TRAINING = {"thyroid": "training.thyroid", "spine": "training.spine"}
+_ANALYSIS_TRAINING = {
+    "thyroid": "training.thyroid",
+    "spine": "training.spine",
+    "knee": "training.knee",
+}
 
 
 def _train_analysis(analysis: str, recipe: Path, data: Path, out: Path) -> int:

@@ -35,6 +35,17 @@ The thickness rule, for one plate (a binary mask):
    their ``percentile``-th percentile (5 by default), robust to single voxels. A plate too
    small to have a non-rim sheet (a fragment a few millimetres across) has no thickness.
 
+The cost is the sheet's voxels times the ball's, so it is bounded twice. A sheet of more than
+:data:`MAX_SHEET_POINTS` voxels is measured at that many of them, a fixed-seed sample (a
+femoral plate's sheet is a few thousand voxels; the mean and the 5th percentile of the sample
+stay within a few hundredths of a millimetre of the whole sheet's), and at fewer where the
+ball holds many voxels (fine voxels, a deep mask), at least 500. And a mask that cannot be
+a cartilage plate is not measured at all: one larger than :data:`MAX_PLATE_MM3` (adult
+femoral cartilage, the largest plate, is about 5-10 cm3, the phantom's 10-15 cm3) or deeper
+than :data:`MAX_DEPTH_MM` from its background (a plate over 12 mm thick; the thickest
+cartilage, the patella's, is at most about 7 mm), whose ball would be large. Such a mask,
+from a model that segments junk, has no thickness and a remark saying why.
+
 On analytic plates (``tests/test_knee_measure.py``, 0.7 x 0.7 x 1.2 mm voxels) a plate aligned
 with the grid reads its voxel count within 0.1 mm (the mask cannot say more), an oblique or
 curved plate its true thickness within about 0.2 mm (mean) and 0.5 mm (minimum), and a focal
@@ -54,7 +65,13 @@ from scipy import ndimage
 from mibi_node.analyses.knee.labels import LABEL_OF, STRUCTURES
 from mibi_node.analyses.knee.result import StructureMeasurement
 
-__all__ = ["measure_structures", "plate_thickness"]
+__all__ = [
+    "MAX_DEPTH_MM",
+    "MAX_PLATE_MM3",
+    "MAX_SHEET_POINTS",
+    "measure_structures",
+    "plate_thickness",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -77,6 +94,19 @@ _PAIRS = ((0, 0), (1, 1), (2, 2), (0, 1), (0, 2), (1, 2))
 
 #: Sheet voxels per block of the ball sums (bounds the working memory, about 100 MB).
 _BLOCK_ELEMENTS = 4_000_000
+
+#: The most sheet voxels the thickness is evaluated at (a fixed-seed sample of a larger sheet).
+MAX_SHEET_POINTS = 4000
+#: Fewer where the ball is large (fine voxels, a deep mask): sheet voxels x ball voxels is
+#: kept under this, but at least :data:`_MIN_SHEET_POINTS` sheet voxels are measured.
+_MAX_BALL_SUMS = 20_000_000
+_MIN_SHEET_POINTS = 500
+
+#: A mask larger than this (mm3) is not a cartilage plate: its thickness is not measured.
+MAX_PLATE_MM3 = 50_000.0
+
+#: A mask with a voxel deeper than this (mm) from its background is not a cartilage plate.
+MAX_DEPTH_MM = 6.0
 
 
 def _check_spacing(spacing: Sequence[float]) -> np.ndarray:
@@ -123,8 +153,9 @@ def measure_structures(
     -------
     tuple[StructureMeasurement, ...]
         One per structure in :data:`~mibi_node.analyses.knee.labels.STRUCTURES` order; an
-        absent structure has 0 voxels, volume 0.0 and no thickness, and one too small to
-        measure (all rim) its volume and no thickness.
+        absent structure has 0 voxels, volume 0.0 and no thickness, one too small to
+        measure (all rim) its volume and no thickness, and one that cannot be a plate (too
+        large or too deep) its volume, no thickness and a remark saying why.
 
     Raises
     ------
@@ -154,8 +185,10 @@ def measure_structures(
             continue
         mask = labels[box] == value
         voxels = int(np.count_nonzero(mask))
-        mean_mm, min_mm = plate_thickness(mask, spacing, rim_mm=rim_mm, percentile=percentile)
-        results.append(StructureMeasurement(name, voxels, voxels * voxel_mm3, mean_mm, min_mm))
+        mean_mm, min_mm, remark = _thickness(mask, sampling, rim_mm, percentile)
+        results.append(
+            StructureMeasurement(name, voxels, voxels * voxel_mm3, mean_mm, min_mm, remark)
+        )
     return tuple(results)
 
 
@@ -180,23 +213,45 @@ def plate_thickness(
     Returns
     -------
     tuple[float | None, float | None]
-        ``(mean_mm, min_mm)``; ``(None, None)`` for an empty mask or one too small to have a
-        sheet away from its rim.
+        ``(mean_mm, min_mm)``; ``(None, None)`` for an empty mask, one too small to have a
+        sheet away from its rim, or one that cannot be a plate (larger than
+        :data:`MAX_PLATE_MM3` or deeper than :data:`MAX_DEPTH_MM`).
     """
     sampling = _check_spacing(spacing)
     _check_options(rim_mm, percentile)
     mask = np.asarray(mask, dtype=bool)
     if mask.ndim != 3:
         raise ValueError(f'Argument "mask" should be 3-D, not of shape {mask.shape}.')
-    if not mask.any():
-        return None, None
+    mean_mm, min_mm, _ = _thickness(mask, sampling, rim_mm, percentile)
+    return mean_mm, min_mm
+
+
+def _thickness(
+    mask: np.ndarray, sampling: np.ndarray, rim_mm: float, percentile: float
+) -> tuple[float | None, float | None, str]:
+    """:func:`plate_thickness` of a checked 3-D boolean mask, and why it has none ("" if it
+    has one, or is empty or all rim)."""
+    voxels = int(np.count_nonzero(mask))
+    if voxels == 0:
+        return None, None, ""
+    volume_mm3 = voxels * float(np.prod(sampling))
+    if volume_mm3 > MAX_PLATE_MM3:
+        why = f"{volume_mm3 / 1000:.0f} cm3, too large for a cartilage plate"
+        return None, None, f"thickness not measured: {why} (at most {MAX_PLATE_MM3 / 1000:.0f} cm3)"
     points, deepest = _medial_sheet(np.pad(mask, 1), sampling)
+    if deepest > MAX_DEPTH_MM:
+        why = f"{deepest:.1f} mm deep, too thick for a cartilage plate"
+        return None, None, f"thickness not measured: {why} (at most {2 * MAX_DEPTH_MM:.0f} mm)"
     radius = max(1.5 * rim_mm, 2.0 * deepest, 2.0 * float(sampling.max()))
+    ball = _ball(radius, sampling)
+    most = min(MAX_SHEET_POINTS, max(_MIN_SHEET_POINTS, _MAX_BALL_SUMS // len(ball[0])))
+    if len(points) > most:
+        chosen = np.random.default_rng(0).choice(len(points), most, replace=False)
+        points = points[np.sort(chosen)]
     pad = np.ceil(radius / sampling).astype(int) + 1
     plate = np.pad(mask, [(int(p), int(p)) for p in pad])
     points = points - 1 + pad
 
-    ball = _ball(radius, sampling)
     moments = _ball_moments(plate, points, ball, sampling)
     count = moments[:, 0]
     centroid = moments[:, 1:4] / count[:, None]
@@ -220,9 +275,9 @@ def plate_thickness(
     extent = spread[:, 1] / _in_plane_moment(thickness, radius)
     interior = (across <= _RIM_SHIFT) & (extent >= _MIN_EXTENT)
     if not np.any(interior):
-        return None, None  # all rim: too small to measure
+        return None, None, ""  # all rim: too small to measure
     thickness = thickness[interior]
-    return float(thickness.mean()), float(np.percentile(thickness, percentile))
+    return float(thickness.mean()), float(np.percentile(thickness, percentile)), ""
 
 
 def _medial_sheet(plate: np.ndarray, sampling: np.ndarray) -> tuple[np.ndarray, float]:

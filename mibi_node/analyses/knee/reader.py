@@ -11,6 +11,12 @@ cartilage sequence (DESS, SPGR, FLASH, 3D, PD), and reads the first that forms a
 volume (:func:`~mibi_node.imaging.volume_reader.read_volume`). Every series left out is
 named with its reason in the input's warnings.
 
+The knee's laterality (which decides which tibial plate is medial) is read from the chosen
+series' headers (:func:`knee_laterality`): Laterality (0020,0060), Image Laterality
+(0020,0062), then the words of the Study and Series Descriptions and Body Part Examined
+(LEFT/RIGHT and their German, French, Italian, Spanish, Chinese and Japanese words). Sources
+that disagree leave it unknown, with a warning naming them.
+
 A study without any sagittal MR series raises
 :class:`~mibi_node.errors.MissingPhaseError`: the 3-D series may still come (a scanner sends
 series as they finish), so the job waits for it before it fails. A study whose sagittal
@@ -33,7 +39,7 @@ from mibi_node.analyses.knee.result import KneeInput
 from mibi_node.errors import MissingPhaseError, UnusableStudyError
 from mibi_node.imaging.volume_reader import MIN_SLICES, group_series, read_volume
 
-__all__ = ["PART", "read_knee_study"]
+__all__ = ["PART", "knee_laterality", "read_knee_study"]
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +49,20 @@ PART = "3-D sagittal knee series"
 _CARTILAGE_TEXT = re.compile(r"dess|spgr|flash|3d|pd", re.IGNORECASE)
 _MULTI_FRAME_CLASSES = ("1.2.840.10008.5.1.4.1.1.4.1", "1.2.840.10008.5.1.4.1.1.4.4")
 
+#: Words naming a side, each bounded by non-letters (the CJK characters need no bounds).
+_SIDE_WORDS = {
+    "L": ("left", "links", "gauche", "sinistro", "sinistra", "izquierda", "izquierdo"),
+    "R": ("right", "rechts", "droit", "droite", "destro", "destra", "derecha", "derecho"),
+}
+_SIDE_TEXT = {
+    side: re.compile(
+        rf"(?<![^\W\d_])(?:{'|'.join(words)})(?![^\W\d_])|{'左' if side == 'L' else '右'}",
+        re.IGNORECASE,
+    )
+    for side, words in _SIDE_WORDS.items()
+}
+_SIDE_NAME = {"L": "left", "R": "right"}
+
 
 @dataclass(frozen=True)
 class _Candidate:
@@ -51,6 +71,8 @@ class _Candidate:
     name: str
     is_3d: bool
     text: str
+    laterality: str | None = None
+    laterality_warning: str = ""
 
     @property
     def rank(self) -> tuple[int, int, int]:
@@ -86,6 +108,37 @@ def _plane(ds: pydicom.Dataset) -> str | None:
     return ("sagittal", "coronal", "axial")[axis]
 
 
+def knee_laterality(ds: pydicom.Dataset) -> tuple[str | None, str]:
+    """The knee's side from a series' headers: ``"L"``, ``"R"`` or ``None``, and a warning.
+
+    Laterality (0020,0060) and Image Laterality (0020,0062) count when they are ``L`` or
+    ``R``; each of Study Description, Series Description and Body Part Examined counts when
+    its words name one side only. Every source that names a side must agree.
+
+    Returns
+    -------
+    tuple
+        The side, or ``None`` when no source names one or sources disagree; the warning
+        naming the disagreement ("" otherwise).
+    """
+    found: list[tuple[str, str]] = []
+    for keyword in ("Laterality", "ImageLaterality"):
+        value = str(ds.get(keyword, "") or "").strip().upper()
+        if value in ("L", "R"):
+            found.append((keyword, value))
+    for keyword in ("StudyDescription", "SeriesDescription", "BodyPartExamined"):
+        text = str(ds.get(keyword, "") or "")
+        named = [side for side, pattern in _SIDE_TEXT.items() if pattern.search(text)]
+        found.extend((f"{keyword} {text.strip()!r}", side) for side in named)
+    sides = {side for _, side in found}
+    if len(sides) == 1:
+        return sides.pop(), ""
+    if not sides:
+        return None, ""
+    sources = ", ".join(f"{source} {_SIDE_NAME[side]}" for source, side in found)
+    return None, f"the headers disagree on the knee's side ({sources})"
+
+
 def _judge(uid: str, paths: list[Path]) -> tuple[_Candidate | None, str]:
     """A candidate, or ``None`` and why the series is left out."""
     ds = pydicom.dcmread(paths[0], stop_before_pixels=True)
@@ -106,7 +159,8 @@ def _judge(uid: str, paths: list[Path]) -> tuple[_Candidate | None, str]:
         for keyword in ("SeriesDescription", "ProtocolName", "SequenceName")
     )
     is_3d = str(ds.get("MRAcquisitionType", "") or "").upper() == "3D"
-    return _Candidate(uid, paths, name, is_3d, text), ""
+    laterality, warning = knee_laterality(ds)
+    return _Candidate(uid, paths, name, is_3d, text, laterality, warning), ""
 
 
 def read_knee_study(paths: Sequence[Path]) -> KneeInput:
@@ -164,7 +218,14 @@ def read_knee_study(paths: Sequence[Path]) -> KneeInput:
         warnings += [f"{c.name} also sagittal, not used" for c in candidates[at + 1 :]]
         if not candidate.is_3d:
             warnings.append(f"{candidate.name} is a 2-D series; a 3-D series segments better")
+        if candidate.laterality_warning:
+            warnings.append(candidate.laterality_warning)
         warnings.extend(volume.warnings)
-        logger.debug("knee input from %s", candidate.reason)
-        return KneeInput(volume=volume, reason=candidate.reason, warnings=tuple(warnings))
+        logger.debug("knee input from %s (side %s)", candidate.reason, candidate.laterality)
+        return KneeInput(
+            volume=volume,
+            reason=candidate.reason,
+            warnings=tuple(warnings),
+            laterality=candidate.laterality,
+        )
     raise UnusableStudyError(f"no usable {PART}: {'; '.join(failures)}")

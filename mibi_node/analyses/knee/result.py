@@ -30,11 +30,21 @@ class KneeInput:
         How the series was chosen ("sagittal, 3-D, 60 slices, 'SAG 3D DESS'").
     warnings
         Remarks carried into the result (the volume's own warnings included).
+    laterality
+        The knee's side from the headers, ``"L"`` or ``"R"`` (``None``: unknown or the
+        headers disagree); with the slice normal it decides which tibial plate is medial.
     """
 
     volume: Volume
     reason: str = ""
     warnings: tuple[str, ...] = ()
+    laterality: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.laterality not in (None, "L", "R"):
+            raise ValueError(
+                f'Argument "laterality" should be "L", "R" or None, not {self.laterality!r}.'
+            )
 
     @property
     def study_instance_uid(self) -> str:
@@ -55,6 +65,9 @@ class StructureMeasurement:
         ``voxels`` x the voxel volume.
     mean_thickness_mm, min_thickness_mm
         Plate thickness (``None`` when the plate is absent or too small to measure).
+    remark
+        Why a present plate's thickness was not measured (a mask too large or too deep to
+        be cartilage), "" otherwise.
     """
 
     structure: str
@@ -62,6 +75,7 @@ class StructureMeasurement:
     volume_mm3: float
     mean_thickness_mm: float | None
     min_thickness_mm: float | None
+    remark: str = ""
 
     def __post_init__(self) -> None:
         if self.structure not in STRUCTURES:
