@@ -1,17 +1,20 @@
 """`make demo`: the whole loop on one machine, from a gamma camera to an SR in PACS.
 
-1. builds the three demonstration model bundles once and reuses them afterwards: the
+1. builds the four demonstration model bundles once and reuses them afterwards: the
    parathyroid (MIBI) ensemble from 600 phantom studies on one core, the thyroid
-   scintigraphy ensemble from 1200 thyroid phantoms on the other, and then, on the first
-   core, the lumbar spine keypoint bundle from spine MR phantoms (scripts/demo_spine.py);
+   scintigraphy ensemble from 1200 thyroid phantoms on the other; then, on the first core,
+   the lumbar spine keypoint bundle from spine MR phantoms (scripts/demo_spine.py) and, on
+   the second, the knee cartilage bundle from 60 knee MR phantoms (scripts/demo_knee.py);
 2. starts DCMTK storescp as the PACS that receives the SRs (AE DEMO_PACS);
-3. starts the node with three analyses (parathyroid, thyroid, spine) and one CPU worker that
-   hosts the three bundles and sends its SRs (and the spine's key images) to that PACS;
-4. sends 10 MIBI studies, 6 thyroid scans, one bone scan (which no analysis takes) and 4
-   lumbar spine MR studies with DCMTK storescu, one association per study, as a camera or
-   scanner would;
-5. waits for the 20 SRs, then shows a table per analysis (truth, prediction, the time from
-   each study's last instance to its SR in PACS), why the bone scan was IGNORED, and one SR
+3. starts the node with four analyses (parathyroid, thyroid, spine, knee) and one CPU worker
+   that hosts the four bundles and sends its SRs (and the spine's key images and the knee's
+   SEGs) to that PACS;
+4. sends 10 MIBI studies, 6 thyroid scans, one bone scan (which no analysis takes), 4
+   lumbar spine MR studies and 2 knee MR studies with DCMTK storescu, one association per
+   study, as a camera or scanner would;
+5. waits for the 22 results, then shows a table per analysis (truth, prediction, the time
+   from each study's last instance to its SR in PACS; for the knees the Dice of each plate,
+   the SEG read back against the phantom's labels), why the bone scan was IGNORED, and one SR
    as DCMTK's dsrdump prints it.
 
 Everything it starts it stops again, also on Ctrl-C; the node's data stays in ./var/demo
