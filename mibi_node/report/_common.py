@@ -8,7 +8,13 @@ import re
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from highdicom.sr import Comprehensive3DSR, ContainerContentItem, ContentSequence
+from highdicom.sr import (
+    Comprehensive3DSR,
+    ContainerContentItem,
+    ContentSequence,
+    RelationshipTypeValues,
+    TextContentItem,
+)
 from highdicom.valuerep import _check_specific_character_set
 from pydicom.charset import python_encoding
 from pydicom.dataelem import DataElement
@@ -29,6 +35,8 @@ __all__ = [
     "comprehensive_3d_sr",
     "detach_person_names",
     "intended_use_text",
+    "qualitative_evaluations",
+    "separate_containers",
 ]
 
 logger = logging.getLogger(__name__)
@@ -318,3 +326,33 @@ def detach_person_names(ds: Dataset) -> None:
         else:
             value = str(element.value)
         ds[element.tag] = DataElement(element.tag, "PN", value)
+
+
+def qualitative_evaluations(intended_use: str, comments: Sequence[str]) -> ContainerContentItem:
+    """The report's Qualitative Evaluations container: the intended-use text, then each
+    comment, as TEXT items (every analysis' SR closes with it)."""
+    container = ContainerContentItem(
+        name=mibi_codes.QUALITATIVE_EVALUATIONS,
+        relationship_type=RelationshipTypeValues.CONTAINS,
+        is_content_continuous=False,
+    )
+    container.ContentSequence = ContentSequence(
+        [
+            TextContentItem(
+                name=name, value=value, relationship_type=RelationshipTypeValues.CONTAINS
+            )
+            for name, value in (
+                (mibi_codes.INTENDED_USE, intended_use),
+                *((mibi_codes.COMMENT, comment) for comment in comments),
+            )
+        ]
+    )
+    return container
+
+
+def separate_containers(content: Iterable[Dataset]) -> None:
+    """Mark every CONTAINER in ``content``'s tree SEPARATE (its items are not one text)."""
+    for item in content:
+        if item.ValueType == "CONTAINER":
+            item.ContinuityOfContent = "SEPARATE"
+        separate_containers(item.get("ContentSequence", []))

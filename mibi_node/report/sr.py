@@ -24,7 +24,7 @@ DCMTK's ``dsr2html`` show each item with its concept name)::
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from os import PathLike
 from typing import Any, BinaryIO
 
@@ -33,8 +33,6 @@ import numpy as np
 from highdicom.sr import (
     AlgorithmIdentification,
     Comprehensive3DSR,
-    ContainerContentItem,
-    ContentSequence,
     DeviceObserverIdentifyingAttributes,
     FindingSite,
     GraphicTypeValues,
@@ -45,10 +43,8 @@ from highdicom.sr import (
     ObservationContext,
     ObserverContext,
     PlanarROIMeasurementsAndQualitativeEvaluations,
-    RelationshipTypeValues,
     SourceImageForMeasurementGroup,
     SourceImageForRegion,
-    TextContentItem,
     TrackingIdentifier,
 )
 from pydicom.dataset import Dataset
@@ -69,6 +65,8 @@ from mibi_node.report._common import (
     comprehensive_3d_sr,
     detach_person_names,
     intended_use_text,
+    qualitative_evaluations,
+    separate_containers,
 )
 
 __all__ = [
@@ -285,10 +283,8 @@ def _measurement_report(
         imaging_measurements=groups,
         referenced_images=list(headers),
     )
-    report[0].ContentSequence.append(_qualitative_evaluations(intended_use, comments))
-    for item in _walk(report):
-        if item.ValueType == "CONTAINER":
-            item.ContinuityOfContent = "SEPARATE"
+    report[0].ContentSequence.append(qualitative_evaluations(intended_use, comments))
+    separate_containers(report)
     return report
 
 
@@ -350,41 +346,9 @@ def _focus_group(
     )
 
 
-def _qualitative_evaluations(intended_use: str, comments: Sequence[str]) -> ContainerContentItem:
-    container = ContainerContentItem(
-        name=mibi_codes.QUALITATIVE_EVALUATIONS,
-        relationship_type=RelationshipTypeValues.CONTAINS,
-        is_content_continuous=False,
-    )
-    container.ContentSequence = ContentSequence(
-        [
-            TextContentItem(
-                name=mibi_codes.INTENDED_USE,
-                value=intended_use,
-                relationship_type=RelationshipTypeValues.CONTAINS,
-            ),
-            *(
-                TextContentItem(
-                    name=mibi_codes.COMMENT,
-                    value=comment,
-                    relationship_type=RelationshipTypeValues.CONTAINS,
-                )
-                for comment in comments
-            ),
-        ]
-    )
-    return container
-
-
 def _algorithm(result: StudyResult) -> AlgorithmIdentification:
     return AlgorithmIdentification(name=result.bundle_name, version=result.bundle_version)
 
 
 def _fraction(name: Any, value: float) -> Measurement:
     return Measurement(name=name, value=float(value), unit=mibi_codes.NO_UNITS)
-
-
-def _walk(items: Iterable[Dataset]) -> Iterable[Dataset]:
-    for item in items:
-        yield item
-        yield from _walk(item.get("ContentSequence", []))

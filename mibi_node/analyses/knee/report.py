@@ -39,15 +39,13 @@ node's declared scheme ``99MIBINODE``. The thickness rule is that of
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 from highdicom.seg import Segmentation
 from highdicom.sr import (
     AlgorithmIdentification,
     Comprehensive3DSR,
-    ContainerContentItem,
-    ContentSequence,
     DeviceObserverIdentifyingAttributes,
     FindingSite,
     Measurement,
@@ -87,6 +85,8 @@ from mibi_node.report._common import (
     check_uid,
     comprehensive_3d_sr,
     detach_person_names,
+    qualitative_evaluations,
+    separate_containers,
 )
 
 __all__ = [
@@ -319,10 +319,8 @@ def build_knee_sr(
         imaging_measurements=groups,
         referenced_images=[headers[k] for k in used] or None,
     )
-    content[0].ContentSequence.append(_evaluations(intended, comments))
-    for item in _walk(content):
-        if item.ValueType == "CONTAINER":
-            item.ContinuityOfContent = "SEPARATE"
+    content[0].ContentSequence.append(qualitative_evaluations(intended, comments))
+    separate_containers(content)
     texts = [result.bundle_name, result.bundle_version, institution_name or "", intended, *comments]
     sr = comprehensive_3d_sr(
         content,  # type: ignore[arg-type]  # a TID 1500 template: one root container
@@ -427,28 +425,7 @@ def _not_found_group(
     )
 
 
-def _evaluations(intended: str, comments: Sequence[str]) -> ContainerContentItem:
-    container = ContainerContentItem(
-        name=mibi_codes.QUALITATIVE_EVALUATIONS,
-        relationship_type=RelationshipTypeValues.CONTAINS,
-        is_content_continuous=False,
-    )
-    container.ContentSequence = ContentSequence(
-        [
-            _text(mibi_codes.INTENDED_USE, intended),
-            *(_text(mibi_codes.COMMENT, t) for t in comments),
-        ]
-    )
-    return container
-
-
 def _text(name: Code, value: str) -> TextContentItem:
     return TextContentItem(
         name=name, value=value, relationship_type=RelationshipTypeValues.CONTAINS
     )
-
-
-def _walk(items: Iterable[Dataset]) -> Iterable[Dataset]:
-    for item in items:
-        yield item
-        yield from _walk(item.get("ContentSequence", []))

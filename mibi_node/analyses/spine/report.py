@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from types import SimpleNamespace
 
@@ -45,7 +45,6 @@ from highdicom.sr import (
     CodeContentItem,
     CodedConcept,
     Comprehensive3DSR,
-    ContainerContentItem,
     ContentSequence,
     DeviceObserverIdentifyingAttributes,
     FindingSite,
@@ -78,6 +77,8 @@ from mibi_node.report._common import (
     check_uid,
     detach_person_names,
     intended_use_text,
+    qualitative_evaluations,
+    separate_containers,
     with_type2_header,
 )
 
@@ -337,10 +338,8 @@ def build_spine_sr(
         imaging_measurements=[_level_group(result, point) for point in points],
         referenced_images=list(headers),
     )
-    content[0].ContentSequence.append(_evaluations(intended, comments))
-    for item in _walk(content):
-        if item.ValueType == "CONTAINER":
-            item.ContinuityOfContent = "SEPARATE"
+    content[0].ContentSequence.append(qualitative_evaluations(intended, comments))
+    separate_containers(content)
     texts = [result.bundle_name, result.bundle_version, institution_name or "", intended, *comments]
     sr = Comprehensive3DSR(
         evidence=headers,
@@ -423,31 +422,10 @@ def _probability(value: float, finding: Code) -> Measurement:
     return measurement
 
 
-def _evaluations(intended: str, comments: Sequence[str]) -> ContainerContentItem:
-    container = ContainerContentItem(
-        name=mibi_codes.QUALITATIVE_EVALUATIONS,
-        relationship_type=RelationshipTypeValues.CONTAINS,
-        is_content_continuous=False,
-    )
-    container.ContentSequence = ContentSequence(
-        [
-            _text(mibi_codes.INTENDED_USE, intended),
-            *(_text(mibi_codes.COMMENT, t) for t in comments),
-        ]
-    )
-    return container
-
-
 def _text(name: Code, value: str) -> TextContentItem:
     return TextContentItem(
         name=name, value=value, relationship_type=RelationshipTypeValues.CONTAINS
     )
-
-
-def _walk(items: Iterable[Dataset]) -> Iterable[Dataset]:
-    for item in items:
-        yield item
-        yield from _walk(item.get("ContentSequence", []))
 
 
 @dataclass(frozen=True)

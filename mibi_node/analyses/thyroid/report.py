@@ -31,8 +31,6 @@ from highdicom.sr import (
     AlgorithmIdentification,
     CodedConcept,
     Comprehensive3DSR,
-    ContainerContentItem,
-    ContentSequence,
     DeviceObserverIdentifyingAttributes,
     FindingSite,
     GraphicTypeValues,
@@ -44,10 +42,8 @@ from highdicom.sr import (
     ObserverContext,
     PlanarROIMeasurementsAndQualitativeEvaluations,
     QualitativeEvaluation,
-    RelationshipTypeValues,
     SourceImageForMeasurementGroup,
     SourceImageForRegion,
-    TextContentItem,
     TrackingIdentifier,
 )
 from pydicom.dataset import Dataset
@@ -65,6 +61,7 @@ from mibi_node.report._common import (
     check_uid,
     detach_person_names,
     intended_use_text,
+    qualitative_evaluations,
 )
 
 __all__ = [
@@ -180,7 +177,7 @@ def build_thyroid_sr(
         imaging_measurements=groups,
         referenced_images=list(headers),
     )
-    content[0].ContentSequence.append(_evaluations(intended, comments))
+    content[0].ContentSequence.append(qualitative_evaluations(intended, comments))
     texts = [result.bundle_name, result.bundle_version, institution_name or "", intended, *comments]
     sr = Comprehensive3DSR(
         evidence=headers,
@@ -283,32 +280,6 @@ def _area_group(
         finding_sites=[FindingSite(anatomic_location=THYROID, laterality=laterality)],
         algorithm_id=_algorithm(result),
     )
-
-
-def _evaluations(intended: str, comments: Sequence[str]) -> ContainerContentItem:
-    container = ContainerContentItem(
-        name=mibi_codes.QUALITATIVE_EVALUATIONS,
-        relationship_type=RelationshipTypeValues.CONTAINS,
-        is_content_continuous=False,
-    )
-    container.ContentSequence = ContentSequence(
-        [
-            TextContentItem(
-                name=mibi_codes.INTENDED_USE,
-                value=intended,
-                relationship_type=RelationshipTypeValues.CONTAINS,
-            ),
-            *(
-                TextContentItem(
-                    name=mibi_codes.COMMENT,
-                    value=text,
-                    relationship_type=RelationshipTypeValues.CONTAINS,
-                )
-                for text in comments
-            ),
-        ]
-    )
-    return container
 
 
 @dataclass(frozen=True)
