@@ -33,10 +33,15 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
 
 from mibi_node.analyses.base import WEIGHTS_FACTOR, MemoryNeeds
 from mibi_node.errors import BundleError
@@ -181,3 +186,68 @@ def read_manifest(directory: Path, model: type[_Manifest], what: str) -> _Manife
         return model.model_validate(data)
     except ValidationError as exc:
         raise BundleError(f"{path}: {describe_validation_error(exc)}") from None
+
+
+def check_weight_files(
+    directory: Path, files: Iterable[tuple[str, str, str]], *, verify: bool = True
+) -> None:
+    """Check that each weight file of a manifest is there and, with ``verify``, unaltered.
+
+    ``files`` holds ``(what, file name, sha256)`` per file; ``what`` names it in the
+    message ("stage1", "the keypoints network", "member 'resnet10t'").
+
+    Raises
+    ------
+    BundleError
+        A file is missing, or its sha256 is not the manifest's; the message names the file.
+    """
+    for what, name, expected in files:
+        path = directory / name
+        if not path.is_file():
+            raise BundleError(f"{path}: weight file of {what} is missing")
+        if verify:
+            digest = file_sha256(path)
+            if digest != expected:
+                raise BundleError(
+                    f"{path}: sha256 is {digest[:12]}... but {MANIFEST_NAMES[0]} says "
+                    f"{expected[:12]}... (file altered or replaced)"
+                )
+
+
+def save_weights(module: nn.Module, path: Path) -> str:
+    """Write ``module``'s state as a safetensors file; returns its sha256 for the manifest."""
+    from safetensors.torch import save_file
+
+    state = {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
+    save_file(state, str(path), metadata={"format": "pt"})
+    return file_sha256(path)
+
+
+def load_weights(module: nn.Module, path: Path, arch: str, device: torch.device | str) -> None:
+    """Load a safetensors file into ``module`` (strictly) on ``device``.
+
+    Raises
+    ------
+    BundleError
+        The file is not readable safetensors, or does not fit the ``arch`` network.
+    """
+    from safetensors.torch import load_file
+
+    try:
+        state = load_file(str(path), device=str(device))
+    except Exception as exc:  # safetensors raises its own errors for corrupt headers
+        raise BundleError(f"{path}: not a readable safetensors file ({exc})") from None
+    try:
+        module.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise BundleError(
+            f"{path}: does not fit the {arch} network described in {MANIFEST_NAMES[0]} ({first})"
+        ) from None
+
+
+def modules_megabytes(modules: Iterable[nn.Module]) -> float:
+    """The size of the modules' state (weights and buffers) in MiB, for a memory estimate."""
+    return (
+        sum(t.numel() * t.element_size() for m in modules for t in m.state_dict().values()) / 2**20
+    )

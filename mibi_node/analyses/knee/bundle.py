@@ -23,7 +23,15 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from mibi_node.analyses.bundles import MemoryHint, file_sha256, read_manifest
+from mibi_node.analyses.bundles import (
+    MemoryHint,
+    check_weight_files,
+    estimated_memory,
+    load_weights,
+    modules_megabytes,
+    read_manifest,
+    save_weights,
+)
 from mibi_node.analyses.knee.preprocess import KneePreprocessing
 from mibi_node.errors import BundleError
 from mibi_node.inference.bundle import Provenance
@@ -211,7 +219,7 @@ class KneeBundle:
         model = _create(entry.arch, _options(entry), "stage1")
         if not isinstance(model, KneeCoarseNet):
             raise BundleError(f"{self.directory / MANIFEST_NAME}: stage1.arch is not a stage 1")
-        _load_weights(model, self.directory / entry.weights, entry.arch, device)
+        load_weights(model, self.directory / entry.weights, entry.arch, device)
         return model.to(device).eval()
 
     def build_stage2(self, device: torch.device | str = "cpu") -> KneeFineNet:
@@ -228,7 +236,7 @@ class KneeBundle:
         model = _create(entry.arch, _options(entry), "stage2")
         if not isinstance(model, KneeFineNet):
             raise BundleError(f"{self.directory / MANIFEST_NAME}: stage2.arch is not a stage 2")
-        _load_weights(model, self.directory / entry.weights, entry.arch, device)
+        load_weights(model, self.directory / entry.weights, entry.arch, device)
         return model.to(device).eval()
 
 
@@ -239,22 +247,6 @@ def _create(arch: str, options: dict[str, Any], key: str) -> KneeCoarseNet | Kne
         return create_knee_stage(arch, **options)
     except (TypeError, ValueError) as exc:
         raise BundleError(f"knee bundle manifest: key '{key}': {exc}") from None
-
-
-def _load_weights(module: nn.Module, path: Path, arch: str, device: torch.device | str) -> None:
-    from safetensors.torch import load_file
-
-    try:
-        state = load_file(str(path), device=str(device))
-    except Exception as exc:  # safetensors raises its own errors for corrupt headers
-        raise BundleError(f"{path}: not a readable safetensors file ({exc})") from None
-    try:
-        module.load_state_dict(state, strict=True)
-    except RuntimeError as exc:
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise BundleError(
-            f"{path}: does not fit the {arch} network described in {MANIFEST_NAME} ({first})"
-        ) from None
 
 
 def _read_manifest(directory: Path) -> KneeManifest:
@@ -279,17 +271,14 @@ def load_knee_bundle(directory: Path | str, *, verify: bool = True) -> KneeBundl
     """
     directory = Path(directory)
     manifest = _read_manifest(directory)
-    for role, entry in (("stage1", manifest.stage1), ("stage2", manifest.stage2)):
-        path = directory / entry.weights
-        if not path.is_file():
-            raise BundleError(f"{path}: weight file of {role} is missing")
-        if verify:
-            digest = file_sha256(path)
-            if digest != entry.sha256:
-                raise BundleError(
-                    f"{path}: sha256 is {digest[:12]}... but {MANIFEST_NAME} says "
-                    f"{entry.sha256[:12]}... (file altered or replaced)"
-                )
+    check_weight_files(
+        directory,
+        [
+            (role, e.weights, e.sha256)
+            for role, e in (("stage1", manifest.stage1), ("stage2", manifest.stage2))
+        ],
+        verify=verify,
+    )
     logger.info(
         "loaded knee bundle %s %s (%s)", manifest.name, manifest.version, manifest.intended_use
     )
@@ -303,24 +292,10 @@ def knee_memory_needs(directory: Path | str) -> tuple[float, float]:
 
 
 def _estimate_memory(modules: list[nn.Module]) -> dict[str, float]:
-    weights = (
-        sum(p.numel() * p.element_size() for m in modules for p in m.state_dict().values()) / 2**20
-    )
-    # measured on 48 x 128 x 128 phantom volumes: one study's peak (the working volume and
-    # stage 2's activations on a ~90 x 80 x 100 crop) ~450 MiB, MONAI's import ~330 MiB
-    working = 450.0
-    return {
-        "cpu_mb": round(weights + working + 330.0, 1),
-        "gpu_mb": round(weights + working, 1),
-    }
+    """The manifest's ``memory`` until training measures it (:mod:`mibi_node.analyses.memory`)."""
+    from mibi_node.analyses.knee import KneeAnalysis
 
-
-def _save(module: nn.Module, path: Path) -> str:
-    from safetensors.torch import save_file
-
-    state = {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
-    save_file(state, str(path), metadata={"format": "pt"})
-    return file_sha256(path)
+    return estimated_memory(modules_megabytes(modules), KneeAnalysis.working_memory_mb)
 
 
 def write_knee_bundle(
@@ -362,12 +337,12 @@ def write_knee_bundle(
     data["stage1"] = {
         **stage1.config.as_dict(),
         "weights": "stage1.safetensors",
-        "sha256": _save(stage1, directory / "stage1.safetensors"),
+        "sha256": save_weights(stage1, directory / "stage1.safetensors"),
     }
     data["stage2"] = {
         **stage2.config.as_dict(),
         "weights": "stage2.safetensors",
-        "sha256": _save(stage2, directory / "stage2.safetensors"),
+        "sha256": save_weights(stage2, directory / "stage2.safetensors"),
     }
     try:
         checked = KneeManifest.model_validate(data)

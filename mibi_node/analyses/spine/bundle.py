@@ -24,9 +24,12 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from mibi_node.analyses.bundles import (
     MemoryHint,
+    check_weight_files,
     estimated_memory,
-    file_sha256,
+    load_weights,
+    modules_megabytes,
     read_manifest,
+    save_weights,
 )
 from mibi_node.errors import BundleError
 from mibi_node.imaging.preprocess import Normalisation
@@ -200,7 +203,7 @@ class SpineBundle:
             decoder_channels=entry.decoder_channels,
             stride=entry.stride,
         )
-        _load_weights(model, self.directory / entry.weights, entry.arch, device)
+        load_weights(model, self.directory / entry.weights, entry.arch, device)
         return model.to(device).eval()
 
     def build_classifier(self, device: torch.device | str = "cpu") -> Member:
@@ -221,24 +224,8 @@ class SpineBundle:
             heads=entry.heads,
             embed_dim=entry.embed_dim,
         )
-        _load_weights(member, self.directory / entry.weights, entry.arch, device)
+        load_weights(member, self.directory / entry.weights, entry.arch, device)
         return member.to(device).eval()
-
-
-def _load_weights(module: nn.Module, path: Path, arch: str, device: torch.device | str) -> None:
-    from safetensors.torch import load_file
-
-    try:
-        state = load_file(str(path), device=str(device))
-    except Exception as exc:  # safetensors raises its own errors for corrupt headers
-        raise BundleError(f"{path}: not a readable safetensors file ({exc})") from None
-    try:
-        module.load_state_dict(state, strict=True)
-    except RuntimeError as exc:
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise BundleError(
-            f"{path}: does not fit the {arch} network described in {MANIFEST_NAME} ({first})"
-        ) from None
 
 
 def _read_manifest(directory: Path) -> SpineManifest:
@@ -263,17 +250,17 @@ def load_spine_bundle(directory: Path | str, *, verify: bool = True) -> SpineBun
     """
     directory = Path(directory)
     manifest = _read_manifest(directory)
-    for role, entry in (("keypoints", manifest.keypoints), ("classifier", manifest.classifier)):
-        path = directory / entry.weights
-        if not path.is_file():
-            raise BundleError(f"{path}: weight file of the {role} network is missing")
-        if verify:
-            digest = file_sha256(path)
-            if digest != entry.sha256:
-                raise BundleError(
-                    f"{path}: sha256 is {digest[:12]}... but {MANIFEST_NAME} says "
-                    f"{entry.sha256[:12]}... (file altered or replaced)"
-                )
+    check_weight_files(
+        directory,
+        [
+            (f"the {role} network", entry.weights, entry.sha256)
+            for role, entry in (
+                ("keypoints", manifest.keypoints),
+                ("classifier", manifest.classifier),
+            )
+        ],
+        verify=verify,
+    )
     logger.info(
         "loaded spine bundle %s %s (%s)", manifest.name, manifest.version, manifest.intended_use
     )
@@ -290,18 +277,7 @@ def _estimate_memory(modules: list[nn.Module]) -> dict[str, float]:
     """The manifest's ``memory`` until training measures it (:mod:`mibi_node.analyses.memory`)."""
     from mibi_node.analyses.spine import SpineAnalysis
 
-    weights = (
-        sum(p.numel() * p.element_size() for m in modules for p in m.state_dict().values()) / 2**20
-    )
-    return estimated_memory(weights, SpineAnalysis.working_memory_mb)
-
-
-def _save(module: nn.Module, path: Path) -> str:
-    from safetensors.torch import save_file
-
-    state = {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
-    save_file(state, str(path), metadata={"format": "pt"})
-    return file_sha256(path)
+    return estimated_memory(modules_megabytes(modules), SpineAnalysis.working_memory_mb)
 
 
 def write_spine_bundle(
@@ -348,7 +324,7 @@ def write_spine_bundle(
         "decoder_channels": config.decoder_channels,
         "stride": config.stride,
         "weights": "keypoints.safetensors",
-        "sha256": _save(keypoint_model, directory / "keypoints.safetensors"),
+        "sha256": save_weights(keypoint_model, directory / "keypoints.safetensors"),
     }
     member = classifier.config
     data["classifier"] = {
@@ -356,7 +332,7 @@ def write_spine_bundle(
         "heads": member.heads,
         "embed_dim": member.embed_dim,
         "weights": "classifier.safetensors",
-        "sha256": _save(classifier, directory / "classifier.safetensors"),
+        "sha256": save_weights(classifier, directory / "classifier.safetensors"),
     }
     try:
         checked = SpineManifest.model_validate(data)

@@ -24,8 +24,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from mibi_node.analyses.bundles import (
     MemoryHint,
+    check_weight_files,
     estimated_memory,
     file_sha256,
+    modules_megabytes,
     read_manifest,
 )
 from mibi_node.analyses.thyroid.result import FINDINGS
@@ -288,17 +290,11 @@ def load_thyroid_bundle(directory: Path | str, *, verify: bool = True) -> Thyroi
     """
     directory = Path(directory)
     manifest = _read_manifest(directory)
-    for member in manifest.members:
-        path = directory / member.weights
-        if not path.is_file():
-            raise BundleError(f"{path}: weight file of member {member.name!r} is missing")
-        if verify:
-            digest = file_sha256(path)
-            if digest != member.sha256:
-                raise BundleError(
-                    f"{path}: sha256 is {digest[:12]}... but {MANIFEST_NAME} says "
-                    f"{member.sha256[:12]}... (file altered or replaced)"
-                )
+    check_weight_files(
+        directory,
+        [(f"member {m.name!r}", m.weights, m.sha256) for m in manifest.members],
+        verify=verify,
+    )
     logger.info(
         "loaded thyroid bundle %s %s (%s, %d members)",
         manifest.name,
@@ -319,11 +315,7 @@ def _estimate_memory(members: Mapping[str, Member]) -> dict[str, float]:
     """The manifest's ``memory`` until training measures it (:mod:`mibi_node.analyses.memory`)."""
     from mibi_node.analyses.thyroid import ThyroidAnalysis
 
-    weights = (
-        sum(p.numel() * p.element_size() for m in members.values() for p in m.state_dict().values())
-        / 2**20
-    )
-    return estimated_memory(weights, ThyroidAnalysis.working_memory_mb)
+    return estimated_memory(modules_megabytes(members.values()), ThyroidAnalysis.working_memory_mb)
 
 
 def write_thyroid_bundle(
