@@ -19,7 +19,15 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence
 from pydicom.uid import UID, ExplicitVRLittleEndian, NuclearMedicineImageStorage
 
-__all__ = ["Acquisition", "StudyHeader", "Frame", "nm_dataset", "phantom_uid"]
+__all__ = [
+    "Acquisition",
+    "Frame",
+    "StudyHeader",
+    "attach_file_meta",
+    "nm_dataset",
+    "phantom_uid",
+    "synthetic_patient",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -301,6 +309,13 @@ def nm_dataset(header: StudyHeader, acquisition: Acquisition) -> Dataset:
     data = np.stack([np.ascontiguousarray(f.pixels, dtype="<u2") for f in frames])
     ds.PixelData = data.tobytes()
 
+    attach_file_meta(ds)
+    return ds
+
+
+def attach_file_meta(ds: Dataset) -> None:
+    """Give a phantom instance its file meta (Explicit VR Little Endian, the phantom's
+    implementation UID), so it can be written as a DICOM file."""
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = ds.SOPClassUID
     meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
@@ -308,4 +323,17 @@ def nm_dataset(header: StudyHeader, acquisition: Acquisition) -> Dataset:
     meta.ImplementationClassUID = UID(_IMPLEMENTATION_UID)
     meta.ImplementationVersionName = "MIBINODE_PH1"
     ds.file_meta = meta
-    return ds
+
+
+def synthetic_patient(
+    ds: Dataset, *, name: str, patient_id: str, sex: str, age: int, moment: datetime
+) -> None:
+    """The Patient module of a phantom study, marked as no real patient (``age`` in years
+    at ``moment``, the study's date)."""
+    ds.PatientName = name
+    ds.PatientID = patient_id
+    ds.PatientBirthDate = _da(moment - timedelta(days=int(age * 365.25 + 100)))
+    ds.PatientSex = sex
+    ds.PatientAge = f"{age:03d}Y"
+    ds.PatientIdentityRemoved = "NO"
+    ds.PatientComments = "SYNTHETIC PHANTOM - NOT A REAL PATIENT"

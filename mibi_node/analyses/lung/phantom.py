@@ -27,13 +27,20 @@ from pathlib import Path
 
 import numpy as np
 from pydicom import dcmwrite
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import UID, CTImageStorage, ExplicitVRLittleEndian
+from pydicom.dataset import Dataset
+from pydicom.uid import CTImageStorage
 from scipy import ndimage
 
 from mibi_node.analyses.lung.anatomy import ChestAnatomy, Tissue, random_anatomy, tissue_map
 from mibi_node.analyses.lung.labels import CLASSES, LABEL_OF
-from mibi_node.phantom.dicom import _IMPLEMENTATION_UID, _da, _ds, _tm, phantom_uid
+from mibi_node.phantom.dicom import (
+    _da,
+    _ds,
+    _tm,
+    attach_file_meta,
+    phantom_uid,
+    synthetic_patient,
+)
 
 __all__ = [
     "DEFAULT_SHAPE",
@@ -301,14 +308,14 @@ def _ct_dataset(header: _Header, case: LungCase, k: int, number: int,
     ds.StudyDescription = "CT CHEST"
     ds.SeriesDescription = series_description
     ds.ProtocolName = "CHEST"
-    ds.PatientName = header.name
-    ds.PatientID = header.patient_id
-    birth = header.moment - timedelta(days=int(header.age * 365.25 + 100))
-    ds.PatientBirthDate = _da(birth)
-    ds.PatientSex = header.sex
-    ds.PatientAge = f"{header.age:03d}Y"
-    ds.PatientIdentityRemoved = "NO"
-    ds.PatientComments = "SYNTHETIC PHANTOM - NOT A REAL PATIENT"
+    synthetic_patient(
+        ds,
+        name=header.name,
+        patient_id=header.patient_id,
+        sex=header.sex,
+        age=header.age,
+        moment=header.moment,
+    )
     ds.BodyPartExamined = "CHEST"
     ds.SliceThickness = _ds(sk)
     ds.KVP = "120"
@@ -356,13 +363,7 @@ def _ct_dataset(header: _Header, case: LungCase, k: int, number: int,
     ds.LossyImageCompression = "00"
     pixels = (case.image[k] - _INTERCEPT).astype("<u2")
     ds.PixelData = np.ascontiguousarray(pixels).tobytes()
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = ds.SOPClassUID
-    meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    meta.ImplementationClassUID = UID(_IMPLEMENTATION_UID)
-    meta.ImplementationVersionName = "MIBINODE_PH1"
-    ds.file_meta = meta
+    attach_file_meta(ds)
     return ds
 
 

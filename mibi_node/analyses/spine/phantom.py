@@ -25,8 +25,8 @@ from pathlib import Path
 
 import numpy as np
 from pydicom import dcmwrite
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import UID, ExplicitVRLittleEndian, MRImageStorage
+from pydicom.dataset import Dataset
+from pydicom.uid import MRImageStorage
 from scipy import ndimage
 
 from mibi_node.analyses.spine.anatomy import (
@@ -46,7 +46,14 @@ from mibi_node.analyses.spine.annotations import (
 from mibi_node.analyses.spine.levels import LEVEL_KIND, LEVELS
 from mibi_node.analyses.spine.result import SliceRef
 from mibi_node.analyses.spine.slices import axial_labels, sagittal_labels
-from mibi_node.phantom.dicom import _IMPLEMENTATION_UID, _da, _ds, _tm, phantom_uid
+from mibi_node.phantom.dicom import (
+    _da,
+    _ds,
+    _tm,
+    attach_file_meta,
+    phantom_uid,
+    synthetic_patient,
+)
 
 __all__ = [
     "DEFAULT_PREVALENCE",
@@ -292,14 +299,14 @@ def _mr_dataset(
     ds.StudyDescription = header.description
     ds.SeriesDescription = series.description
     ds.ProtocolName = series.description
-    ds.PatientName = header.name
-    ds.PatientID = header.patient_id
-    birth = header.moment - timedelta(days=int(header.age * 365.25 + 100))
-    ds.PatientBirthDate = _da(birth)
-    ds.PatientSex = header.sex
-    ds.PatientAge = f"{header.age:03d}Y"
-    ds.PatientIdentityRemoved = "NO"
-    ds.PatientComments = "SYNTHETIC PHANTOM - NOT A REAL PATIENT"
+    synthetic_patient(
+        ds,
+        name=header.name,
+        patient_id=header.patient_id,
+        sex=header.sex,
+        age=header.age,
+        moment=header.moment,
+    )
     ds.BodyPartExamined = "LSPINE"
     ds.ScanningSequence = "SE"
     ds.SequenceVariant = list(series.variant)
@@ -348,13 +355,7 @@ def _mr_dataset(
     ds.WindowCenter = _ds(round(high / 2))
     ds.WindowWidth = _ds(round(max(high, 2.0)))
     ds.PixelData = np.ascontiguousarray(pixels, dtype="<u2").tobytes()
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = ds.SOPClassUID
-    meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    meta.ImplementationClassUID = UID(_IMPLEMENTATION_UID)
-    meta.ImplementationVersionName = "MIBINODE_PH1"
-    ds.file_meta = meta
+    attach_file_meta(ds)
     return ds
 
 
