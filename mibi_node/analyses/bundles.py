@@ -33,7 +33,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -146,9 +146,7 @@ def record_memory(bundle: Path, memory: dict[str, Any]) -> None:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise BundleError(f"{path}: cannot read it ({exc})") from None
     data["memory"] = dict(memory)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    write_manifest(Path(bundle), data)
 
 
 def file_sha256(path: Path) -> str:
@@ -251,3 +249,48 @@ def modules_megabytes(modules: Iterable[nn.Module]) -> float:
     return (
         sum(t.numel() * t.element_size() for m in modules for t in m.state_dict().values()) / 2**20
     )
+
+
+def write_manifest(directory: Path, manifest: BaseModel | Mapping[str, Any]) -> None:
+    """Write ``directory/bundle.json`` atomically (a temporary file, then a rename), so a
+    worker never reads half a manifest."""
+    data = manifest.model_dump(mode="json") if isinstance(manifest, BaseModel) else manifest
+    path = directory / MANIFEST_NAMES[0]
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def record_evaluation(
+    directory: Path,
+    model: type[BaseModel],
+    what: str,
+    metrics: Mapping[str, Any],
+    *,
+    split: str,
+    version: str | None,
+) -> None:
+    """Store figures under ``evaluation[version][split]`` of a manifest read as ``model``.
+
+    Figures of the other splits of that version are kept; the weights are left alone (their
+    hashes still hold) and the manifest is rewritten atomically. ``version`` defaults to the
+    bundle's own version; ``what`` names the bundle kind in messages.
+
+    Raises
+    ------
+    BundleError
+        The manifest cannot be read, or the figures are not JSON.
+    """
+    data = read_manifest(directory, model, what).model_dump(mode="json")
+    key = version or str(data["version"])
+    evaluation = dict(data.get("evaluation") or {})
+    evaluation[key] = {**dict(evaluation.get(key) or {}), split: dict(metrics)}
+    data["evaluation"] = evaluation
+    try:
+        checked = model.model_validate(data)
+        json.dumps(checked.model_dump(mode="json"))
+    except (TypeError, ValueError) as exc:
+        raise BundleError(
+            f"{directory / MANIFEST_NAMES[0]}: cannot store the figures ({exc})"
+        ) from None
+    write_manifest(directory, checked)

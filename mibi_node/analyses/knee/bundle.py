@@ -13,9 +13,7 @@ atomically.
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +28,9 @@ from mibi_node.analyses.bundles import (
     load_weights,
     modules_megabytes,
     read_manifest,
+    record_evaluation,
     save_weights,
+    write_manifest,
 )
 from mibi_node.analyses.knee.preprocess import KneePreprocessing
 from mibi_node.errors import BundleError
@@ -348,9 +348,7 @@ def write_knee_bundle(
         checked = KneeManifest.model_validate(data)
     except ValidationError as exc:
         raise BundleError(f"knee bundle manifest: {describe_validation_error(exc)}") from None
-    tmp = directory / f".{MANIFEST_NAME}.tmp"
-    tmp.write_text(json.dumps(checked.model_dump(mode="json"), indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, directory / MANIFEST_NAME)
+    write_manifest(directory, checked)
     logger.info("wrote knee bundle %s %s to %s", checked.name, checked.version, directory)
     return KneeBundle(directory=directory, manifest=checked)
 
@@ -374,18 +372,7 @@ def record_knee_evaluation(
         The bundle cannot be read, or the figures are not JSON.
     """
     bundle = load_knee_bundle(directory, verify=False)
-    data = bundle.manifest.model_dump(mode="json")
-    key = version or bundle.version
-    evaluation = dict(data.get("evaluation") or {})
-    evaluation[key] = {**dict(evaluation.get(key) or {}), split: dict(metrics)}
-    data["evaluation"] = evaluation
-    try:
-        text = json.dumps(KneeManifest.model_validate(data).model_dump(mode="json"), indent=2)
-    except (TypeError, ValueError) as exc:
-        raise BundleError(
-            f"{bundle.directory / MANIFEST_NAME}: cannot store the figures ({exc})"
-        ) from None
-    tmp = bundle.directory / f".{MANIFEST_NAME}.tmp"
-    tmp.write_text(text + "\n", encoding="utf-8")
-    os.replace(tmp, bundle.directory / MANIFEST_NAME)
+    record_evaluation(
+        bundle.directory, KneeManifest, "knee bundle", metrics, split=split, version=version
+    )
     return load_knee_bundle(directory, verify=False)

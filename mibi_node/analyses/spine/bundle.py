@@ -12,9 +12,7 @@ atomically.
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +27,9 @@ from mibi_node.analyses.bundles import (
     load_weights,
     modules_megabytes,
     read_manifest,
+    record_evaluation,
     save_weights,
+    write_manifest,
 )
 from mibi_node.errors import BundleError
 from mibi_node.imaging.preprocess import Normalisation
@@ -348,9 +348,7 @@ def write_spine_bundle(
             f"spine bundle manifest: key 'input.channels' is {checked.input.channels} but the "
             f"keypoint network takes {config.in_chans}"
         )
-    tmp = directory / f".{MANIFEST_NAME}.tmp"
-    tmp.write_text(json.dumps(checked.model_dump(mode="json"), indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, directory / MANIFEST_NAME)
+    write_manifest(directory, checked)
     logger.info("wrote spine bundle %s %s to %s", checked.name, checked.version, directory)
     return SpineBundle(directory=directory, manifest=checked)
 
@@ -374,18 +372,7 @@ def record_spine_evaluation(
         The bundle cannot be read, or the figures are not JSON.
     """
     bundle = load_spine_bundle(directory, verify=False)
-    data = bundle.manifest.model_dump(mode="json")
-    key = version or bundle.version
-    evaluation = dict(data.get("evaluation") or {})
-    evaluation[key] = {**dict(evaluation.get(key) or {}), split: dict(metrics)}
-    data["evaluation"] = evaluation
-    try:
-        text = json.dumps(SpineManifest.model_validate(data).model_dump(mode="json"), indent=2)
-    except (TypeError, ValueError) as exc:
-        raise BundleError(
-            f"{bundle.directory / MANIFEST_NAME}: cannot store the figures ({exc})"
-        ) from None
-    tmp = bundle.directory / f".{MANIFEST_NAME}.tmp"
-    tmp.write_text(text + "\n", encoding="utf-8")
-    os.replace(tmp, bundle.directory / MANIFEST_NAME)
+    record_evaluation(
+        bundle.directory, SpineManifest, "spine bundle", metrics, split=split, version=version
+    )
     return load_spine_bundle(directory, verify=False)

@@ -11,10 +11,8 @@ Weights are written and hashed like the parathyroid bundle's
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +27,7 @@ from mibi_node.analyses.bundles import (
     file_sha256,
     modules_megabytes,
     read_manifest,
+    write_manifest,
 )
 from mibi_node.analyses.thyroid.result import FINDINGS
 from mibi_node.errors import BundleError
@@ -384,8 +383,6 @@ def write_thyroid_bundle(
         checked = ThyroidManifest.model_validate(data)
     except ValidationError as exc:
         raise BundleError(f"thyroid bundle manifest: {describe_validation_error(exc)}") from None
-    tmp = directory / f".{MANIFEST_NAME}.tmp"
-    tmp.write_text(json.dumps(checked.model_dump(mode="json"), indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, directory / MANIFEST_NAME)
+    write_manifest(directory, checked)
     logger.info("wrote thyroid bundle %s %s to %s", checked.name, checked.version, directory)
     return ThyroidBundle(directory=directory, manifest=checked)
