@@ -12,6 +12,8 @@ from highdicom.sr import (
     Comprehensive3DSR,
     ContainerContentItem,
     ContentSequence,
+    DeviceObserverIdentifyingAttributes,
+    ObserverContext,
     RelationshipTypeValues,
     TextContentItem,
 )
@@ -20,6 +22,7 @@ from pydicom.charset import python_encoding
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
+from pydicom.sr.codedict import codes
 
 from mibi_node.inference.result import StudyResult
 from mibi_node.report import codes as mibi_codes
@@ -34,8 +37,10 @@ __all__ = [
     "check_uid",
     "comprehensive_3d_sr",
     "detach_person_names",
+    "device_observer",
     "intended_use_text",
     "qualitative_evaluations",
+    "report_comments",
     "separate_containers",
 ]
 
@@ -356,3 +361,37 @@ def separate_containers(content: Iterable[Dataset]) -> None:
         if item.ValueType == "CONTAINER":
             item.ContinuityOfContent = "SEPARATE"
         separate_containers(item.get("ContentSequence", []))
+
+
+def device_observer(
+    device_uid: str,
+    bundle_name: str,
+    bundle_version: str,
+    manufacturer: str = mibi_codes.DEVICE_NAME,
+) -> ObserverContext:
+    """The report's observer: the node as a device (TID 1004), the bundle as its model
+    name and the bundle version as its serial number."""
+    return ObserverContext(
+        observer_type=codes.DCM.Device,
+        observer_identifying_attributes=DeviceObserverIdentifyingAttributes(
+            uid=device_uid,
+            name=mibi_codes.DEVICE_NAME,
+            manufacturer_name=manufacturer,
+            model_name=bundle_name,
+            serial_number=bundle_version,
+        ),
+    )
+
+
+def report_comments(predecessor: Dataset | None, warnings: Iterable[str]) -> list[str]:
+    """The report's Comment texts: that it supersedes ``predecessor`` (if any), then the
+    result's warnings."""
+    comments = (
+        []
+        if predecessor is None
+        else [
+            "This report supersedes the earlier mibi-node report "
+            f"{predecessor.SOPInstanceUID}, which should no longer be used."
+        ]
+    )
+    return [*comments, *warnings]

@@ -33,7 +33,6 @@ import numpy as np
 from highdicom.sr import (
     AlgorithmIdentification,
     Comprehensive3DSR,
-    DeviceObserverIdentifyingAttributes,
     FindingSite,
     GraphicTypeValues,
     ImageRegion,
@@ -41,14 +40,12 @@ from highdicom.sr import (
     MeasurementReport,
     MeasurementsAndQualitativeEvaluations,
     ObservationContext,
-    ObserverContext,
     PlanarROIMeasurementsAndQualitativeEvaluations,
     SourceImageForMeasurementGroup,
     SourceImageForRegion,
     TrackingIdentifier,
 )
 from pydicom.dataset import Dataset
-from pydicom.sr.codedict import codes
 from pydicom.uid import generate_uid
 
 import mibi_node
@@ -64,8 +61,10 @@ from mibi_node.report._common import (
     check_uid,
     comprehensive_3d_sr,
     detach_person_names,
+    device_observer,
     intended_use_text,
     qualitative_evaluations,
+    report_comments,
     separate_containers,
 )
 
@@ -150,13 +149,7 @@ def build_sr(
     if predecessor is not None:
         check_predecessor(predecessor, result)
 
-    comments = []
-    if predecessor is not None:
-        comments.append(
-            "This report supersedes the earlier mibi-node report "
-            f"{predecessor.SOPInstanceUID}, which should no longer be used."
-        )
-    comments.extend(result.warnings)
+    comments = report_comments(predecessor, result.warnings)
     texts = [intended_use_text(result.intended_use), *comments]
 
     content = _measurement_report(result, headers, device_uid, manufacturer, texts[0], comments)
@@ -249,16 +242,7 @@ def _measurement_report(
     intended_use: str,
     comments: Sequence[str],
 ) -> MeasurementReport:
-    observer = ObserverContext(
-        observer_type=codes.DCM.Device,
-        observer_identifying_attributes=DeviceObserverIdentifyingAttributes(
-            uid=device_uid,
-            name=mibi_codes.DEVICE_NAME,
-            manufacturer_name=manufacturer,
-            model_name=result.bundle_name,
-            serial_number=result.bundle_version,
-        ),
-    )
+    observer = device_observer(device_uid, result.bundle_name, result.bundle_version, manufacturer)
     # The items every group repeats are built once and shared by the groups: the document
     # writes each occurrence in full, and highdicom's checks of each item cost more than
     # anything else in the tree.

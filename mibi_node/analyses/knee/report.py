@@ -46,13 +46,11 @@ from highdicom.seg import Segmentation
 from highdicom.sr import (
     AlgorithmIdentification,
     Comprehensive3DSR,
-    DeviceObserverIdentifyingAttributes,
     FindingSite,
     Measurement,
     MeasurementReport,
     MeasurementsAndQualitativeEvaluations,
     ObservationContext,
-    ObserverContext,
     QualitativeEvaluation,
     ReferencedSegment,
     RelationshipTypeValues,
@@ -85,7 +83,9 @@ from mibi_node.report._common import (
     check_uid,
     comprehensive_3d_sr,
     detach_person_names,
+    device_observer,
     qualitative_evaluations,
+    report_comments,
     separate_containers,
 )
 
@@ -283,24 +283,9 @@ def build_knee_sr(
                 'Argument "predecessor" should be an earlier knee SR (Comprehensive 3D SR), '
                 f"not an instance of SOP class {predecessor.SOPClassUID}."
             )
-    comments = list(result.warnings)
-    if predecessor is not None:
-        comments.insert(
-            0,
-            "This report supersedes the earlier mibi-node report "
-            f"{predecessor.SOPInstanceUID}, which should no longer be used.",
-        )
+    comments = report_comments(predecessor, result.warnings)
     intended = knee_intended_use_text(result.intended_use)
-    observer = ObserverContext(
-        observer_type=codes.DCM.Device,
-        observer_identifying_attributes=DeviceObserverIdentifyingAttributes(
-            uid=device_uid,
-            name=mibi_codes.DEVICE_NAME,
-            manufacturer_name=mibi_codes.DEVICE_NAME,
-            model_name=result.bundle_name,
-            serial_number=result.bundle_version,
-        ),
-    )
+    observer = device_observer(device_uid, result.bundle_name, result.bundle_version)
     laterality = _laterality(headers)
     groups: list[
         VolumetricROIMeasurementsAndQualitativeEvaluations | MeasurementsAndQualitativeEvaluations

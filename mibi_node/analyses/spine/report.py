@@ -46,14 +46,12 @@ from highdicom.sr import (
     CodedConcept,
     Comprehensive3DSR,
     ContentSequence,
-    DeviceObserverIdentifyingAttributes,
     FindingSite,
     GraphicTypeValues,
     ImageRegion,
     Measurement,
     MeasurementReport,
     ObservationContext,
-    ObserverContext,
     PlanarROIMeasurementsAndQualitativeEvaluations,
     RelationshipTypeValues,
     SourceImageForRegion,
@@ -76,8 +74,10 @@ from mibi_node.report._common import (
     check_sources,
     check_uid,
     detach_person_names,
+    device_observer,
     intended_use_text,
     qualitative_evaluations,
+    report_comments,
     separate_containers,
     with_type2_header,
 )
@@ -312,24 +312,9 @@ def build_spine_sr(
                 'Argument "predecessor" should be an earlier spine SR (Comprehensive 3D SR), '
                 f"not an instance of SOP class {predecessor.SOPClassUID}."
             )
-    comments = list(result.warnings)
-    if predecessor is not None:
-        comments.insert(
-            0,
-            "This report supersedes the earlier mibi-node report "
-            f"{predecessor.SOPInstanceUID}, which should no longer be used.",
-        )
+    comments = report_comments(predecessor, result.warnings)
     intended = spine_intended_use_text(result.intended_use)
-    observer = ObserverContext(
-        observer_type=codes.DCM.Device,
-        observer_identifying_attributes=DeviceObserverIdentifyingAttributes(
-            uid=device_uid,
-            name=mibi_codes.DEVICE_NAME,
-            manufacturer_name=mibi_codes.DEVICE_NAME,
-            model_name=result.bundle_name,
-            serial_number=result.bundle_version,
-        ),
-    )
+    observer = device_observer(device_uid, result.bundle_name, result.bundle_version)
     order = {level: index for index, level in enumerate(LEVELS)}
     points = sorted(result.points, key=lambda p: order[p.level])
     content = MeasurementReport(

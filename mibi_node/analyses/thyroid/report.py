@@ -31,7 +31,6 @@ from highdicom.sr import (
     AlgorithmIdentification,
     CodedConcept,
     Comprehensive3DSR,
-    DeviceObserverIdentifyingAttributes,
     FindingSite,
     GraphicTypeValues,
     ImageRegion,
@@ -39,7 +38,6 @@ from highdicom.sr import (
     MeasurementReport,
     MeasurementsAndQualitativeEvaluations,
     ObservationContext,
-    ObserverContext,
     PlanarROIMeasurementsAndQualitativeEvaluations,
     QualitativeEvaluation,
     SourceImageForMeasurementGroup,
@@ -47,7 +45,6 @@ from highdicom.sr import (
     TrackingIdentifier,
 )
 from pydicom.dataset import Dataset
-from pydicom.sr.codedict import codes
 from pydicom.uid import generate_uid
 
 import mibi_node
@@ -60,8 +57,10 @@ from mibi_node.report._common import (
     check_sources,
     check_uid,
     detach_person_names,
+    device_observer,
     intended_use_text,
     qualitative_evaluations,
+    report_comments,
 )
 
 __all__ = [
@@ -148,24 +147,9 @@ def build_thyroid_sr(
         check_uid(series_instance_uid, "series_instance_uid")
     if predecessor is not None:
         check_predecessor(predecessor, result)  # type: ignore[arg-type]
-    comments = list(result.warnings)
-    if predecessor is not None:
-        comments.insert(
-            0,
-            "This report supersedes the earlier mibi-node report "
-            f"{predecessor.SOPInstanceUID}, which should no longer be used.",
-        )
+    comments = report_comments(predecessor, result.warnings)
     intended = intended_use_text(result.intended_use, clinical=THYROID_CLINICAL_USE)
-    observer = ObserverContext(
-        observer_type=codes.DCM.Device,
-        observer_identifying_attributes=DeviceObserverIdentifyingAttributes(
-            uid=device_uid,
-            name=mibi_codes.DEVICE_NAME,
-            manufacturer_name=mibi_codes.DEVICE_NAME,
-            model_name=result.bundle_name,
-            serial_number=result.bundle_version,
-        ),
-    )
+    observer = device_observer(device_uid, result.bundle_name, result.bundle_version)
     groups: list[Any] = [
         _finding_group(result, key) for key in FINDINGS if key in result.probabilities
     ]
