@@ -9,16 +9,18 @@ width overrides are checked against the stage registry
 from __future__ import annotations
 
 import logging
-import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from mibi_node.analyses.knee.model import create_knee_stage, stage_kind
 from mibi_node.analyses.knee.preprocess import KneePreprocessing
 from mibi_node.errors import ConfigError
-from mibi_node.inference.recipe import NormalisationSection, describe_validation_error
+from mibi_node.inference.recipe import (
+    NormalisationSection,
+    read_recipe,
+)
 
 __all__ = ["KneeRecipe", "StageSection", "load_knee_recipe"]
 
@@ -152,16 +154,7 @@ def load_knee_recipe(path: Path | str) -> KneeRecipe:
         The file is missing, not TOML, or a key is invalid; the message names file and key.
     """
     path = Path(path)
-    try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ConfigError(f"knee recipe {path}: no such file") from None
-    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
-        raise ConfigError(f"knee recipe {path}: cannot read it ({exc})") from None
-    try:
-        recipe = KneeRecipe.model_validate(data)
-    except ValidationError as exc:
-        raise ConfigError(f"knee recipe {path}: {describe_validation_error(exc)}") from None
+    recipe = read_recipe(path, KneeRecipe, "knee recipe")
     for key, kind in (("stage1", "coarse"), ("stage2", "fine")):
         arch = getattr(recipe, key).arch
         try:

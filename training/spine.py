@@ -33,14 +33,13 @@ import math
 import shlex
 import sys
 import time
-import tomllib
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
 import mibi_node
 from mibi_node.analyses.memory import record_measured_memory
@@ -61,7 +60,10 @@ from mibi_node.analyses.spine.result import SpineResult
 from mibi_node.analyses.spine.runner import SpineRunner, prepare_spine_input
 from mibi_node.errors import ConfigError, MibiNodeError
 from mibi_node.inference.members import Member, is_member
-from mibi_node.inference.recipe import NormalisationSection, describe_validation_error
+from mibi_node.inference.recipe import (
+    NormalisationSection,
+    read_recipe,
+)
 from training.spine_data import (
     SpineStudy,
     _index_dicom,
@@ -164,16 +166,7 @@ def load_spine_recipe(path: Path | str) -> SpineRecipe:
         The file is missing, not TOML, or a key is invalid; the message names file and key.
     """
     path = Path(path)
-    try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ConfigError(f"spine recipe {path}: no such file") from None
-    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
-        raise ConfigError(f"spine recipe {path}: cannot read it ({exc})") from None
-    try:
-        recipe = SpineRecipe.model_validate(data)
-    except ValidationError as exc:
-        raise ConfigError(f"spine recipe {path}: {describe_validation_error(exc)}") from None
+    recipe = read_recipe(path, SpineRecipe, "spine recipe")
     if recipe.keypoints.arch not in list_keypoint_encoders():
         raise ConfigError(
             f"spine recipe {path}: key 'keypoints.arch': {recipe.keypoints.arch!r} is not a "

@@ -29,7 +29,6 @@ import math
 import shlex
 import sys
 import time
-import tomllib
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -37,7 +36,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 import torch.nn.functional as F  # noqa: N812
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
 import mibi_node
 import mibi_node.analyses.thyroid.model  # noqa: F401  (registers the cross-feature members)
@@ -52,7 +51,7 @@ from mibi_node.inference.members import Member, create_member
 from mibi_node.inference.recipe import (
     DenoiseSection,
     NormalisationSection,
-    describe_validation_error,
+    read_recipe,
 )
 
 __all__ = [
@@ -131,16 +130,7 @@ def load_thyroid_recipe(path: Path | str) -> ThyroidRecipe:
         The file is missing, not TOML, or a key is invalid; the message names file and key.
     """
     path = Path(path)
-    try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ConfigError(f"thyroid recipe {path}: no such file") from None
-    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
-        raise ConfigError(f"thyroid recipe {path}: cannot read it ({exc})") from None
-    try:
-        recipe = ThyroidRecipe.model_validate(data)
-    except ValidationError as exc:
-        raise ConfigError(f"thyroid recipe {path}: {describe_validation_error(exc)}") from None
+    recipe = read_recipe(path, ThyroidRecipe, "thyroid recipe")
     from mibi_node.inference.members import is_member
 
     for i, member in enumerate(recipe.members):

@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import tomllib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -33,6 +33,7 @@ __all__ = [
     "TTASection",
     "describe_validation_error",
     "load_recipe",
+    "read_recipe",
 ]
 
 logger = logging.getLogger(__name__)
@@ -226,3 +227,28 @@ def load_recipe(path: Path | str) -> Recipe:
         return Recipe.model_validate(data)
     except ValidationError as exc:
         raise ConfigError(f"recipe {path}: {describe_validation_error(exc)}") from None
+
+
+_Recipe = TypeVar("_Recipe", bound=BaseModel)
+
+
+def read_recipe(path: Path | str, model: type[_Recipe], what: str) -> _Recipe:
+    """Read a TOML recipe and validate it as ``model`` (the analyses' own recipes).
+
+    Raises
+    ------
+    ConfigError
+        The file is missing, not TOML, or a key is invalid; the message names ``what``
+        ("spine recipe"), the file and the key.
+    """
+    path = Path(path)
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{what} {path}: no such file") from None
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"{what} {path}: cannot read it ({exc})") from None
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(f"{what} {path}: {describe_validation_error(exc)}") from None
