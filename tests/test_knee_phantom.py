@@ -269,7 +269,7 @@ def test_a_3d_series_is_preferred_to_a_longer_2d_one(small: KneeCase, tmp_path: 
         ds.save_as(path)
     knee = read_knee_study([*longer, *paths])
     assert knee.volume.shape[0] == SMALL[0]
-    assert any("'SAG PD 2D' also sagittal, not used" in w for w in knee.warnings)
+    assert any("'SAG PD 2D' also fits, not used" in w for w in knee.warnings)
 
 
 def test_dataset_layout(tmp_path: Path) -> None:

@@ -29,15 +29,18 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import pydicom
 
 from mibi_node.analyses.knee.result import KneeInput
-from mibi_node.errors import MissingPhaseError, UnusableStudyError
-from mibi_node.imaging.volume_reader import MIN_SLICES, group_series, read_volume
+from mibi_node.imaging.series_choice import (
+    Candidate,
+    choose_series,
+    is_multi_frame,
+    series_name,
+    series_plane,
+)
 
 __all__ = ["PART", "knee_laterality", "read_knee_study"]
 
@@ -47,7 +50,6 @@ logger = logging.getLogger(__name__)
 PART = "3-D sagittal knee series"
 
 _CARTILAGE_TEXT = re.compile(r"dess|spgr|flash|3d|pd", re.IGNORECASE)
-_MULTI_FRAME_CLASSES = ("1.2.840.10008.5.1.4.1.1.4.1", "1.2.840.10008.5.1.4.1.1.4.4")
 
 #: Words naming a side, each bounded by non-letters (the CJK characters need no bounds).
 _SIDE_WORDS = {
@@ -62,50 +64,6 @@ _SIDE_TEXT = {
     for side, words in _SIDE_WORDS.items()
 }
 _SIDE_NAME = {"L": "left", "R": "right"}
-
-
-@dataclass(frozen=True)
-class _Candidate:
-    uid: str
-    paths: list[Path]
-    name: str
-    is_3d: bool
-    text: str
-    laterality: str | None = None
-    laterality_warning: str = ""
-
-    @property
-    def rank(self) -> tuple[int, int, int]:
-        return (int(self.is_3d), len(self.paths), int(bool(_CARTILAGE_TEXT.search(self.text))))
-
-    @property
-    def reason(self) -> str:
-        kind = "3-D" if self.is_3d else "2-D"
-        return f"sagittal, {kind}, {len(self.paths)} slices, {self.name}"
-
-
-def _name(ds: pydicom.Dataset) -> str:
-    text = str(ds.get("SeriesDescription", "") or "")
-    number = ds.get("SeriesNumber", "?")
-    return f"series {number} '{text}'" if text else f"series {number} (no description)"
-
-
-def _plane(ds: pydicom.Dataset) -> str | None:
-    try:
-        values = [float(v) for v in ds.ImageOrientationPatient]
-    except (AttributeError, TypeError, ValueError):
-        return None
-    if len(values) != 6:
-        return None
-    normal = np.cross(values[:3], values[3:])
-    length = float(np.linalg.norm(normal))
-    if length < 0.5:
-        return None
-    normal /= length
-    axis = int(np.argmax(np.abs(normal)))
-    if abs(normal[axis]) < 0.8:
-        return "oblique"
-    return ("sagittal", "coronal", "axial")[axis]
 
 
 def knee_laterality(ds: pydicom.Dataset) -> tuple[str | None, str]:
@@ -139,28 +97,35 @@ def knee_laterality(ds: pydicom.Dataset) -> tuple[str | None, str]:
     return None, f"the headers disagree on the knee's side ({sources})"
 
 
-def _judge(uid: str, paths: list[Path]) -> tuple[_Candidate | None, str]:
-    """A candidate, or ``None`` and why the series is left out."""
-    ds = pydicom.dcmread(paths[0], stop_before_pixels=True)
-    name = _name(ds)
+def _judge(ds: pydicom.Dataset, count: int) -> Candidate | str:
+    """A candidate, or why the series is left out."""
+    name = series_name(ds)
     modality = str(ds.get("Modality", "") or "")
     if modality != "MR":
-        return None, f"{name} is {modality or 'of no modality'}, not MR"
-    frames = ds.get("NumberOfFrames")
-    if str(ds.get("SOPClassUID", "")) in _MULTI_FRAME_CLASSES or (frames and int(frames) > 1):
-        return None, f"{name} is a multi-frame (Enhanced) series, which is not read yet"
-    plane = _plane(ds)
+        return f"{name} is {modality or 'of no modality'}, not MR"
+    if is_multi_frame(ds):
+        return f"{name} is a multi-frame (Enhanced) series, which is not read yet"
+    plane = series_plane(ds)
     if plane is None:
-        return None, f"{name} has no usable Image Orientation (Patient)"
+        return f"{name} has no usable Image Orientation (Patient)"
     if plane != "sagittal":
-        return None, f"{name} is {plane}, not sagittal"
+        return f"{name} is {plane}, not sagittal"
     text = " ".join(
         str(ds.get(keyword, "") or "")
         for keyword in ("SeriesDescription", "ProtocolName", "SequenceName")
     )
     is_3d = str(ds.get("MRAcquisitionType", "") or "").upper() == "3D"
     laterality, warning = knee_laterality(ds)
-    return _Candidate(uid, paths, name, is_3d, text, laterality, warning), ""
+    warnings = [] if is_3d else [f"{name} is a 2-D series; a 3-D series segments better"]
+    if warning:
+        warnings.append(warning)
+    return Candidate(
+        name=name,
+        rank=(int(is_3d), count, int(bool(_CARTILAGE_TEXT.search(text)))),
+        reason=f"sagittal, {'3-D' if is_3d else '2-D'}, {count} slices, {name}",
+        warnings=tuple(warnings),
+        data=laterality,
+    )
 
 
 def read_knee_study(paths: Sequence[Path]) -> KneeInput:
@@ -180,52 +145,12 @@ def read_knee_study(paths: Sequence[Path]) -> KneeInput:
         A file cannot be read, or every sagittal series fails to form a regular volume
         (each named with its problem).
     """
-    if isinstance(paths, (str, Path)):
-        raise TypeError('Argument "paths" should be a sequence of paths, not one path.')
-    if not paths:
-        raise UnusableStudyError("the study has no files")
-    groups = group_series(paths)
-    if not groups:
-        raise UnusableStudyError(f"the study has no images ({len(paths)} non-image files)")
-    refusals: list[str] = []
-    candidates: list[_Candidate] = []
-    for uid, members in groups.items():
-        candidate, why = _judge(uid, members)
-        if candidate is None:
-            refusals.append(why)
-        elif len(members) < MIN_SLICES:
-            refusals.append(f"{candidate.name} has only {len(members)} slice(s) so far")
-        else:
-            candidates.append(candidate)
-    if not candidates:
-        raise MissingPhaseError(
-            f"no {PART}: {'; '.join(refusals)}",
-            missing=(PART,),
-            found=tuple(
-                _name(pydicom.dcmread(m[0], stop_before_pixels=True)) for m in groups.values()
-            ),  # fmt: skip
-        )
-    candidates.sort(key=lambda c: c.rank, reverse=True)
-    failures: list[str] = []
-    for at, candidate in enumerate(candidates):
-        try:
-            volume = read_volume(candidate.paths)
-        except UnusableStudyError as error:
-            failures.append(f"{candidate.name}: {error}")
-            continue
-        warnings = [f"{why}; not used" for why in refusals]
-        warnings += [f"not used: {failure}" for failure in failures]
-        warnings += [f"{c.name} also sagittal, not used" for c in candidates[at + 1 :]]
-        if not candidate.is_3d:
-            warnings.append(f"{candidate.name} is a 2-D series; a 3-D series segments better")
-        if candidate.laterality_warning:
-            warnings.append(candidate.laterality_warning)
-        warnings.extend(volume.warnings)
-        logger.debug("knee input from %s (side %s)", candidate.reason, candidate.laterality)
-        return KneeInput(
-            volume=volume,
-            reason=candidate.reason,
-            warnings=tuple(warnings),
-            laterality=candidate.laterality,
-        )
-    raise UnusableStudyError(f"no usable {PART}: {'; '.join(failures)}")
+    choice = choose_series(paths, _judge, PART)
+    laterality = choice.candidate.data
+    logger.debug("knee input from %s (side %s)", choice.candidate.reason, laterality)
+    return KneeInput(
+        volume=choice.volume,
+        reason=choice.candidate.reason,
+        warnings=choice.warnings,
+        laterality=laterality,
+    )
