@@ -8,6 +8,7 @@ import re
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+import numpy as np
 from highdicom.sr import (
     Comprehensive3DSR,
     ContainerContentItem,
@@ -24,6 +25,7 @@ from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 from pydicom.sr.codedict import codes
 
+from mibi_node.imaging.volume import Volume
 from mibi_node.inference.result import StudyResult
 from mibi_node.report import codes as mibi_codes
 
@@ -35,6 +37,7 @@ __all__ = [
     "check_result",
     "check_sources",
     "check_uid",
+    "check_volume_sources",
     "comprehensive_3d_sr",
     "detach_person_names",
     "device_observer",
@@ -73,6 +76,9 @@ _TYPE2_HEADER = (
 )
 
 _PROBABILITY_TOLERANCE = 1e-4
+
+# Source positions may differ from a volume's by rounding (DS has 16 characters).
+_POSITION_TOLERANCE_MM = 1e-3
 
 # PS3.5 9.1: dot-separated numbers without leading zeros, at most 64 characters.
 _UID = re.compile(r"(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*")
@@ -192,6 +198,70 @@ def check_sources(sources: Sequence[Dataset], result: StudyResult) -> list[Datas
                 f"outside the {rows} x {columns} {focus.phase} image."
             )
     return [with_type2_header(sources[0]), *sources[1:]]
+
+
+def check_volume_sources(
+    volume: Volume, study_instance_uid: str, sources: Sequence[Dataset]
+) -> list[Dataset]:
+    """Check ``sources`` against a result's ``volume``; return its slices' headers in order.
+
+    For the analyses whose result lies on the grid of a source series (a SEG's frames are
+    its slices): ``study_instance_uid`` is the result's study.
+
+    ``sources`` may list the slices in any order and hold other instances of the study,
+    which are ignored. The first header returned has empty Type 2 patient/study attributes
+    where the file lacks them (highdicom reads them without a default).
+
+    Raises
+    ------
+    TypeError
+        ``sources`` is not a sequence of pydicom Datasets.
+    ValueError
+        A slice of the volume is missing (named by its index and SOP Instance UID), or a
+        header does not match its slice (study, SOP class, size, position, frames).
+    """
+    if isinstance(sources, Dataset) or not isinstance(sources, Sequence):
+        raise TypeError('Argument "sources" should be a sequence of pydicom Datasets.')
+    by_uid: dict[str, Dataset] = {}
+    for index, ds in enumerate(sources):
+        if not isinstance(ds, Dataset):
+            raise TypeError(f'Item {index} of argument "sources" is not a pydicom Dataset.')
+        uid = str(ds.get("SOPInstanceUID", ""))
+        if uid in by_uid:
+            raise ValueError(f'Argument "sources" holds instance {uid} twice.')
+        by_uid[uid] = ds
+    _, rows, columns = volume.shape
+    headers: list[Dataset] = []
+    for k, ref in enumerate(volume.slices):
+        found = by_uid.get(ref.sop_instance_uid)
+        if found is None:
+            raise ValueError(
+                f'Argument "sources" lacks slice {k} ({ref.sop_instance_uid}) of the volume '
+                "the result was computed from."
+            )
+        ds = found
+        where = f'Argument "sources" has slice {k} ({ref.sop_instance_uid})'
+        if str(ds.get("StudyInstanceUID", "")) != study_instance_uid:
+            raise ValueError(f"{where} in another study than the result's.")
+        if str(ds.get("SOPClassUID", "")) != ref.sop_class_uid:
+            raise ValueError(f"{where} with SOP class {ds.get('SOPClassUID')}.")
+        if int(ds.get("NumberOfFrames") or 1) != 1:
+            raise ValueError(f"{where} with several frames; the volume has one per instance.")
+        if (int(ds.get("Rows", 0)), int(ds.get("Columns", 0))) != (rows, columns):
+            raise ValueError(
+                f"{where} of {ds.get('Rows')} x {ds.get('Columns')} pixels, "
+                f"not the volume's {rows} x {columns}."
+            )
+        for keyword in ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing"):
+            if keyword not in ds:
+                raise ValueError(f"{where} without {keyword}.")
+        position = np.asarray([float(v) for v in ds.ImagePositionPatient])
+        if np.abs(position - np.asarray(ref.position)).max() > _POSITION_TOLERANCE_MM:
+            raise ValueError(
+                f"{where} at {position.tolist()}, not at the volume's {list(ref.position)}."
+            )
+        headers.append(ds)
+    return [with_type2_header(headers[0]), *headers[1:]]
 
 
 def with_type2_header(ds: Dataset) -> Dataset:

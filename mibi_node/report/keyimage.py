@@ -32,7 +32,15 @@ from mibi_node.report._common import (
     intended_use_text,
 )
 
-__all__ = ["DEFAULT_KEY_IMAGE_SERIES_NUMBER", "KEY_IMAGE_SERIES_DESCRIPTION", "build_key_image"]
+__all__ = [
+    "DEFAULT_KEY_IMAGE_SERIES_NUMBER",
+    "KEY_IMAGE_SERIES_DESCRIPTION",
+    "build_key_image",
+    "panel_font",
+    "patient_orientation",
+    "secondary_capture",
+    "wrap_text",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +53,7 @@ KEY_IMAGE_SERIES_DESCRIPTION = "MIBI-NODE AI KEY IMAGE"
 _FOCUS_COLOUR = (255, 48, 48)
 _TEXT_COLOUR = (255, 255, 255)
 _WARNING_COLOUR = (255, 200, 0)
+_PATIENT_AXES = (("L", "R"), ("P", "A"), ("H", "F"))  # +x, -x; +y, -y; +z, -z (LPS)
 
 
 def build_key_image(
@@ -109,51 +118,26 @@ def build_key_image(
     lines = _caption(result, phase)
     pixels = _render(image.pixels, result, lines, size)
 
-    header = headers[0]
-    sc = SCImage(
-        pixel_array=pixels,
-        photometric_interpretation="RGB",
-        bits_allocated=8,
-        coordinate_system="PATIENT",
-        # Anterior neck view: columns run to the patient's left, rows to the feet.
-        patient_orientation=("L", "F"),
+    sc = secondary_capture(
+        pixels,
+        headers[0],
         study_instance_uid=result.study_instance_uid,
         series_instance_uid=series_instance_uid or generate_uid(),
         series_number=series_number,
         sop_instance_uid=sop_instance_uid or generate_uid(),
         instance_number=instance_number,
-        manufacturer=manufacturer,
-        patient_id=header.PatientID,
-        patient_name=header.PatientName,
-        patient_birth_date=header.PatientBirthDate,
-        patient_sex=header.PatientSex,
-        accession_number=header.AccessionNumber,
-        study_id=header.StudyID,
-        study_date=header.StudyDate,
-        study_time=header.StudyTime,
-        referring_physician_name=header.ReferringPhysicianName,
         series_description=KEY_IMAGE_SERIES_DESCRIPTION,
-        manufacturer_model_name=mibi_codes.DEVICE_NAME,
-        specific_character_set=character_set(
-            header.get("SpecificCharacterSet"), [manufacturer, *lines]
+        # Anterior neck view: columns run to the patient's left, rows to the feet.
+        patient_orientation=("L", "F"),
+        image_laterality="B",  # the anterior neck view shows both sides
+        derivation_description=(
+            f"{mibi_codes.DEVICE_NAME} {result.bundle_name} {result.bundle_version}: "
+            f"{phase} image with the suspected focus and the class probabilities"
         ),
+        source_images=[(image.sop_class_uid, image.sop_instance_uid, image.frame_number)],
+        texts=lines,
+        manufacturer=manufacturer,
     )
-    sc.copy_patient_and_study_information(header)
-    detach_person_names(sc)
-    sc.ConversionType = "WSD"  # workstation: drawn by software, not digitised film
-    sc.BurnedInAnnotation = "YES"
-    sc.ImageLaterality = "B"  # the anterior neck view shows both sides
-    sc.ImageType = ["DERIVED", "SECONDARY"]
-    sc.DerivationDescription = (
-        f"{mibi_codes.DEVICE_NAME} {result.bundle_name} {result.bundle_version}: "
-        f"{phase} image with the suspected focus and the class probabilities"
-    )
-    source = Dataset()
-    source.ReferencedSOPClassUID = image.sop_class_uid
-    source.ReferencedSOPInstanceUID = image.sop_instance_uid
-    if image.frame_number is not None:
-        source.ReferencedFrameNumber = image.frame_number
-    sc.SourceImageSequence = [source]
     logger.debug("key image %s for study %s", sc.SOPInstanceUID, result.study_instance_uid)
     return sc
 
@@ -188,7 +172,7 @@ def _render(pixels: np.ndarray, result: StudyResult, lines: list[str], size: int
     width, height = max(1, round(columns * scale)), max(1, round(rows * scale))
     picture = Image.fromarray(grey, mode="L").resize((width, height), Image.Resampling.BILINEAR)
 
-    font = _font(max(10, size // 36))
+    font = panel_font(max(10, size // 36))
     line_height = int(font.getbbox("Ag")[3]) + 4
     wrap = max(20, int(width / (line_height * 0.5)))
     wrapped = [part for line in lines for part in textwrap.wrap(line, wrap) or [""]]
@@ -219,7 +203,132 @@ def _render(pixels: np.ndarray, result: StudyResult, lines: list[str], size: int
     return np.asarray(canvas, dtype=np.uint8).copy()
 
 
-def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
+def secondary_capture(
+    pixels: np.ndarray,
+    header: Dataset,
+    *,
+    study_instance_uid: str,
+    series_instance_uid: str,
+    series_number: int,
+    instance_number: int,
+    series_description: str,
+    patient_orientation: tuple[str, str],
+    image_laterality: str,
+    derivation_description: str,
+    source_images: Sequence[tuple[str, str, int | None]],
+    texts: Sequence[str] = (),
+    manufacturer: str = mibi_codes.DEVICE_NAME,
+    institution_name: str | None = None,
+    sop_instance_uid: str | None = None,
+) -> SCImage:
+    """A key image: an 8-bit RGB Secondary Capture with burned-in annotation in the study
+    of ``header`` (every analysis' key image is one).
+
+    Parameters
+    ----------
+    pixels
+        ``(rows, columns, 3)`` uint8, the drawn image.
+    header
+        A source header with the patient and study attributes (Type 2 ones present, as
+        :func:`~mibi_node.report._common.with_type2_header` makes sure).
+    series_description, patient_orientation, image_laterality, derivation_description
+        What the image shows and how it lies.
+    source_images
+        ``(SOP Class UID, SOP Instance UID, frame number or None)`` of each image drawn.
+    texts
+        The burned-in lines, which the Specific Character Set must encode.
+    """
+    sc = SCImage(
+        pixel_array=pixels,
+        photometric_interpretation="RGB",
+        bits_allocated=8,
+        coordinate_system="PATIENT",
+        patient_orientation=patient_orientation,
+        study_instance_uid=study_instance_uid,
+        series_instance_uid=series_instance_uid,
+        series_number=series_number,
+        sop_instance_uid=sop_instance_uid or generate_uid(),
+        instance_number=instance_number,
+        manufacturer=manufacturer,
+        patient_id=header.PatientID,
+        patient_name=header.PatientName,
+        patient_birth_date=header.PatientBirthDate,
+        patient_sex=header.PatientSex,
+        accession_number=header.AccessionNumber,
+        study_id=header.StudyID,
+        study_date=header.StudyDate,
+        study_time=header.StudyTime,
+        referring_physician_name=header.ReferringPhysicianName,
+        series_description=series_description,
+        manufacturer_model_name=mibi_codes.DEVICE_NAME,
+        specific_character_set=character_set(
+            header.get("SpecificCharacterSet"), [manufacturer, institution_name or "", *texts]
+        ),
+    )
+    sc.copy_patient_and_study_information(header)
+    detach_person_names(sc)
+    if institution_name:
+        sc.InstitutionName = institution_name
+    sc.ConversionType = "WSD"  # workstation: drawn by software, not digitised film
+    sc.BurnedInAnnotation = "YES"
+    sc.ImageLaterality = image_laterality
+    sc.ImageType = ["DERIVED", "SECONDARY"]
+    sc.DerivationDescription = derivation_description
+    references = []
+    for sop_class_uid, sop_instance_uid_, frame_number in source_images:
+        source = Dataset()
+        source.ReferencedSOPClassUID = sop_class_uid
+        source.ReferencedSOPInstanceUID = sop_instance_uid_
+        if frame_number is not None:
+            source.ReferencedFrameNumber = frame_number
+        references.append(source)
+    sc.SourceImageSequence = references
+    return sc
+
+
+def wrap_text(
+    line: str, font: ImageFont.ImageFont | ImageFont.FreeTypeFont, width: float
+) -> list[str]:
+    """Split ``line`` at spaces into parts no wider than ``width`` pixels."""
+    parts: list[str] = []
+    current = ""
+    for word in line.split(" "):
+        candidate = word if not current else f"{current} {word}"
+        if current and font.getlength(candidate) > width:
+            parts.append(current)
+            current = word
+        else:
+            current = candidate
+    parts.append(current)
+    return parts
+
+
+def patient_orientation(iop: object) -> tuple[str, str]:
+    """Patient Orientation (row direction, column direction) from Image Orientation
+    (Patient); sagittal (``("P", "F")``) when it has none."""
+    try:
+        values = [float(v) for v in iop]  # type: ignore[attr-defined]
+    except (TypeError, ValueError):
+        values = []
+    if len(values) != 6:
+        logger.warning("image without Image Orientation (Patient): assuming sagittal")
+        return ("P", "F")
+    return (_letters(values[:3]), _letters(values[3:]))
+
+
+def _letters(vector: Sequence[float]) -> str:
+    """The patient direction letters of a unit vector, main component first."""
+    order = sorted(range(3), key=lambda axis: -abs(vector[axis]))
+    letters = [
+        _PATIENT_AXES[axis][0 if vector[axis] > 0 else 1]
+        for axis in order
+        if abs(vector[axis]) > 0.25
+    ]
+    return "".join(letters[:3]) or "P"
+
+
+def panel_font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
+    """Pillow's default font at ``size`` pixels (its fixed bitmap font without FreeType)."""
     try:
         return ImageFont.load_default(size=size)
     except (OSError, TypeError, ValueError):  # Pillow without FreeType: fixed bitmap font

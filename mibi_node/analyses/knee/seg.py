@@ -47,9 +47,9 @@ from mibi_node.report._common import (
     character_set,
     check_positive,
     check_uid,
+    check_volume_sources,
     detach_person_names,
     intended_use_text,
-    with_type2_header,
 )
 
 __all__ = [
@@ -108,9 +108,6 @@ _COLOURS = {
     "lateral_tibial_cartilage": (0, 158, 115),
     "patellar_cartilage": (204, 121, 167),
 }
-
-# Source positions may differ from the volume's by rounding (DS has 16 characters).
-_POSITION_TOLERANCE_MM = 1e-3
 
 
 def knee_intended_use_text(intended_use: str) -> str:
@@ -185,61 +182,9 @@ def check_knee_result(result: KneeResult) -> None:
 def check_knee_sources(result: KneeResult, sources: Sequence[Dataset]) -> list[Dataset]:
     """Check ``sources`` against the result's volume; return its slices' headers in order.
 
-    ``sources`` may list the slices in any order and hold other instances of the study,
-    which are ignored. The first header returned has empty Type 2 patient/study attributes
-    where the file lacks them (highdicom reads them without a default).
-
-    Raises
-    ------
-    TypeError
-        ``sources`` is not a sequence of pydicom Datasets.
-    ValueError
-        A slice of the volume is missing (named by its index and SOP Instance UID), or a
-        header does not match its slice (study, SOP class, size, position, frames).
+    See :func:`~mibi_node.report._common.check_volume_sources`.
     """
-    if isinstance(sources, Dataset) or not isinstance(sources, Sequence):
-        raise TypeError('Argument "sources" should be a sequence of pydicom Datasets.')
-    by_uid: dict[str, Dataset] = {}
-    for index, ds in enumerate(sources):
-        if not isinstance(ds, Dataset):
-            raise TypeError(f'Item {index} of argument "sources" is not a pydicom Dataset.')
-        uid = str(ds.get("SOPInstanceUID", ""))
-        if uid in by_uid:
-            raise ValueError(f'Argument "sources" holds instance {uid} twice.')
-        by_uid[uid] = ds
-    volume = result.volume
-    _, rows, columns = volume.shape
-    headers: list[Dataset] = []
-    for k, ref in enumerate(volume.slices):
-        found = by_uid.get(ref.sop_instance_uid)
-        if found is None:
-            raise ValueError(
-                f'Argument "sources" lacks slice {k} ({ref.sop_instance_uid}) of the volume '
-                "the result was computed from."
-            )
-        ds = found
-        where = f'Argument "sources" has slice {k} ({ref.sop_instance_uid})'
-        if str(ds.get("StudyInstanceUID", "")) != result.study_instance_uid:
-            raise ValueError(f"{where} in another study than the result's.")
-        if str(ds.get("SOPClassUID", "")) != ref.sop_class_uid:
-            raise ValueError(f"{where} with SOP class {ds.get('SOPClassUID')}.")
-        if int(ds.get("NumberOfFrames") or 1) != 1:
-            raise ValueError(f"{where} with several frames; the volume has one per instance.")
-        if (int(ds.get("Rows", 0)), int(ds.get("Columns", 0))) != (rows, columns):
-            raise ValueError(
-                f"{where} of {ds.get('Rows')} x {ds.get('Columns')} pixels, "
-                f"not the volume's {rows} x {columns}."
-            )
-        for keyword in ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing"):
-            if keyword not in ds:
-                raise ValueError(f"{where} without {keyword}.")
-        position = np.asarray([float(v) for v in ds.ImagePositionPatient])
-        if np.abs(position - np.asarray(ref.position)).max() > _POSITION_TOLERANCE_MM:
-            raise ValueError(
-                f"{where} at {position.tolist()}, not at the volume's {list(ref.position)}."
-            )
-        headers.append(ds)
-    return [with_type2_header(headers[0]), *headers[1:]]
+    return check_volume_sources(result.volume, result.study_instance_uid, sources)
 
 
 def segment_numbers(result: KneeResult) -> dict[str, int]:

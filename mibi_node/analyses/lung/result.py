@@ -76,7 +76,8 @@ class LesionFinding:
     side
         ``"R"`` or ``"L"``: the patient's side of the body midline; ``None`` when unknown.
     lobe
-        The lobe, when a lobe map is known (never from the phantom); ``None`` otherwise.
+        ``"upper"``, ``"middle"`` (right side only) or ``"lower"`` with :attr:`side`, when a
+        lobe map is known (never from the phantom); ``None`` otherwise.
     """
 
     number: int

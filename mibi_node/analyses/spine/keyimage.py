@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pydicom
 from highdicom.sc import SCImage
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 
@@ -29,11 +29,12 @@ from mibi_node.analyses.spine.report import (
 )
 from mibi_node.analyses.spine.result import SpineResult
 from mibi_node.report import codes as mibi_codes
-from mibi_node.report._common import (
-    character_set,
-    check_positive,
-    check_uid,
-    detach_person_names,
+from mibi_node.report._common import check_positive, check_uid
+from mibi_node.report.keyimage import (
+    panel_font,
+    patient_orientation,
+    secondary_capture,
+    wrap_text,
 )
 
 __all__ = [
@@ -55,7 +56,6 @@ ABNORMAL_COLOUR = (255, 48, 48)
 NORMAL_COLOUR = (64, 220, 96)
 _TEXT_COLOUR = (255, 255, 255)
 _WARNING_COLOUR = (255, 200, 0)
-_PATIENT_AXES = (("L", "R"), ("P", "A"), ("H", "F"))  # +x, -x; +y, -y; +z, -z (LPS)
 
 
 def build_spine_key_image(
@@ -116,50 +116,24 @@ def build_spine_key_image(
 
     lines = spine_key_image_caption(result, middle.get("InstanceNumber"))
     pixels = _render(_grey(middle), result, lines, size)
-    header = headers[0]
-    sc = SCImage(
-        pixel_array=pixels,
-        photometric_interpretation="RGB",
-        bits_allocated=8,
-        coordinate_system="PATIENT",
-        patient_orientation=_orientation(middle.get("ImageOrientationPatient")),
+    sc = secondary_capture(
+        pixels,
+        headers[0],
         study_instance_uid=result.study_instance_uid,
         series_instance_uid=series_instance_uid or generate_uid(),
         series_number=series_number,
-        sop_instance_uid=generate_uid(),
         instance_number=instance_number,
-        manufacturer=mibi_codes.DEVICE_NAME,
-        patient_id=header.PatientID,
-        patient_name=header.PatientName,
-        patient_birth_date=header.PatientBirthDate,
-        patient_sex=header.PatientSex,
-        accession_number=header.AccessionNumber,
-        study_id=header.StudyID,
-        study_date=header.StudyDate,
-        study_time=header.StudyTime,
-        referring_physician_name=header.ReferringPhysicianName,
         series_description=KEY_IMAGE_SERIES_DESCRIPTION,
-        manufacturer_model_name=mibi_codes.DEVICE_NAME,
-        specific_character_set=character_set(
-            header.get("SpecificCharacterSet"), [institution_name or "", *lines]
+        patient_orientation=patient_orientation(middle.get("ImageOrientationPatient")),
+        image_laterality="U",  # the spine is unpaired
+        derivation_description=(
+            f"{mibi_codes.DEVICE_NAME} {result.bundle_name} {result.bundle_version}: middle T2 "
+            "sagittal slice with the vertebra and disc points and their classes"
         ),
+        source_images=[(result.middle.sop_class_uid, result.middle.sop_instance_uid, None)],
+        texts=lines,
+        institution_name=institution_name,
     )
-    sc.copy_patient_and_study_information(header)
-    detach_person_names(sc)
-    if institution_name:
-        sc.InstitutionName = institution_name
-    sc.ConversionType = "WSD"  # workstation: drawn by software, not digitised film
-    sc.BurnedInAnnotation = "YES"
-    sc.ImageLaterality = "U"  # the spine is unpaired
-    sc.ImageType = ["DERIVED", "SECONDARY"]
-    sc.DerivationDescription = (
-        f"{mibi_codes.DEVICE_NAME} {result.bundle_name} {result.bundle_version}: middle T2 "
-        "sagittal slice with the vertebra and disc points and their classes"
-    )
-    source = Dataset()
-    source.ReferencedSOPClassUID = result.middle.sop_class_uid
-    source.ReferencedSOPInstanceUID = result.middle.sop_instance_uid
-    sc.SourceImageSequence = [source]
     logger.debug("spine key image %s for study %s", sc.SOPInstanceUID, result.study_instance_uid)
     return sc
 
@@ -243,9 +217,9 @@ def _render(grey: np.ndarray, result: SpineResult, lines: list[str], size: int) 
     width, height = max(1, round(columns * scale)), max(1, round(rows * scale))
     picture = Image.fromarray(grey, mode="L").resize((width, height), Image.Resampling.BILINEAR)
 
-    font = _font(max(10, min(width, 1024) // 40))
+    font = panel_font(max(10, min(width, 1024) // 40))
     line_height = int(font.getbbox("Ag")[3]) + 4
-    wrapped = [part for line in lines for part in _wrap(line, font, width - 12)]
+    wrapped = [part for line in lines for part in wrap_text(line, font, width - 12)]
     panel = line_height * len(wrapped) + 8
     canvas = Image.new("RGB", (width, height + panel), (0, 0, 0))
     canvas.paste(picture.convert("RGB"), (0, 0))
@@ -282,48 +256,3 @@ def _render(grey: np.ndarray, result: SpineResult, lines: list[str], size: int) 
         draw.text((6, top), part, fill=colour, font=font)
         top += line_height
     return np.asarray(canvas, dtype=np.uint8).copy()
-
-
-def _wrap(line: str, font: ImageFont.ImageFont | ImageFont.FreeTypeFont, width: float) -> list[str]:
-    """Split ``line`` at spaces into parts no wider than ``width`` pixels."""
-    parts: list[str] = []
-    current = ""
-    for word in line.split(" "):
-        candidate = word if not current else f"{current} {word}"
-        if current and font.getlength(candidate) > width:
-            parts.append(current)
-            current = word
-        else:
-            current = candidate
-    parts.append(current)
-    return parts
-
-
-def _orientation(iop: object) -> tuple[str, str]:
-    """Patient Orientation (row direction, column direction) from Image Orientation."""
-    try:
-        values = [float(v) for v in iop]  # type: ignore[attr-defined]
-    except (TypeError, ValueError):
-        values = []
-    if len(values) != 6:
-        logger.warning("middle slice without Image Orientation (Patient): assuming sagittal")
-        return ("P", "F")
-    return (_letters(values[:3]), _letters(values[3:]))
-
-
-def _letters(vector: Sequence[float]) -> str:
-    """The patient direction letters of a unit vector, main component first."""
-    order = sorted(range(3), key=lambda axis: -abs(vector[axis]))
-    letters = [
-        _PATIENT_AXES[axis][0 if vector[axis] > 0 else 1]
-        for axis in order
-        if abs(vector[axis]) > 0.25
-    ]
-    return "".join(letters[:3]) or "P"
-
-
-def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
-    try:
-        return ImageFont.load_default(size=size)
-    except (OSError, TypeError, ValueError):  # Pillow without FreeType: fixed bitmap font
-        return ImageFont.load_default()
