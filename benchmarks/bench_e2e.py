@@ -140,8 +140,12 @@ def _time(text: object) -> datetime:
 class Node:
     """``mibi-node serve`` with one CPU worker, and storescp as its PACS."""
 
-    def __init__(self, work: Path, bundle: Path, thyroid_bundle: Path) -> None:
+    def __init__(
+        self, work: Path, config: str, arguments: list[str], calling: str = "GAMMA_CAM1"
+    ) -> None:
+        """Start storescp and the node with ``config`` (TOML) and extra ``serve`` arguments."""
         self.work = work
+        self.calling = calling
         self.pacs_dir = work / "pacs"
         self.data_dir = work / "node"
         self.log = work / "node.log"
@@ -154,10 +158,10 @@ class Node:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
-        config = work / "node.toml"
-        config.write_text(
+        path = work / "node.toml"
+        path.write_text(
             '[node]\nhost = "127.0.0.1"\n[storage]\nmin_free_mb = 0\n[logging]\nlevel = "INFO"\n'
-            f"[analyses.thyroid]\nenabled = true\nbundle = {json.dumps(str(thyroid_bundle))}\n"
+            + config
         )
         with self.log.open("wb") as log:
             self.process = subprocess.Popen(
@@ -167,21 +171,20 @@ class Node:
                     "mibi_node.cli",
                     "serve",
                     "--config",
-                    str(config),
+                    str(path),
                     "--port",
                     str(self.port),
                     "--data-dir",
                     str(self.data_dir),
                     "--quiet-seconds",
                     str(QUIET_SECONDS),
-                    "--bundle",
-                    str(bundle),
                     "--destination",
                     f"PACS@127.0.0.1:{self.pacs_port}",
                     "--workers",
                     "1",
                     "--device",
                     "cpu",
+                    *arguments,
                 ],
                 stdout=log,
                 stderr=subprocess.STDOUT,
@@ -219,7 +222,7 @@ class Node:
             [
                 "storescu",
                 "-aet",
-                "GAMMA_CAM1",
+                self.calling,
                 "-aec",
                 "MIBI_NODE",
                 "127.0.0.1",
@@ -406,7 +409,11 @@ def main() -> None:
         for _, studies, run, _ in analyses:  # the runners' warm-up
             for _, files in studies[: max(1, args.warmup)]:
                 run(files)
-        node = Node(work, bundle.directory, thyroid_bundle)
+        node = Node(
+            work,
+            f"[analyses.thyroid]\nenabled = true\nbundle = {json.dumps(str(thyroid_bundle))}\n",
+            ["--bundle", str(bundle.directory)],
+        )
         (pid,) = node.query("SELECT pid FROM worker")[0]
         memory["loaded_rss_mib"] = _proc_memory(int(pid))["rss_mib"]
         for index in range(count):

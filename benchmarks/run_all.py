@@ -14,6 +14,7 @@ BENCHMARKS = [
     "bench_e2e.py",
     "bench_spine.py",
     "bench_knee.py",
+    "bench_lung.py",
     "bench_queue.py",
 ]
 

@@ -1,19 +1,23 @@
 """`make demo`: the whole loop on one machine, from a gamma camera to an SR in PACS.
 
-1. builds the four demonstration model bundles once and reuses them afterwards: the
+1. builds the five demonstration model bundles once and reuses them afterwards: the
    parathyroid (MIBI) ensemble from 600 phantom studies on one core, the thyroid
    scintigraphy ensemble from 1200 thyroid phantoms on the other; then, on the first core,
    the lumbar spine keypoint bundle from spine MR phantoms (scripts/demo_spine.py) and, on
    the second, the knee cartilage bundle from 60 knee MR phantoms (scripts/demo_knee.py);
+   then, on the first core again, the lung lesion detector from 60 chest CT phantoms
+   (scripts/demo_lung.py);
 2. starts DCMTK storescp as the PACS that receives the SRs (AE DEMO_PACS);
-3. starts the node with four analyses (parathyroid, thyroid, spine, knee) and one CPU worker
-   that hosts the four bundles and sends its SRs (and the spine's key images and the knee's
+3. starts the node with five analyses (parathyroid, thyroid, spine, knee, lung) and one CPU
+   worker that hosts the five bundles and sends its SRs (and the key images and the SEGs
    SEGs) to that PACS;
 4. sends 10 MIBI studies, 6 thyroid scans, one bone scan (which no analysis takes), 4
-   lumbar spine MR studies and 2 knee MR studies with DCMTK storescu, one association per
+   lumbar spine MR studies, 2 knee MR studies and 2 chest CT studies (one of 300 slices)
+   with DCMTK storescu, one association per
    study, as a camera or scanner would;
-5. waits for the 22 results, then shows a table per analysis (truth, prediction, the time
+5. waits for the 24 results, then shows a table per analysis (truth, prediction, the time
    from each study's last instance to its SR in PACS; for the knees the Dice of each plate,
+   for the chests each lesion found against the phantom's, with its Dice,
    the SEG read back against the phantom's labels), why the bone scan was IGNORED, and one SR
    as DCMTK's dsrdump prints it.
 
@@ -41,6 +45,7 @@ from pathlib import Path
 from typing import IO
 
 import demo_knee
+import demo_lung
 import demo_spine
 from prometheus_client.parser import text_string_to_metric_families
 from rich.console import Console
@@ -105,6 +110,7 @@ class Study:
     lobe_uptake: dict[str, float] | None = None  # thyroid: right/left share
     spine: demo_spine.SpineTruth | None = None  # spine: the phantom's points, the SR's
     knee: demo_knee.KneeTruth | None = None  # knee: the phantom's labels, the SEG's Dice
+    lung: demo_lung.LungTruth | None = None  # lung: the phantom's lesions, the SEG's and SR's
 
 
 def _rel(path: Path) -> str:
@@ -228,7 +234,7 @@ def _thyroid_build() -> BackgroundBuild:
 
 
 def _ensure_bundles() -> float:
-    """The four demo bundles, built where missing; returns the seconds spent building them.
+    """The five demo bundles, built where missing; returns the seconds spent building them.
 
     The thyroid bundle trains on one core beside the MIBI bundle on the other; the spine
     bundle trains on the MIBI core once the MIBI bundle is done, the knee bundle on the
@@ -269,10 +275,22 @@ def _ensure_bundles() -> float:
         knee.start()
     else:
         _reusing(knee.bundle, "knee")
-    for build in (spine, knee):
+    if spine.needed:
+        spine.wait()
+    lung = demo_lung.build(BackgroundBuild)
+    if lung.needed:
+        console.print(
+            f"   building the lung demonstration bundle in {_rel(lung.bundle)}: "
+            f"{demo_lung.TRAIN_CASES} chest CT phantoms with lesion masks, then the Mask R-CNN "
+            f"lesion detector (one core, log: {_rel(lung.log)})"
+        )
+        lung.start()
+    else:
+        _reusing(lung.bundle, "lung")
+    for build in (knee, lung):
         if build.needed:
             build.wait()
-    built = mibi or thyroid.seconds or spine.seconds or knee.seconds
+    built = mibi or thyroid.seconds or spine.seconds or knee.seconds or lung.seconds
     return time.monotonic() - started if built else 0.0
 
 
@@ -428,6 +446,10 @@ def _make_studies() -> list[Study]:
         Study(len(studies) + n, uid, "", folder, analysis="knee", knee=truth)
         for n, (uid, folder, truth) in enumerate(demo_knee.make_studies(), start=1)
     ]
+    studies += [
+        Study(len(studies) + n, uid, "", folder, analysis="lung", lung=truth)
+        for n, (uid, folder, truth) in enumerate(demo_lung.make_studies(), start=1)
+    ]
     return studies
 
 
@@ -458,7 +480,9 @@ def _make_bone_scan() -> Study:
 
 def _send(study: Study, port: int) -> None:
     files = sorted(study.folder.glob("*.dcm"))
-    calling = "MR_SCANNER" if study.analysis in ("spine", "knee") else "GAMMA_CAM1"
+    calling = {"spine": "MR_SCANNER", "knee": "MR_SCANNER", "lung": "CT_SCANNER"}.get(
+        study.analysis, "GAMMA_CAM1"
+    )
     command = ["storescu", "-aet", calling, "-aec", "MIBI_NODE", "127.0.0.1", str(port)]
     done = subprocess.run(
         [*command, *map(str, files)], env=DCMTK_ENV, capture_output=True, check=False
@@ -494,6 +518,10 @@ def _collect_srs(studies: list[Study], seen: set[Path]) -> None:
                 # A knee study is complete when both its SR and its SEG are in.
                 demo_knee.read_document(dataset, study.knee)
                 if study.knee.complete:
+                    study.sr_path, study.sr_arrived_at = path, arrived
+            elif study is not None and study.lung is not None and (is_sr or is_seg):
+                demo_lung.read_document(dataset, study.lung)
+                if study.lung.complete:
                     study.sr_path, study.sr_arrived_at = path, arrived
             elif study is not None and is_sr:
                 if study.analysis == "spine" and study.spine is not None:
@@ -583,6 +611,14 @@ def _show_results(studies: list[Study], ignored: Study) -> None:
             (s.number, s.knee, s.sr_arrived_at - s.sent_at)
             for s in studies
             if s.analysis == "knee" and s.knee is not None
+        ],
+    )
+    demo_lung.show(
+        console,
+        [
+            (s.number, s.lung, s.sr_arrived_at - s.sent_at)
+            for s in studies
+            if s.analysis == "lung" and s.lung is not None
         ],
     )
     _show_ignored(ignored)
@@ -758,11 +794,12 @@ def main() -> None:
                 f"[analyses.thyroid]\nenabled = true\nbundle = {json.dumps(str(THYROID_BUNDLE))}\n"
                 f"[analyses.spine]\nenabled = true\nbundle = {json.dumps(str(demo_spine.BUNDLE))}\n"
                 f"[analyses.knee]\nenabled = true\nbundle = {json.dumps(str(demo_knee.BUNDLE))}\n"
+                f"[analyses.lung]\nenabled = true\nbundle = {json.dumps(str(demo_lung.BUNDLE))}\n"
             )
             console.print(
                 f"3. starting the node: AE MIBI_NODE on 127.0.0.1:{port}, data in {_rel(DATA)}, "
-                "analyses parathyroid, thyroid, spine and knee, one CPU worker hosting the four "
-                f"bundles, results to DEMO_PACS (log: {_rel(node_log)})"
+                "analyses parathyroid, thyroid, spine, knee and lung, one CPU worker hosting the "
+                f"five bundles, results to DEMO_PACS (log: {_rel(node_log)})"
             )
             node = _start(
                 [
@@ -800,7 +837,9 @@ def main() -> None:
                 f"{count['thyroid']} thyroid scans and one bone scan as GAMMA_CAM1, and "
                 f"{count['spine']} lumbar spine MR studies (T1/T2 sagittal, T2 axial) and "
                 f"{count['knee']} knee MR studies (3-D sagittal DESS, coronal PD) as "
-                "MR_SCANNER (phantoms, not patients) with DCMTK storescu, one association per study"
+                f"MR_SCANNER, and {count['lung']} chest CT studies (64 slices of 2.5 mm, 300 "
+                "slices of 1 mm) as CT_SCANNER (phantoms, not patients) with DCMTK storescu, "
+                "one association per study"
             )
             for study in [*studies, bone_scan]:
                 _send(study, port)

@@ -44,8 +44,8 @@ def test_the_built_in_analyses_are_registered_and_described() -> None:
         assert isinstance(analysis, Analysis) and analysis.name == name
         described = analysis.describe()
         assert described["name"] == name and described["outputs"][0] == "sr"
-    with pytest.raises(MibiNodeError, match="no analysis called 'lung'.*parathyroid"):
-        get_analysis("lung")
+    with pytest.raises(MibiNodeError, match="no analysis called 'wrist'.*parathyroid"):
+        get_analysis("wrist")
     with pytest.raises(ValueError, match="registered already"):
 
         class Impostor(type(get_analysis("thyroid"))):  # type: ignore[misc]
@@ -120,7 +120,7 @@ def test_a_site_rule_overrides_the_default_and_bad_keys_are_named(tmp_path: Path
     off.write_text("[analyses.parathyroid]\nenabled = false\n[analyses.thyroid]\n")
     assert load_config(off).enabled_analyses == ("thyroid",)
     for text, key in (
-        ("[analyses.lung]\n", "analyses.lung: no such analysis"),
+        ("[analyses.wrist]\n", "analyses.wrist: no such analysis"),
         ("[analyses.thyroid.selection]\nmodality = ['NM']\n", "selection.modality: unknown key"),
         (
             "[analyses.thyroid.selection]\ndescription_pattern = '('\n",
@@ -216,9 +216,32 @@ def test_the_knee_rule_takes_knee_mr_studies_only() -> None:
         assert "knee" not in (decision.analyses or {}), description
 
 
+def _ct(description: str, series: str = "CHEST LUNG 1.0", body_part: str = "CHEST") -> Dataset:
+    header = Dataset()
+    header.Modality, header.SOPClassUID = "CT", "1.2.840.10008.5.1.4.1.1.2"
+    header.StudyDescription, header.SeriesDescription = description, series
+    header.BodyPartExamined = body_part
+    return header
+
+
+def test_the_lung_rule_takes_chest_ct_studies_only() -> None:
+    config = load_config(None)
+    names = ("parathyroid", "thyroid", "spine", "knee", "lung")
+    selections = {name: config.selection(name) for name in names}
+    for description in ("CT CHEST", "CT Thorax nativ", "TDM thoracique", "TC TORACE", "HRCT LUNG"):
+        decision = select_analyses([_ct(description)], "CT", selections)
+        assert decision.analyses is not None and set(decision.analyses) == {"lung"}, description
+    for description in ("CT HEAD", "CT BRAIN", "CT CARDIAC CALCIUM SCORE", "CT LUMBAR SPINE"):
+        decision = select_analyses([_ct(description, "AXIAL")], "CT", selections)
+        assert "lung" not in (decision.analyses or {}), description
+    # A chest description on an MR study is not a CT study.
+    assert "lung" not in (select_analyses([_mr("MRI CHEST")], "MR", selections).analyses or {})
+
+
 def test_the_key_image_follows_the_analysis_then_the_site(tmp_path: Path) -> None:
     config = load_config(None)
     assert config.key_image_for("spine") is True  # the spine analysis sends one by default
+    assert config.key_image_for("lung") is True  # and so does the lung analysis
     assert config.key_image_for("parathyroid") is False  # as report.key_image says
     toml = tmp_path / "node.toml"
     toml.write_text(
@@ -242,3 +265,7 @@ def test_reception_accepts_what_the_enabled_analyses_read(tmp_path: Path) -> Non
     assert accepted[: len(MIBI_STORAGE_CLASSES)] == MIBI_STORAGE_CLASSES and mr in accepted
     every = storage_sop_classes(True, spine.analysis_storage_classes())
     assert len(every) == len(set(every)) and mr in every  # listed once with accept_all_storage
+    ct = "1.2.840.10008.5.1.4.1.1.2"
+    assert ct not in storage_sop_classes(False, spine.analysis_storage_classes())
+    toml.write_text("[analyses.lung]\n")
+    assert ct in storage_sop_classes(False, load_config(toml).analysis_storage_classes())

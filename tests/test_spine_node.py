@@ -173,8 +173,8 @@ def test_mibi_node_train_takes_the_analysis_and_its_data_format(tmp_path: Path) 
     assert done.returncode == 0, done.stderr
     assert load_spine_bundle(tmp_path / "bundle").name == "spine-tiny"
     refused = subprocess.run(
-        [*cli, "--analysis", "lung", "--data", str(data), "--out", str(tmp_path / "lung")],
+        [*cli, "--analysis", "wrist", "--data", str(data), "--out", str(tmp_path / "lung")],
         capture_output=True, text=True, timeout=120,
     )  # fmt: skip
-    assert refused.returncode == 2 and "no analysis called 'lung'" in refused.stderr
+    assert refused.returncode == 2 and "no analysis called 'wrist'" in refused.stderr
     assert "Traceback" not in refused.stderr

@@ -255,6 +255,7 @@ _ANALYSIS_TRAINING = {
     "thyroid": "training.thyroid",
     "spine": "training.spine",
     "knee": "training.knee",
+    "lung": "training.lung",
 }
 
 

@@ -1,7 +1,7 @@
 """Where the node finds its analyses: the built-in ones and those installed as packages.
 
 The built-in analyses (parathyroid MIBI, thyroid scintigraphy, lumbar spine MRI, knee
-cartilage MRI) are registered here; any installed distribution can add one through the
+cartilage MRI, lung CT) are registered here; any installed distribution can add one through the
 ``mibi_node.analyses`` entry point group, so a hospital ships its own analysis as a wheel::
 
     [project.entry-points."mibi_node.analyses"]
@@ -36,6 +36,7 @@ _BUILT_IN = (
     "mibi_node.analyses.thyroid:ThyroidAnalysis",
     "mibi_node.analyses.spine:SpineAnalysis",
     "mibi_node.analyses.knee:KneeAnalysis",
+    "mibi_node.analyses.lung:LungAnalysis",
 )
 
 _registry: dict[str, Analysis] = {}
