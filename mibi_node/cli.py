@@ -527,6 +527,11 @@ def _register_stage_commands() -> None:
 
     app.command("train")(train)
     app.command("evaluate")(evaluate)
+    from mibi_node.validation.command import performance_command, truth_app, verdict_command
+
+    app.command("verdict")(verdict_command)
+    app.command("performance")(performance_command)
+    app.add_typer(truth_app, name="truth")
 
 
 def _operator() -> str:

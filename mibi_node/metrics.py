@@ -455,6 +455,7 @@ class DatabaseCollector:
             "Unix time of the last result a destination acknowledged (0 if none yet).",
             value=last_sent.timestamp() if last_sent else 0.0,
         )
+        yield from _validation_gauges(self.database)
         family = GaugeMetricFamily(
             "mibi_node_worker_up",
             "1 while a worker's heartbeat is fresher than web.worker_stale_seconds.",
@@ -463,6 +464,58 @@ class DatabaseCollector:
         for name, device, heartbeat in workers:
             family.add_metric([name, device], 1.0 if heartbeat >= stale else 0.0)
         yield family
+
+
+#: The latest assessed cases per analysis that ``mibi_node_local_accuracy_recent`` covers.
+RECENT_CASES = 50
+
+
+def _validation_gauges(database: Database) -> Iterator[Metric]:
+    """Local validation (docs/validation.md): accuracy on the assessed cases, per analysis
+    and bundle version and over the latest :data:`RECENT_CASES`, and the latest verdicts by
+    decision. Read from the database only (no headers, no bootstrap), at each scrape."""
+    from mibi_node.validation.performance import cases
+
+    accuracy = GaugeMetricFamily(
+        "mibi_node_local_accuracy",
+        "Accuracy against final diagnoses (else verdicts) on this node's assessed studies.",
+        labels=["analysis", "bundle_version"],
+    )
+    assessed = GaugeMetricFamily(
+        "mibi_node_local_assessed_studies",
+        "Studies with a reference (final diagnosis or verdict) per analysis and bundle.",
+        labels=["analysis", "bundle_version"],
+    )
+    recent = GaugeMetricFamily(
+        "mibi_node_local_accuracy_recent",
+        f"Accuracy on the latest {RECENT_CASES} assessed studies of each analysis.",
+        labels=["analysis"],
+    )
+    verdicts = GaugeMetricFamily(
+        "mibi_node_verdicts",
+        "Latest verdicts per finding by analysis and decision.",
+        labels=["analysis", "decision"],
+    )
+    hits: dict[tuple[str, str], list[bool]] = defaultdict(list)
+    latest: dict[str, list[tuple[int, bool]]] = defaultdict(list)
+    decisions: dict[tuple[str, str], int] = defaultdict(int)
+    for case in cases(database):
+        for decision, _value in case.verdicts.values():
+            decisions[(case.analysis, decision)] += 1
+        if case.reference is None or not case.probabilities:
+            continue
+        hit = case.reference == case.predicted
+        hits[(case.analysis, case.bundle_version)].append(hit)
+        latest[case.analysis].append((case.job_id, hit))
+    for (analysis, version), values in sorted(hits.items()):
+        accuracy.add_metric([analysis, version], sum(values) / len(values))
+        assessed.add_metric([analysis, version], len(values))
+    for analysis, ordered in sorted(latest.items()):
+        last = [right for _, right in sorted(ordered)[-RECENT_CASES:]]
+        recent.add_metric([analysis], sum(last) / len(last))
+    for (analysis, decision), count in sorted(decisions.items()):
+        verdicts.add_metric([analysis, decision], count)
+    yield from (accuracy, assessed, recent, verdicts)
 
 
 _collectors: dict[int, tuple[CollectorRegistry, DatabaseCollector]] = {}

@@ -625,7 +625,7 @@ def _show_results(studies: list[Study], ignored: Study) -> None:
     console.print(
         "Last image -> SR: from the study's last instance acknowledged to its SR in the PACS, "
         f"including the {QUIET_SECONDS} s quiet period that tells the node a study is complete "
-        "and the wait behind the studies sent before it (one worker hosts both analyses)."
+        "and the wait behind the studies sent before it (one worker hosts every analysis)."
     )
     console.print(
         "[bold]These are demonstration models trained on synthetic phantoms, not on patients: "

@@ -45,6 +45,7 @@ __all__ = [
     "AnalysisResult",
     "Completeness",
     "EncodeContext",
+    "Finding",
     "WEIGHTS_FACTOR",
     "MemoryNeeds",
     "OutputKind",
@@ -182,6 +183,44 @@ class Panel:
     note: str = ""
 
 
+@dataclass(frozen=True)
+class Finding:
+    """One AI finding of a result that a radiologist can accept, reject or correct.
+
+    Derived from the stored result (``result.to_dict()``) by :meth:`Analysis.findings`, so a
+    verdict recorded today can be checked against a result stored months ago.
+
+    Attributes
+    ----------
+    key
+        Names the finding within its result and never changes for it: ``diagnosis``, a
+        class key, a spine level, a cartilage plate, ``lesion-2``. Verdicts refer to it.
+    label
+        What a radiologist reads ("L4-L5 (disc)", "Graves' disease").
+    value
+        What the model said ("adenoma", "present", "protrusion", "segmented").
+    choices
+        The values a correction may take; empty: any short text.
+    probability
+        The model's probability of ``value``, where it gives one.
+    kind
+        The finding's type, over which verdicts are counted (``diagnosis``, a class key,
+        ``disc``, ``vertebra``, a structure); defaults to ``key``.
+    """
+
+    key: str
+    label: str
+    value: str
+    choices: tuple[str, ...] = ()
+    probability: float | None = None
+    kind: str = ""
+
+    @property
+    def type(self) -> str:
+        """:attr:`kind`, else :attr:`key`."""
+        return self.kind or self.key
+
+
 @runtime_checkable
 class AnalysisResult(Protocol):
     """The few things the core reads from an analysis' result; the rest is the analysis'."""
@@ -252,6 +291,9 @@ class Analysis(ABC):
     recipe: ClassVar[Path | None] = None
     #: Where ``make demo`` builds the demonstration bundle.
     default_bundle: ClassVar[Path | None] = None
+    #: The values a final diagnosis of its studies may take (``mibi-node truth import``
+    #: refuses others); empty: any short text.
+    diagnoses: ClassVar[tuple[str, ...]] = ()
 
     # -- input ---------------------------------------------------------------------------
 
@@ -300,6 +342,22 @@ class Analysis(ABC):
     @abstractmethod
     def panel(self, result: dict[str, Any]) -> Panel:
         """What the status page shows of a stored result (``result.to_dict()``)."""
+
+    def findings(self, result: dict[str, Any]) -> tuple[Finding, ...]:
+        """The AI findings of a stored result (``result.to_dict()``) a radiologist judges.
+
+        The default is one finding, the result's ``predicted``, that a correction may
+        replace by any short text; an analysis with several findings per study (levels,
+        plates, lesions, multi-label classes) overrides it.
+        """
+        return (
+            Finding(
+                key="predicted",
+                label=self.title,
+                value=str(result.get("predicted") or ""),
+                choices=self.diagnoses,
+            ),
+        )
 
     def describe(self) -> dict[str, Any]:
         """Plain data about the analysis for ``mibi-node analyses`` and the REST API."""

@@ -453,7 +453,8 @@ class Worker:
         timings = {
             "read": read_seconds,
             "denoise": result.timings.get("denoise", 0.0),
-            "inference": sum(v for k, v in result.timings.items() if k != "denoise"),
+            # The runner's steps; a runner's own "total" of them is not a step.
+            "inference": sum(v for k, v in result.timings.items() if k not in ("denoise", "total")),
             "sr": time.perf_counter() - started,
         }
         done = CompletedJob(

@@ -7,13 +7,14 @@ file is durable, and every state change of a study is one committed transaction.
 from __future__ import annotations
 
 import enum
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 from typing import Any
 
 from sqlalchemy import (
     JSON,
     BigInteger,
     Boolean,
+    Date,
     DateTime,
     Enum,
     ForeignKey,
@@ -41,6 +42,9 @@ __all__ = [
     "Setting",
     "Study",
     "StudyState",
+    "Truth",
+    "Verdict",
+    "VerdictDecision",
     "WorkerStatus",
     "check_delivery_transition",
     "check_job_transition",
@@ -396,7 +400,8 @@ class Setting(Base):
 class AuditEvent(Base):
     """One line of the audit trail: an association, a study result, a delivery, an operator.
 
-    ``kind`` is ``association``, ``result``, ``delivery``, ``operator`` or ``retention``;
+    ``kind`` is ``association``, ``result``, ``delivery``, ``operator``, ``retention``,
+    ``verdict`` or ``truth``;
     ``outcome`` says how it ended (``accepted``, ``rejected``, ``done``, ``failed``, ``sent``,
     ``requeue`` ...). ``detail`` holds counts and reasons, never patient names or IDs.
     """
@@ -413,3 +418,56 @@ class AuditEvent(Base):
     detail: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
 
     __table_args__ = (Index("ix_audit_kind_at", "kind", "at"),)
+
+
+class VerdictDecision(enum.StrEnum):
+    """What a radiologist said of one AI finding (IHE AIRA's accept / reject / modify)."""
+
+    ACCEPTED = "accepted"
+    REJECTED = "rejected"
+    CORRECTED = "corrected"
+
+
+class Verdict(Base):
+    """A radiologist's verdict on one finding of one job's result.
+
+    Verdicts are never changed or deleted: a later verdict on the same (job, finding)
+    replaces the earlier one for the figures, and both stay for the record.
+    """
+
+    __tablename__ = "verdict"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("job.id"))
+    #: :attr:`mibi_node.analyses.base.Finding.key`.
+    finding: Mapped[str] = mapped_column(String(64))
+    decision: Mapped[VerdictDecision] = mapped_column(
+        Enum(VerdictDecision, native_enum=False, length=16)
+    )
+    #: The right value of a corrected finding (one of the finding's choices where it has any).
+    value: Mapped[str | None] = mapped_column(String(128), default=None)
+    reader: Mapped[str] = mapped_column(String(128))
+    comment: Mapped[str | None] = mapped_column(Text, default=None)
+    created_at: Mapped[datetime] = mapped_column(_UTCDateTime, default=utcnow)
+
+    __table_args__ = (Index("ix_verdict_job_finding", "job_id", "finding", "id"),)
+
+
+class Truth(Base):
+    """A study's final diagnosis for one analysis (histology, follow-up), as imported.
+
+    Imports never overwrite: the latest imported row of a (study, analysis) counts.
+    """
+
+    __tablename__ = "truth"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    study_id: Mapped[int] = mapped_column(ForeignKey("study.id"))
+    analysis: Mapped[str] = mapped_column(String(32))
+    diagnosis: Mapped[str] = mapped_column(String(128))
+    diagnosed_on: Mapped[date] = mapped_column(Date)
+    source: Mapped[str] = mapped_column(String(128), default="")
+    imported_at: Mapped[datetime] = mapped_column(_UTCDateTime, default=utcnow)
+    imported_by: Mapped[str] = mapped_column(String(128), default="")
+
+    __table_args__ = (Index("ix_truth_study_analysis", "study_id", "analysis", "id"),)

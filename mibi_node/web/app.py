@@ -14,8 +14,10 @@ sentence the function gives.
 from __future__ import annotations
 
 import importlib
+import json
 import logging
 from collections.abc import Callable
+from dataclasses import asdict
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -405,6 +407,67 @@ def create_app(config: Config, database: Database, is_listening: Callable[[], bo
             return JSONResponse({"error": str(exc)}, 404)
         except MibiNodeError as exc:
             return JSONResponse({"error": str(exc)}, 409)
+
+    # -- local validation (docs/validation.md) ---------------------------------------------
+
+    @app.post("/api/jobs/{job_id}/verdicts")
+    async def api_verdict(request: Request, job_id: int) -> Any:
+        from mibi_node.validation.verdicts import VerdictError, record_verdict
+
+        body = await _json_body(request)
+        if not isinstance(body, dict):
+            return JSONResponse({"error": "the body should be a JSON object"}, 400)
+        try:
+            recorded = record_verdict(
+                database,
+                job_id,
+                str(body.get("finding") or ""),
+                str(body.get("decision") or ""),
+                reader=str(body.get("reader") or ""),
+                value=None if body.get("value") is None else str(body["value"]),
+                comment=None if body.get("comment") is None else str(body["comment"]),
+                actor="web",
+            )
+        except VerdictError as exc:
+            status = 404 if str(exc).startswith("there is no job") else 422
+            return JSONResponse({"error": str(exc)}, status)
+        return JSONResponse(asdict(recorded), 201)
+
+    @app.post("/api/truth")
+    async def api_truth(request: Request) -> Any:
+        from mibi_node.validation.truth import TruthImportError, import_truth
+
+        content_type = request.headers.get("content-type", "")
+        rows: Any
+        if "json" in content_type:
+            body = await _json_body(request)
+            rows = body.get("rows") if isinstance(body, dict) else body
+            if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
+                return JSONResponse({"error": "the body should be a list of row objects"}, 400)
+        else:
+            raw = await request.body()
+            try:
+                rows = raw.decode("utf-8-sig")
+            except UnicodeDecodeError:
+                return JSONResponse({"error": "the CSV should be UTF-8"}, 400)
+        try:
+            count = import_truth(database, files, rows, imported_by="web")
+        except TruthImportError as exc:
+            return JSONResponse({"error": "nothing imported", "problems": exc.problems}, 422)
+        return JSONResponse({"imported": count}, 201)
+
+    @app.get("/api/performance")
+    def api_performance(analysis: str | None = None, resamples: int = 200) -> Any:
+        from mibi_node.validation.performance import performance
+
+        resamples = min(max(resamples, 0), 2000)
+        return [g.to_dict() for g in performance(database, files, analysis, resamples)]
+
+    async def _json_body(request: Request) -> Any:
+        try:
+            return json.loads(await request.body() or b"null")
+        except ValueError:
+            return None
 
     @app.get("/api/workers")
     def api_workers() -> Any:

@@ -28,6 +28,7 @@ from mibi_node.analyses.base import (
     Analysis,
     Completeness,
     EncodeContext,
+    Finding,
     OutputKind,
     Panel,
     TaskKind,
@@ -91,6 +92,21 @@ class KneeAnalysis(Analysis):
         from mibi_node.analyses.knee.report import build_knee_documents
 
         return build_knee_documents(result, sources, context)
+
+    def findings(self, result: dict[str, Any]) -> tuple[Finding, ...]:
+        """One finding per cartilage plate found (its segmentation); a correction says in
+        words what is wrong with it (editing the region itself is not built yet)."""
+        rows = {str(m.get("structure")): dict(m) for m in result.get("measurements") or []}
+        return tuple(
+            Finding(
+                key=name,
+                label=STRUCTURE_NAMES[name],
+                value="segmented",
+                kind="cartilage plate",
+            )
+            for name in STRUCTURES
+            if int(rows.get(name, {}).get("voxels") or 0) > 0
+        )
 
     def panel(self, result: dict[str, Any]) -> Panel:
         rows = {str(m.get("structure")): dict(m) for m in result.get("measurements") or []}

@@ -29,6 +29,7 @@ from mibi_node.analyses.base import (
     Analysis,
     Completeness,
     EncodeContext,
+    Finding,
     OutputKind,
     Panel,
     TaskKind,
@@ -39,7 +40,10 @@ from mibi_node.analyses.selection import SelectionRule
 if TYPE_CHECKING:
     from mibi_node.analyses.lung.result import LungInput, LungResult
 
-__all__ = ["LUNG_SELECTION", "LungAnalysis"]
+__all__ = ["LUNG_SELECTION", "NO_LESION", "LungAnalysis"]
+
+#: The correction of a lesion that is not one.
+NO_LESION = "no_lesion"
 
 #: Chest CT studies by their description or body part (English, German, French, Italian,
 #: Spanish, Chinese); head, spine and cardiac studies are ruled out first.
@@ -96,6 +100,21 @@ class LungAnalysis(Analysis):
         from mibi_node.analyses.lung.report import build_lung_documents
 
         return build_lung_documents(result, sources, context)
+
+    def findings(self, result: dict[str, Any]) -> tuple[Finding, ...]:
+        """One finding per lesion: its class, which a correction may change to the other
+        class or to "no lesion" (a false positive); editing its region is not built yet."""
+        return tuple(
+            Finding(
+                key=f"lesion-{item.get('number')}",
+                label=f"lesion {item.get('number')}",
+                value=str(item.get("class")),
+                choices=(*CLASSES, NO_LESION),
+                probability=float(item.get("probability") or 0.0),
+                kind="lesion",
+            )
+            for item in result.get("lesions") or []
+        )
 
     def panel(self, result: dict[str, Any]) -> Panel:
         lesions = [dict(item) for item in result.get("lesions") or []]

@@ -19,6 +19,7 @@ from mibi_node.analyses.base import (
     Analysis,
     Completeness,
     EncodeContext,
+    Finding,
     MemoryNeeds,
     OutputKind,
     Panel,
@@ -78,6 +79,7 @@ class ParathyroidAnalysis(Analysis):
     title: ClassVar[str] = "Parathyroid MIBI scintigraphy"
     label: ClassVar[str] = "MIBI study"
     task: ClassVar[TaskKind] = TaskKind.CLASSIFICATION
+    diagnoses: ClassVar[tuple[str, ...]] = tuple(_CLASS_NAMES)
     outputs: ClassVar[tuple[OutputKind, ...]] = (OutputKind.SR, OutputKind.KEY_IMAGE)
     default_selection: ClassVar[SelectionRule] = MIBI_SELECTION
     completeness: ClassVar[Completeness] = Completeness(parts=("early", "delayed"))
@@ -130,6 +132,22 @@ class ParathyroidAnalysis(Analysis):
                 )
             )
         return documents
+
+    def findings(self, result: dict[str, Any]) -> tuple[Finding, ...]:
+        """One finding, the study's class (``diagnosis``): one of the five, with its
+        probability."""
+        predicted = str(result.get("predicted") or "")
+        probabilities = dict(result.get("probabilities") or {})
+        probability = probabilities.get(predicted)
+        return (
+            Finding(
+                key="diagnosis",
+                label="Parathyroid diagnosis",
+                value=predicted,
+                choices=self.diagnoses,
+                probability=None if probability is None else float(probability),
+            ),
+        )
 
     def panel(self, result: dict[str, Any]) -> Panel:
         probabilities = {

@@ -25,12 +25,13 @@ from mibi_node.analyses.base import (
     Analysis,
     Completeness,
     EncodeContext,
+    Finding,
     OutputKind,
     Panel,
     TaskKind,
 )
 from mibi_node.analyses.selection import SelectionRule
-from mibi_node.analyses.spine.levels import LEVELS
+from mibi_node.analyses.spine.levels import CLASSES, LEVEL_KIND, LEVELS
 
 if TYPE_CHECKING:
     from mibi_node.analyses.spine.result import SpineInput, SpineResult
@@ -124,6 +125,25 @@ class SpineAnalysis(Analysis):
                 )
             )
         return documents
+
+    def findings(self, result: dict[str, Any]) -> tuple[Finding, ...]:
+        """One finding per level found: its class among its kind's (vertebra, disc)."""
+        found: list[Finding] = []
+        for point in result.get("points") or []:
+            level, label = str(point.get("level")), str(point.get("label"))
+            kind = str(point.get("kind") or LEVEL_KIND.get(level, ""))
+            probability = dict(point.get("probabilities") or {}).get(label)
+            found.append(
+                Finding(
+                    key=level,
+                    label=f"{level} ({kind})",
+                    value=label,
+                    choices=CLASSES.get(kind, ()),
+                    probability=None if probability is None else float(probability),
+                    kind=kind,
+                )
+            )
+        return tuple(found)
 
     def panel(self, result: dict[str, Any]) -> Panel:
         points = [dict(p) for p in result.get("points") or []]

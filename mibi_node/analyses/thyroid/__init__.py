@@ -27,6 +27,7 @@ from mibi_node.analyses.base import (
     Analysis,
     Completeness,
     EncodeContext,
+    Finding,
     OutputKind,
     Panel,
     TaskKind,
@@ -70,6 +71,7 @@ class ThyroidAnalysis(Analysis):
     title: ClassVar[str] = "Thyroid scintigraphy"
     label: ClassVar[str] = "thyroid scan"
     task: ClassVar[TaskKind] = TaskKind.CLASSIFICATION
+    diagnoses: ClassVar[tuple[str, ...]] = tuple(_NAMES)
     outputs: ClassVar[tuple[OutputKind, ...]] = (OutputKind.SR,)
     default_selection: ClassVar[SelectionRule] = THYROID_SELECTION
     completeness: ClassVar[Completeness] = Completeness(parts=("anterior",))
@@ -114,6 +116,24 @@ class ThyroidAnalysis(Analysis):
                 institution_name=context.institution_name,
             )
         ]
+
+    def findings(self, result: dict[str, Any]) -> tuple[Finding, ...]:
+        """One finding per class (multi-label): ``present`` where the result reports it,
+        else ``absent``, with the class's own probability."""
+        reported = {str(f) for f in result.get("findings") or []}
+        probabilities = {
+            str(k): float(v) for k, v in dict(result.get("probabilities") or {}).items()
+        }
+        return tuple(
+            Finding(
+                key=name,
+                label=_NAMES.get(name, name),
+                value="present" if name in reported else "absent",
+                choices=("present", "absent"),
+                probability=probabilities[name] if name in reported else 1.0 - probabilities[name],
+            )
+            for name in probabilities
+        )
 
     def panel(self, result: dict[str, Any]) -> Panel:
         probabilities = {
