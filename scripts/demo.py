@@ -5,7 +5,7 @@
    scintigraphy ensemble from 1200 thyroid phantoms on the other; then, on the first core,
    the lumbar spine keypoint bundle from spine MR phantoms (scripts/demo_spine.py) and, on
    the second, the knee cartilage bundle from 60 knee MR phantoms (scripts/demo_knee.py);
-   then, on the first core again, the lung lesion detector from 60 chest CT phantoms
+   then, on the first core again, the lung lesion detector from 80 chest CT phantoms
    (scripts/demo_lung.py);
 2. starts DCMTK storescp as the PACS that receives the SRs (AE DEMO_PACS);
 3. starts the node with five analyses (parathyroid, thyroid, spine, knee, lung) and one CPU

@@ -28,7 +28,7 @@ BUNDLE = VAR / "bundles" / "lung-demo"
 RECIPE = ROOT / "config" / "lung-demo.toml"
 TRAIN_DATA = VAR / "demo-lung-train"
 STUDIES = VAR / "demo-lung-studies"
-TRAIN_CASES = 60
+TRAIN_CASES = 80
 SEGMENTATION_STORAGE = "1.2.840.10008.5.1.4.1.1.66.4"
 #: (slices, rows, columns) and spacing (mm) of the demo studies: the training grid, and a
 #: thin-slice series of 300 instances.

@@ -24,6 +24,7 @@ from mibi_node.analyses.lung.model import (
 from mibi_node.analyses.lung.phantom import LungCase, make_lung_case
 
 SMALL = "maskrcnn_resnet18_fpn_s"
+SLIM = "maskrcnn_resnet18_fpn_xs"
 SIZE: dict[str, Any] = {"min_size": 96, "max_size": 96}
 
 
@@ -121,10 +122,55 @@ def test_small_arch_has_its_own_defaults_and_accepts_overrides() -> None:
     torch.testing.assert_close(restored.backbone.body.conv1.weight, one.backbone.body.conv1.weight)
 
 
+def test_slim_arch_sizes_its_heads_to_the_lesions() -> None:
+    slim = create_lung_detector(SLIM)
+    assert slim.backbone.out_channels == 64
+    assert slim.rpn.head.conv[0][0].in_channels == 64
+    assert slim.roi_heads.box_head.fc7.out_features == 256
+    assert len(slim.roi_heads.mask_head) == 2
+    assert slim.roi_heads.mask_predictor.mask_fcn_logits.out_channels == 3
+    assert 11_000_000 < parameter_count(slim) < 13_000_000
+    assert parameter_count(slim) < parameter_count(create_lung_detector(SMALL)) / 2
+    wider = create_lung_detector(SLIM, fpn_channels=96, mask_head_layers=1, box_head_size=128)
+    assert wider.backbone.out_channels == 96 and len(wider.roi_heads.mask_head) == 1
+    assert wider.roi_heads.box_predictor.cls_score.in_features == 128
+    restored = create_lung_detector(SLIM, weights=slim.state_dict())
+    torch.testing.assert_close(
+        restored.roi_heads.mask_head[0][0].weight, slim.roi_heads.mask_head[0][0].weight
+    )
+
+
+def test_small_arch_keeps_torchvision_s_module_names() -> None:
+    # bundles trained before the head widths were options load unchanged
+    names = set(create_lung_detector(SMALL).state_dict())
+    assert {"backbone.fpn.inner_blocks.0.0.weight", "roi_heads.box_head.fc6.weight"} <= names
+    assert "roi_heads.mask_head.3.0.weight" in names
+    assert "rpn.head.conv.0.0.weight" in names
+
+
+@pytest.mark.parametrize("arch", [SMALL, SLIM])
+def test_train_and_eval_forward_of_each_resnet18_arch(arch: str, case: LungCase) -> None:
+    torch.manual_seed(0)
+    model = create_lung_detector(arch, **SIZE)
+    model.train()
+    images, targets = _batch(case, _lesion_slices(case)[:2])
+    losses = model(images, targets)
+    assert len(losses) == 5 and all(torch.isfinite(value) for value in losses.values())
+    model.eval()
+    with torch.inference_mode():
+        (output,) = model(images[:1])
+    assert output["masks"].shape[1:] == (1, 96, 96)
+    assert len(output["boxes"]) <= model.roi_heads.detections_per_img
+
+
 @pytest.mark.parametrize(
     ("arch", "options", "error", "name"),
     [
         ("maskrcnn_resnet7_fpn", {}, ValueError, "arch"),
+        (SLIM, {"fpn_channels": 0}, ValueError, "fpn_channels"),
+        (SLIM, {"mask_head_layers": 2.5}, TypeError, "mask_head_layers"),
+        (SLIM, {"box_head_size": True}, TypeError, "box_head_size"),
+        ("maskrcnn_resnet50_fpn", {"fpn_channels": 64}, ValueError, "fpn_channels"),
         (SMALL, {"dropout": 0.1}, ValueError, "dropout"),
         (SMALL, {"num_classes": 1}, ValueError, "num_classes"),
         (SMALL, {"in_channels": 2.0}, TypeError, "in_channels"),

@@ -50,12 +50,14 @@ rpn_post_nms_top_n_test = 50
 box_detections_per_img = 5
 [linking]
 fit = false
+[report]
+fp_per_scan = 100.0
 [split]
 train = 0.9
 validation = 0.1
 test = 0.0
 [training]
-steps = 120
+steps = 60
 batch_size = 4
 roi_batch = 64
 """

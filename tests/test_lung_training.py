@@ -269,3 +269,117 @@ def test_tiny_training_end_to_end(
     recipe.write_text(RECIPE)
     assert main(["train", str(recipe), str(empty), "--out", str(tmp_path / "z")]) == 2
     assert "no case-* folder" in capsys.readouterr().err
+
+
+def test_training_crops_hold_a_lesion_and_keep_its_target() -> None:
+    from training.lung_data import LungTrainingCase, prepare_case, training_sample
+
+    phantom = make_lung_case(
+        5, shape=TINY_SHAPE, spacing=TINY_SPACING, lesions=["ground_glass_opacity"]
+    )
+    volume = _volume(phantom.image, TINY_SPACING)
+    training_case = LungTrainingCase("case-0001", LungInput(volume), phantom.labels,
+                                     phantom.instances)  # fmt: skip
+    prepared = prepare_case(training_case, TINY_SPACING)
+    assert len(prepared.positive)
+    k = int(prepared.positive[len(prepared.positive) // 2])
+    rng = np.random.default_rng(0)
+    for _ in range(5):
+        x, target = training_sample(prepared, k, 3, rng, flip=0.5, crop=48)
+        assert x.shape == (3, 48, 48)
+        assert target["masks"].shape[1:] == (48, 48) and len(target["labels"]) >= 1
+        assert int(target["masks"].sum()) == int((prepared.instances[k] > 0).sum())
+    empty = int(np.setdiff1d(np.arange(TINY_SHAPE[0]), prepared.positive)[0])
+    x, target = training_sample(prepared, empty, 3, rng, crop=32)
+    assert x.shape == (3, 32, 32) and len(target["labels"]) == 0
+    with pytest.raises(ValueError, match="crop"):
+        training_sample(prepared, k, 3, rng, crop=97)
+
+
+def test_the_recipe_refuses_a_crop_below_the_pyramid_s_stride(tmp_path: Path) -> None:
+    from mibi_node.errors import ConfigError
+    from training.lung_recipe import load_lung_recipe
+
+    recipe = tmp_path / "crop.toml"
+    recipe.write_text(RECIPE.replace("[training]", "[training]\ncrop = 16"))
+    with pytest.raises(ConfigError, match="crop"):
+        load_lung_recipe(recipe)
+    recipe.write_text(RECIPE.replace("[training]", "[training]\ncrop = 48"))
+    assert load_lung_recipe(recipe).training.crop == 48
+
+
+def test_lesion_sampling_draws_every_lesion_alike() -> None:
+    from training.lung_data import PreparedCase, draw_slices, lesion_slices
+
+    instances = np.zeros((12, 16, 16), np.uint16)
+    instances[0:10, 2:8, 2:8] = 1  # ten slices deep
+    instances[11, 10:13, 10:13] = 2  # one slice
+    labels = (instances > 0).astype(np.uint8)
+    positive = np.array([k for k in range(12) if instances[k].any()])
+    prepared = PreparedCase("case-0001", np.zeros(instances.shape, np.float32), labels,
+                            instances, positive)  # fmt: skip
+    found = lesion_slices([prepared])
+    assert [(n, ks.tolist()) for n, ks in found] == [(0, list(range(10))), (0, [11])]
+    rng = np.random.default_rng(0)
+    by_lesion = draw_slices([prepared], 400, 1.0, rng, lesions=found)
+    by_slice = draw_slices([prepared], 400, 1.0, rng)
+    assert 150 < sum(k == 11 for _, k in by_lesion) < 250
+    assert sum(k == 11 for _, k in by_slice) < 80
+
+
+def _scan(name: str, truth: list[Lesion3D], predictions: list[Lesion3D]) -> Any:
+    from training.lung_metric import ScanLesions
+
+    return ScanLesions(name, tuple(truth), tuple(predictions))
+
+
+def _cube(label: int, score: float, at: int) -> Lesion3D:
+    mask = np.zeros((4, 16, 16), bool)
+    mask[1:3, at : at + 3, at : at + 3] = True
+    return Lesion3D.from_mask(label, score, mask)
+
+
+def test_the_operating_point_keeps_false_positives_per_scan_within_the_wanted() -> None:
+    from training.lung_evaluate import operating_figures, operating_point
+
+    truth_a, truth_b = _cube(1, 1.0, 2), _cube(2, 1.0, 10)
+    scans = [
+        # a hit at 0.9, false positives at 0.8 and 0.3, the wrong class at 0.6 (false)
+        _scan("a", [truth_a], [_cube(1, 0.9, 2), _cube(1, 0.8, 10), _cube(1, 0.3, 6)]),
+        _scan("b", [truth_b], [_cube(1, 0.6, 10), _cube(2, 0.5, 10), _cube(2, 0.2, 2)]),
+    ]
+    # false positives by score: 0.8, 0.6, 0.3, 0.2; true positives 0.9 and 0.5
+    assert operating_figures(scans, 0.0) == (1.0, 2.0)
+    assert operating_figures(scans, 0.55) == (0.5, 1.0)
+    assert operating_point(scans, 1.0) == pytest.approx(0.5)  # 2 false in 2 scans: 0.8, 0.6
+    assert operating_point(scans, 0.5) == pytest.approx(0.8)  # one false: 0.8 itself
+    assert operating_point(scans, 0.25) == pytest.approx(0.9)  # none: above 0.8
+    assert operating_point(scans, 10.0) == pytest.approx(0.2)  # every candidate
+    assert operating_point([_scan("c", [], [])], 1.0) == 1.0
+
+
+def test_the_runner_reports_only_lesions_at_or_above_the_bundle_threshold(
+    tmp_path: Path,
+) -> None:
+    from mibi_node.analyses.bundles import write_manifest
+
+    bundle_dir = tmp_path / "bundle"
+    write_lung_bundle(bundle_dir, _manifest(), create_lung_detector(ARCH, **OPTIONS))
+    case = make_lung_case(3, shape=TINY_SHAPE, spacing=TINY_SPACING)
+    study = LungInput(volume=_volume(case.image, case.spacing))
+    runner = LungRunner(bundle_dir)
+    (every,) = runner.predict([study], every_lesion=True)
+    assert every.lesions, "random heads find candidates everywhere"
+    scores = sorted(lesion.probability for lesion in every.lesions)
+    threshold = scores[len(scores) // 2]
+    manifest = load_lung_bundle(bundle_dir).manifest
+    raised = manifest.model_copy(
+        update={"report": manifest.report.model_copy(update={"min_probability": threshold})}
+    )
+    write_manifest(bundle_dir, raised)
+    (reported,) = LungRunner(bundle_dir).predict([study])
+    assert reported.lesions and all(f.probability >= threshold for f in reported.lesions)
+    assert len(reported.lesions) == sum(s >= threshold for s in scores)
+    assert any("below the bundle's reporting threshold" in w for w in reported.warnings)
+    (again,) = LungRunner(bundle_dir).predict([study], every_lesion=True)
+    assert len(again.lesions) == len(every.lesions)

@@ -9,10 +9,13 @@ does and trains torchvision's Mask R-CNN (:func:`~mibi_node.analyses.lung.model
 RPN, box, class and mask losses summed, AdamW with a linear warm-up, then cosine decay
 (the knee's schedule), gradients clipped. Each step draws ``batch_size`` slices, a slice holding a
 lesion ``positive_share`` of the time (a slice without one teaches the heads what is not a
-lesion), augmented (:func:`~training.lung_data.training_sample`). The heads see
-``roi_batch`` proposals per slice (torchvision samples 512 by default; lesions are few and
-small, and the box head's 12.8 M weights make every proposal count on a CPU). On CPUs with
-bf16 matrix units (AMX) the forward passes run in bf16 autocast (``precision = "auto"``).
+lesion; ``sampling = "lesion"`` draws each training lesion alike, then one of its slices),
+augmented (:func:`~training.lung_data.training_sample`) and, with ``crop``, cut to a square
+round one of its lesions: the network is convolutional, so it trains on crops and detects
+on whole slices, several crops for the price of one slice. The heads see ``roi_batch``
+proposals per slice (torchvision samples 512 by default; lesions are few and small, and
+every proposal counts on a CPU). On CPUs with bf16 matrix units (AMX) the forward passes
+run in bf16 autocast (``precision = "auto"``).
 
 Once trained, the bundle is written and run through
 :class:`~mibi_node.analyses.lung.runner.LungRunner` on the validation cases: the linking of
@@ -36,6 +39,7 @@ import argparse
 import datetime as dt
 import json
 import logging
+import math
 import shlex
 import sys
 import time
@@ -49,7 +53,11 @@ from torchvision.models.detection import MaskRCNN
 
 import mibi_node
 from mibi_node.analyses.bundles import write_manifest
-from mibi_node.analyses.lung.bundle import record_lung_evaluation, write_lung_bundle
+from mibi_node.analyses.lung.bundle import (
+    ReportSection,
+    record_lung_evaluation,
+    write_lung_bundle,
+)
 from mibi_node.analyses.lung.model import create_lung_detector, parameter_count
 from mibi_node.analyses.memory import record_measured_memory
 from mibi_node.analyses.registry import available_analyses
@@ -61,12 +69,20 @@ from training.lung_data import (
     data_fingerprint,
     draw_slices,
     iter_lung_cases,
+    lesion_slices,
     load_lung_cases,
     prepare_case,
     split_cases,
     training_sample,
 )
-from training.lung_evaluate import evaluate_lung, figures, fit_linking, score_cases
+from training.lung_evaluate import (
+    evaluate_lung,
+    figures,
+    fit_linking,
+    operating_figures,
+    operating_point,
+    score_cases,
+)
 from training.lung_recipe import LungRecipe, load_lung_recipe
 
 __all__ = ["LungRecipe", "evaluate_lung", "load_lung_recipe", "main", "train_lung"]
@@ -77,6 +93,9 @@ Progress = Callable[[str], None]
 
 #: Steps between two progress lines.
 _REPORT_EVERY = 25
+#: Validation studies the bundle's memory is measured on: one worker batch (the phantoms
+#: are all of one size, a second batch peaks no higher and costs the budget ~30 s).
+_MEMORY_STUDIES = 4
 
 
 def _use_bf16(recipe: LungRecipe) -> bool:
@@ -109,8 +128,9 @@ def _train_detector(
     history: list[dict[str, float]] = []
     totals: dict[str, float] = {}
     started = time.perf_counter()
+    lesions = lesion_slices(train) if config.sampling == "lesion" else None
     for step in range(config.steps):
-        drawn = draw_slices(train, config.batch_size, config.positive_share, rng)
+        drawn = draw_slices(train, config.batch_size, config.positive_share, rng, lesions=lesions)
         samples = [
             training_sample(
                 train[n],
@@ -121,6 +141,7 @@ def _train_detector(
                 reverse=augment.reverse,
                 noise_hu=augment.noise_hu,
                 shift_hu=augment.shift_hu,
+                crop=config.crop,
             )  # fmt: skip
             for n, k in drawn
         ]
@@ -269,7 +290,23 @@ def train_lung(
                 bundle_manifest = bundle.manifest.model_copy(update={"linking": linking})
                 write_manifest(Path(out), bundle_manifest)
                 runner = LungRunner(Path(out))
-            evaluation, report = score_cases(runner, val_cases, bootstrap=0, seed=0)
+            evaluation, report, scans = score_cases(runner, val_cases, bootstrap=0, seed=0)
+            fp_per_scan = parsed.report.fp_per_scan
+            threshold = operating_point(scans, fp_per_scan)
+            sensitivity, fp = operating_figures(scans, threshold)
+            say(
+                f"reporting threshold {threshold:.3f}: sensitivity {sensitivity:.3f} at "
+                f"{fp:.2f} false positives per scan on the validation cases "
+                f"(wanted <= {fp_per_scan:g})"
+            )
+            point = ReportSection(
+                min_probability=threshold,
+                fp_per_scan=fp_per_scan,
+                sensitivity=sensitivity if math.isfinite(sensitivity) else None,
+            )
+            current = bundle.load(Path(out), verify=False).manifest
+            write_manifest(Path(out), current.model_copy(update={"report": point}))
+            report["operating_point"] = point.model_dump()
             record_lung_evaluation(Path(out), figures(evaluation, report), split="validation")
             say(f"validation (runner):\n{evaluation.format_table()}")
         seconds = time.perf_counter() - started
@@ -283,7 +320,10 @@ def train_lung(
             record_measured_memory(
                 "lung",
                 Path(out),
-                [sorted((Path(data) / name / "dicom").glob("*.dcm")) for name in val_names[:8]],
+                [
+                    sorted((Path(data) / name / "dicom").glob("*.dcm"))
+                    for name in val_names[:_MEMORY_STUDIES]
+                ],
             )
     finally:
         torch.set_num_threads(threads)
@@ -360,6 +400,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                 f"({torch.get_num_threads()} thread; "
                 + ", ".join(f"{k} {v:.2f} s" for k, v in report["timings"].items())
                 + f"), peak RSS {report['peak_rss_mb']:.0f} MiB"
+            )
+            point = report["operating_point"]
+            print(
+                f"reported at the bundle's threshold {point['min_probability']:.3f}: "
+                f"sensitivity {point['sensitivity']:.3f}, {point['fp_per_scan']:.2f} false "
+                "positives per scan (class-aware)"
             )
             recorded = figures(evaluation, report)
             for text, met in recorded["goals"].items():

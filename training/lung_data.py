@@ -24,7 +24,13 @@ import numpy as np
 import torch
 
 from mibi_node.analyses.lung.linking import Lesion3D
-from mibi_node.analyses.lung.model import HU_STD, normalise_hu, slab, targets_from_slice
+from mibi_node.analyses.lung.model import (
+    HU_STD,
+    MIN_TARGET_PIXELS,
+    normalise_hu,
+    slab,
+    targets_from_slice,
+)
 from mibi_node.analyses.lung.result import LungInput
 from mibi_node.analyses.lung.runner import WorkingGrid
 from mibi_node.errors import ConfigError, MibiNodeError
@@ -37,6 +43,7 @@ __all__ = [
     "data_fingerprint",
     "draw_slices",
     "iter_lung_cases",
+    "lesion_slices",
     "load_lung_cases",
     "prepare_case",
     "split_cases",
@@ -208,15 +215,42 @@ def prepare_case(case: LungTrainingCase, spacing: Sequence[float]) -> PreparedCa
     return PreparedCase(case.case_id, image, labels, instances, np.array(positive, dtype=np.int64))
 
 
+def lesion_slices(cases: Sequence[PreparedCase]) -> list[tuple[int, np.ndarray]]:
+    """Every training lesion as ``(case index, slices where it is a training target)``."""
+    out = []
+    for n, case in enumerate(cases):
+        for lesion in np.unique(case.instances):
+            if lesion == 0:
+                continue
+            pixels = (case.instances == lesion).sum(axis=(1, 2))
+            ks = np.nonzero(pixels >= MIN_TARGET_PIXELS)[0]
+            if ks.size:
+                out.append((n, ks))
+    return out
+
+
 def draw_slices(
-    cases: Sequence[PreparedCase], count: int, positive_share: float, rng: np.random.Generator
+    cases: Sequence[PreparedCase],
+    count: int,
+    positive_share: float,
+    rng: np.random.Generator,
+    *,
+    lesions: Sequence[tuple[int, np.ndarray]] | None = None,
 ) -> list[tuple[int, int]]:
     """``count`` ``(case index, slice)`` pairs: a slice with a lesion ``positive_share`` of
-    the time (from a case that has one), else any slice of any case."""
+    the time (from a case that has one), else any slice of any case.
+
+    With ``lesions`` (:func:`lesion_slices`) a positive draw takes a lesion first, then one
+    of its slices: every lesion is drawn as often, so small ground-glass opacities, a few
+    slices deep, are not outnumbered by bronchiectases running through a dozen.
+    """
     with_lesions = [n for n, case in enumerate(cases) if len(case.positive)]
     out = []
     for _ in range(count):
-        if with_lesions and rng.uniform() < positive_share:
+        if lesions and rng.uniform() < positive_share:
+            n, ks = lesions[int(rng.integers(len(lesions)))]
+            k = int(ks[int(rng.integers(ks.size))])
+        elif with_lesions and rng.uniform() < positive_share:
             n = with_lesions[int(rng.integers(len(with_lesions)))]
             k = int(cases[n].positive[int(rng.integers(len(cases[n].positive)))])
         else:
@@ -224,6 +258,26 @@ def draw_slices(
             k = int(rng.integers(cases[n].image.shape[0]))
         out.append((n, k))
     return out
+
+
+def _crop_origin(instances: np.ndarray, crop: int, rng: np.random.Generator) -> tuple[int, int]:
+    """Top-left corner of a ``crop``-pixel square on a slice: round one of its lesions (at a
+    random place inside the square where the lesion fits), or anywhere."""
+    rows, cols = instances.shape
+    if crop > min(rows, cols):
+        raise ValueError(f'Argument "crop" should be at most the slice side, got {crop}.')
+    ids = np.unique(instances)
+    ids = ids[ids > 0]
+    if not ids.size:
+        return int(rng.integers(rows - crop + 1)), int(rng.integers(cols - crop + 1))
+    r, c = np.nonzero(instances == ids[int(rng.integers(ids.size))])
+    origin = []
+    for lo, hi, side in ((r.min(), r.max() + 1, rows), (c.min(), c.max() + 1, cols)):
+        first, last = max(0, hi - crop), min(lo, side - crop)  # the lesion inside the crop
+        if first > last:  # larger than the crop: centred on it
+            first = last = min(max(0, (lo + hi - crop) // 2), side - crop)
+        origin.append(int(rng.integers(first, last + 1)))
+    return origin[0], origin[1]
 
 
 def training_sample(
@@ -236,8 +290,9 @@ def training_sample(
     reverse: float = 0.0,
     noise_hu: float = 0.0,
     shift_hu: float = 0.0,
+    crop: int = 0,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Slice ``k``'s slab and torchvision's target for it, augmented.
+    """Slice ``k``'s slab and torchvision's target for it, augmented, whole or cropped.
 
     Parameters
     ----------
@@ -254,11 +309,20 @@ def training_sample(
     noise_hu, shift_hu
         Largest noise sd and HU offset (uniformly drawn up to them); the window's clipping
         is not redone, so the offset moves air and dense tissue too.
+    crop
+        Side of a square crop in pixels (0: the whole slice). The network is convolutional,
+        so it trains on crops and detects on whole slices: a crop holds one of the slice's
+        lesions (drawn at random, placed at random inside it when it fits), or lies
+        anywhere on a slice without one.
     """
     x = slab(case.image, k, channels)
     labels, instances = case.labels[k], case.instances[k]
     if rng.uniform() < flip:
         x, labels, instances = x[:, :, ::-1], labels[:, ::-1], instances[:, ::-1]
+    if crop:
+        top, left = _crop_origin(instances, crop, rng)
+        window = (slice(top, top + crop), slice(left, left + crop))
+        x, labels, instances = x[(slice(None), *window)], labels[window], instances[window]
     if rng.uniform() < reverse:
         x = x[::-1]
     x = np.ascontiguousarray(x, dtype=np.float32)

@@ -30,9 +30,25 @@ from mibi_node.analyses.lung.linking import Lesion3D
 from mibi_node.analyses.lung.result import LungResult
 from mibi_node.errors import ConfigError
 from training.lung_data import LungTrainingCase, iter_lung_cases, truth_lesions
-from training.lung_metric import AWARE, LungEvaluation, ScanLesions, evaluate, goal_check
+from training.lung_metric import (
+    AWARE,
+    LungEvaluation,
+    Outcome,
+    ScanLesions,
+    evaluate,
+    goal_check,
+    match_scan,
+)
 
-__all__ = ["evaluate_lung", "figures", "fit_linking", "predicted_lesions", "score_cases"]
+__all__ = [
+    "evaluate_lung",
+    "figures",
+    "fit_linking",
+    "operating_figures",
+    "operating_point",
+    "predicted_lesions",
+    "score_cases",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -57,24 +73,76 @@ def predicted_lesions(result: LungResult) -> tuple[Lesion3D, ...]:
 
 def score_cases(
     runner: Any, cases: Iterable[LungTrainingCase], *, bootstrap: int, seed: int
-) -> tuple[LungEvaluation, dict[str, Any]]:
-    """Run every case (read as they come) and score them; the evaluation and a report."""
+) -> tuple[LungEvaluation, dict[str, Any], list[ScanLesions]]:
+    """Run every case (read as they come) and score every candidate lesion; the evaluation,
+    a report (with the figures at the bundle's reporting threshold) and the scans."""
     scans, seconds, timings = [], [], []
     for case in cases:
-        (result,) = runner.predict([case.input])
+        (result,) = runner.predict([case.input], every_lesion=True)
         scans.append(ScanLesions(case.case_id, truth_lesions(case), predicted_lesions(result)))
         seconds.append(result.timings["total"])
         timings.append(result.timings)
     if not scans:
         raise ConfigError("lung evaluation: no case to score")
     evaluation = evaluate(scans, bootstrap=bootstrap, seed=seed)
+    threshold = runner.bundle.manifest.report.min_probability
+    sensitivity, fp = operating_figures(scans, threshold)
     report = {
+        "operating_point": {
+            "min_probability": threshold,
+            "sensitivity": round(sensitivity, 4),
+            "fp_per_scan": round(fp, 4),
+        },
         "bundle": f"{runner.bundle_name} {runner.bundle_version}",
         "cases": len(scans),
         "seconds_per_scan": float(np.mean(seconds)),
         "timings": {k: round(float(np.mean([t[k] for t in timings])), 4) for k in timings[0]},
     }
-    return evaluation, report
+    return evaluation, report, scans
+
+
+def _outcomes(scans: Sequence[ScanLesions]) -> tuple[np.ndarray, np.ndarray, int]:
+    """Scores of the false positives, scores of the true positives (one per truth lesion
+    found) and the truth lesions, under the class-aware match of every candidate.
+
+    Dropping the candidates below a threshold changes no outcome above it: a truth lesion's
+    true positive is its highest-scoring hit, and hits stay hits.
+    """
+    false, true, truths = [], [], 0
+    for scan in scans:
+        match = match_scan(scan, class_aware=True)
+        truths += len(match.detected_by)
+        true += [scan.predictions[i].score for i in match.detected_by if i is not None]
+        false += [p.score for p, o in zip(scan.predictions, match.outcomes, strict=True)
+                  if o == Outcome.FP]  # fmt: skip
+    return np.array(false), np.array(true), truths
+
+
+def operating_figures(scans: Sequence[ScanLesions], threshold: float) -> tuple[float, float]:
+    """Class-aware sensitivity and false positives per scan of the lesions scoring at least
+    ``threshold`` (what the node reports at that operating point)."""
+    false, true, truths = _outcomes(scans)
+    sensitivity = float((true >= threshold).sum() / truths) if truths else math.nan
+    return sensitivity, float((false >= threshold).sum() / max(len(scans), 1))
+
+
+def operating_point(scans: Sequence[ScanLesions], fp_per_scan: float) -> float:
+    """The lowest score at which the class-aware false positives per scan stay within
+    ``fp_per_scan``: the reporting threshold training writes into the bundle (1.0 when no
+    candidate scored; just above the highest false positive's score when even the best
+    ones exceed it)."""
+    false, true, _ = _outcomes(scans)
+    allowed = int(math.floor(fp_per_scan * max(len(scans), 1)))
+    scores = np.sort(np.concatenate([false, true]))[::-1]
+    if scores.size == 0:
+        return 1.0
+    falses = np.sort(false)[::-1]
+    if falses.size <= allowed:
+        return float(scores[-1])
+    # the (allowed + 1)-th highest false positive must fall below the threshold
+    limit = float(falses[allowed])
+    above = scores[scores > limit]
+    return float(above[-1]) if above.size else float(np.nextafter(limit, 2.0))
 
 
 def fit_linking(
@@ -122,6 +190,8 @@ def figures(evaluation: LungEvaluation, report: dict[str, Any]) -> dict[str, Any
         }
     out["goals"] = {text: met for text, _, _, met in goal_check(evaluation)}
     out["seconds_per_scan"] = round(report["seconds_per_scan"], 3)
+    if "operating_point" in report:
+        out["operating_point"] = report["operating_point"]
     return out
 
 
@@ -162,7 +232,7 @@ def evaluate_lung(
             raise ConfigError(f"lung bundle {bundle}: it records no {split!r} split")
         names = loaded.manifest.split[split]
     runner = LungRunner(loaded)
-    evaluation, report = score_cases(
+    evaluation, report, _ = score_cases(
         runner, iter_lung_cases(data, names=names), bootstrap=bootstrap, seed=seed
     )
     report |= {

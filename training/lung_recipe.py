@@ -79,12 +79,26 @@ class _Training(_Section):
     steps: int = Field(default=400, ge=1)  # optimiser steps
     batch_size: int = Field(default=4, ge=1)  # slices per step
     positive_share: float = Field(default=0.75, ge=0, le=1)  # slices holding a lesion
+    crop: int = Field(default=0, ge=0)  # square training crops, px (0: whole slices)
+    sampling: Literal["slice", "lesion"] = "slice"  # positives: any lesion slice, or by lesion
     roi_batch: int = Field(default=128, ge=8)  # proposals sampled per slice for the heads
     lr: float = Field(default=1e-3, gt=0)
     weight_decay: float = Field(default=1e-4, ge=0)
     warmup_steps: int = Field(default=30, ge=0)
     grad_clip: float = Field(default=10.0, gt=0)
     precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 on CPUs with AMX
+
+    @model_validator(mode="after")
+    def _check(self) -> _Training:
+        if 0 < self.crop < 32:
+            raise ValueError(f"crop should be 0 (whole slices) or at least 32 px, got {self.crop}")
+        return self
+
+
+class _Report(_Section):
+    #: The operating point training fits on the validation cases: the reporting threshold
+    #: is the lowest lesion score at which false positives per scan stay within this.
+    fp_per_scan: float = Field(default=1.0, gt=0, le=100)
 
 
 class LungRecipe(_Section):
@@ -100,6 +114,7 @@ class LungRecipe(_Section):
     augment: _Augment = _Augment()
     split: _Split = _Split()
     training: _Training = _Training()
+    report: _Report = _Report()
 
     def detector_options(self) -> dict[str, Any]:
         """The options to build the detector with (``in_channels`` from ``channels``)."""

@@ -126,6 +126,20 @@ class LinkingSection(_Section):
     top_k: int = Field(default=3, ge=1)
 
 
+class ReportSection(_Section):
+    """Which linked lesions the node reports (the FROC evaluation sees them all).
+
+    ``min_probability`` is the operating point: lesions scoring below it are left out of the
+    SEG and the SR. Training chooses it on the validation cases as the lowest score at which
+    the false positives per scan stay within ``fp_per_scan``.
+    """
+
+    min_probability: float = Field(default=0.0, ge=0, le=1)
+    fp_per_scan: float | None = Field(default=None, gt=0)
+    #: The validation cases' sensitivity (class-aware) at that operating point.
+    sensitivity: float | None = Field(default=None, ge=0, le=1)
+
+
 class LungManifest(_Section):
     """The parsed lung ``bundle.json``."""
 
@@ -138,6 +152,7 @@ class LungManifest(_Section):
     preprocessing: PreprocessingSection = PreprocessingSection()
     detector: DetectorSection
     linking: LinkingSection = LinkingSection()
+    report: ReportSection = ReportSection()
     split: dict[str, list[str]] = Field(default_factory=dict)
     training: dict[str, Any] = Field(default_factory=dict)
     memory: MemoryHint

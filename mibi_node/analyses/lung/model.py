@@ -14,8 +14,13 @@ Architectures are registered by name with their options (:func:`create_lung_dete
 ``maskrcnn_resnet18_fpn_s``
     A ResNet-18 + FPN for demonstrations and tests on a CPU, with fewer proposals and
     detections.
+``maskrcnn_resnet18_fpn_xs``
+    The same ResNet-18 body with every part above it sized to lesions of a few pixels: a
+    64-channel FPN, RPN and mask head (two convolutions) and a box head of 256, about 12 M
+    parameters instead of 31 M and several times less arithmetic per slice (the 256-channel
+    pyramid, mask head and 12.8 M-weight box head dominate the other on small slices).
 
-Both are built randomly initialised, never downloaded: weights come from bundles. Both use
+All are built randomly initialised, never downloaded: weights come from bundles. All use
 anchors fit to lesions of 5-30 mm at about 1.5 mm pixels (3-20 px): sizes 4-64 px on the five
 pyramid levels (P2-P6), torchvision's COCO defaults (32-512 px for an 800 px image) would
 not match a lesion of a 128 px slice at all. torchvision's transform resizes each slice so
@@ -34,9 +39,15 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+from torchvision.models import resnet18
 from torchvision.models.detection import MaskRCNN, maskrcnn_resnet50_fpn
 from torchvision.models.detection.anchor_utils import AnchorGenerator
-from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
+from torchvision.models.detection.backbone_utils import BackboneWithFPN
+from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
+from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
+from torchvision.models.detection.rpn import RPNHead
+from torchvision.ops import MultiScaleRoIAlign
+from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
 from .linking import SliceDetection
 
@@ -141,7 +152,13 @@ _OPTIONS = {
     "rpn_pre_nms_top_n_test": 1000,
     "rpn_post_nms_top_n_test": 1000,
     "box_detections_per_img": 100,
+    "fpn_channels": 256,
+    "box_head_size": 1024,
+    "mask_head_channels": 256,
+    "mask_head_layers": 4,
 }
+#: Options that size the parts above the body; torchvision's own values for ``resnet50``.
+_HEAD_OPTIONS = ("fpn_channels", "box_head_size", "mask_head_channels", "mask_head_layers")
 _BACKBONES = ("resnet50", "resnet18")
 _DETECTORS: dict[str, tuple[str, dict[str, Any]]] = {}
 
@@ -181,6 +198,19 @@ register_lung_detector(
     rpn_pre_nms_top_n_test=300,
     rpn_post_nms_top_n_test=100,
     box_detections_per_img=20,
+)
+register_lung_detector(
+    "maskrcnn_resnet18_fpn_xs",
+    "resnet18",
+    rpn_pre_nms_top_n_train=600,
+    rpn_post_nms_top_n_train=300,
+    rpn_pre_nms_top_n_test=300,
+    rpn_post_nms_top_n_test=100,
+    box_detections_per_img=20,
+    fpn_channels=64,
+    box_head_size=256,
+    mask_head_channels=64,
+    mask_head_layers=2,
 )
 
 
@@ -225,8 +255,11 @@ def create_lung_detector(
         (128: the slice size, so torchvision's transform does not resize), ``trainable_layers``
         (0-5 backbone stages left trainable, counted from the top; 5: all, as trained from
         scratch), ``anchor_sizes`` (one per pyramid level, five), ``aspect_ratios``,
-        ``rpn_pre_nms_top_n_train`` / ``_test``, ``rpn_post_nms_top_n_train`` / ``_test`` and
-        ``box_detections_per_img``.
+        ``rpn_pre_nms_top_n_train`` / ``_test``, ``rpn_post_nms_top_n_train`` / ``_test``,
+        ``box_detections_per_img``, and for ResNet-18 bodies the widths above the body:
+        ``fpn_channels`` (256), ``box_head_size`` (the two-layer box head's width, 1024),
+        ``mask_head_channels`` and ``mask_head_layers`` (the mask head's convolutions, 4 of
+        256); torchvision's defaults build torchvision's own modules.
 
     Raises
     ------
@@ -254,6 +287,13 @@ def create_lung_detector(
         config[name] = _check_option(name, value, _OPTIONS[name])
     if len(config["anchor_sizes"]) != 5:
         raise ValueError('Argument "anchor_sizes" should hold one size per pyramid level (5).')
+    if backbone_name == "resnet50":
+        changed = [name for name in _HEAD_OPTIONS if config[name] != _OPTIONS[name]]
+        if changed:
+            raise ValueError(
+                f'Argument "{changed[0]}": lung detector {arch!r} keeps torchvision\'s '
+                "ResNet-50 widths; head widths are options of ResNet-18 detectors."
+            )
     in_channels = config["in_channels"]
     kwargs: dict[str, Any] = {
         "num_classes": config["num_classes"],
@@ -275,10 +315,9 @@ def create_lung_detector(
     if backbone_name == "resnet50":
         model = maskrcnn_resnet50_fpn(weights=None, weights_backbone=None, **kwargs)
     else:
-        backbone = resnet_fpn_backbone(
-            backbone_name=backbone_name, weights=None, norm_layer=nn.BatchNorm2d, trainable_layers=5
-        )
-        model = MaskRCNN(backbone, **kwargs)
+        backbone = _resnet18_fpn(config["fpn_channels"])
+        kwargs["num_classes"] = None  # the predictors below carry the classes
+        model = MaskRCNN(backbone, **kwargs, **_heads(config["fpn_channels"], config))
     body = model.backbone.body
     if in_channels != 3:
         conv1 = body.conv1
@@ -287,6 +326,35 @@ def create_lung_detector(
     if weights is not None:
         model.load_state_dict(dict(weights))
     return model
+
+
+def _resnet18_fpn(channels: int) -> BackboneWithFPN:
+    """torchvision's ResNet-18 body under its FPN of ``channels`` (``resnet_fpn_backbone``'s
+    layout: C2-C5 into P2-P5, P6 by max pooling; 256 is what that function builds)."""
+    body = resnet18(weights=None, norm_layer=nn.BatchNorm2d)
+    return BackboneWithFPN(
+        body,
+        return_layers={f"layer{n}": str(n - 1) for n in range(1, 5)},
+        in_channels_list=[64, 128, 256, 512],
+        out_channels=channels,
+        extra_blocks=LastLevelMaxPool(),
+    )
+
+
+def _heads(channels: int, config: Mapping[str, Any]) -> dict[str, nn.Module]:
+    """torchvision's RPN, box and mask heads at the configured widths (its own defaults give
+    the modules ``MaskRCNN`` would build itself, so the weights' names do not change)."""
+    levels = ["0", "1", "2", "3"]
+    size, mask_channels = config["box_head_size"], config["mask_head_channels"]
+    return {
+        "rpn_head": RPNHead(channels, len(config["aspect_ratios"])),
+        "box_roi_pool": MultiScaleRoIAlign(levels, output_size=7, sampling_ratio=2),
+        "box_head": TwoMLPHead(channels * 7 * 7, size),
+        "box_predictor": FastRCNNPredictor(size, config["num_classes"]),
+        "mask_roi_pool": MultiScaleRoIAlign(levels, output_size=14, sampling_ratio=2),
+        "mask_head": MaskRCNNHeads(channels, [mask_channels] * config["mask_head_layers"], 1),
+        "mask_predictor": MaskRCNNPredictor(mask_channels, mask_channels, config["num_classes"]),
+    }
 
 
 def _freeze(body: nn.Module, trainable_layers: int) -> None:

@@ -300,12 +300,22 @@ class LungRunner:
         lesions = link_detections(list(found.detections), found.grid.shape, **link.model_dump())
         return [lesion_to_source(lesion, found.grid) for lesion in lesions]
 
-    def _run(self, study: LungInput) -> LungResult:
+    def _run(self, study: LungInput, every_lesion: bool) -> LungResult:
         found = self.detect(study)
         timings = dict(found.timings)
         started = time.perf_counter()
         lesions = self.link(found)
         timings["link"] = time.perf_counter() - started
+        warnings = [*study.warnings, *study.volume.warnings]
+        threshold = self.bundle.manifest.report.min_probability
+        if not every_lesion and threshold > 0:
+            kept = [lesion for lesion in lesions if lesion.score >= threshold]
+            if len(kept) < len(lesions):
+                warnings.append(
+                    f"{len(lesions) - len(kept)} candidate lesion(s) scored below the "
+                    f"bundle's reporting threshold {threshold:.2f} and are not reported"
+                )
+            lesions = kept
         started = time.perf_counter()
         lesions_map, findings = measure_lesions(study.volume, lesions)
         timings["measure"] = time.perf_counter() - started
@@ -323,14 +333,20 @@ class LungRunner:
             lesions_map=lesions_map,
             lesions=findings,
             timings=timings,
-            warnings=tuple(dict.fromkeys([*study.warnings, *study.volume.warnings])),
+            warnings=tuple(dict.fromkeys(warnings)),
             bundle_name=self.bundle_name,
             bundle_version=self.bundle_version,
             intended_use=self.bundle.intended_use,
         )
 
-    def predict(self, inputs: Sequence[LungInput]) -> list[LungResult]:
+    def predict(
+        self, inputs: Sequence[LungInput], *, every_lesion: bool = False
+    ) -> list[LungResult]:
         """The ground-glass opacities and bronchiectases of each study, on its own grid.
+
+        Lesions scoring below the bundle's reporting threshold (``report.min_probability``)
+        are left out, with a warning that counts them, unless ``every_lesion`` (the FROC
+        evaluation needs every candidate).
 
         Raises
         ------
@@ -341,4 +357,4 @@ class LungRunner:
         studies = list(inputs)
         for study in studies:
             check_lung_input(study)
-        return [self._run(study) for study in studies]
+        return [self._run(study, every_lesion) for study in studies]
