@@ -3,10 +3,10 @@
 Kept apart from ``demo.py`` like the spine and knee parts; ``demo.py`` calls these functions
 in its steps. Two chest CT phantoms go in: one of 64 slices of 2.5 mm (the training grid)
 and one of 300 slices of 1 mm, a CT-sized series of 300 instances sent over one association.
-A lung study is complete when both its SR and its SEG have reached the PACS (the key image
-follows with them); the table matches the SEG's lesions with the phantom's truth lesions
-(a hit: the found lesion's centroid lies in the truth lesion) and gives each hit's Dice and
-the SR's class and probability.
+A lung study is complete when its SR has reached the PACS, and its SEG where the SR reports
+a lesion (the key image travels with them); the table matches the SEG's lesions with the
+phantom's truth lesions (a hit: the found lesion's centroid lies in the truth lesion) and
+gives each hit's Dice and the SR's class and probability.
 """
 
 from __future__ import annotations
@@ -50,7 +50,8 @@ class LungTruth:
 
     @property
     def complete(self) -> bool:
-        return self.seg_read and self.sr_read
+        # An SR that reports no lesion comes without a SEG.
+        return self.sr_read and (self.seg_read or not self.sr_lesions)
 
 
 def build(build_class: Callable[..., Any]) -> Any:
