@@ -32,6 +32,7 @@ from mibi_node.report import codes as mibi_codes
 __all__ = [
     "DEMONSTRATION_DISCLAIMER",
     "character_set",
+    "check_document_arguments",
     "check_positive",
     "check_predecessor",
     "check_result",
@@ -384,6 +385,30 @@ def check_positive(value: object, name: str) -> None:
     """Raise unless ``value`` is a positive integer (``name`` is the argument's name)."""
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
         raise ValueError(f'Argument "{name}" should be a positive integer.')
+
+
+def check_document_arguments(
+    series_number: object,
+    instance_number: object,
+    *,
+    series_instance_uid: object = None,
+    device_uid: object = None,
+    institution_name: object = None,
+) -> None:
+    """The checks every document builder makes of its header arguments.
+
+    Series and Instance Number must be positive integers; a Series Instance UID or a Device
+    Observer UID, where given, a valid UID; an Institution Name, where given, a string. A
+    builder that needs its ``device_uid`` checks it itself.
+    """
+    check_positive(series_number, "series_number")
+    check_positive(instance_number, "instance_number")
+    if series_instance_uid is not None:
+        check_uid(series_instance_uid, "series_instance_uid")
+    if device_uid is not None:
+        check_uid(device_uid, "device_uid")
+    if institution_name is not None and not isinstance(institution_name, str):
+        raise TypeError('Argument "institution_name" should be a string.')
 
 
 def detach_person_names(ds: Dataset) -> None:

@@ -45,8 +45,7 @@ from mibi_node.report import codes as mibi_codes
 from mibi_node.report._common import (
     DEMONSTRATION_DISCLAIMER,
     character_set,
-    check_positive,
-    check_uid,
+    check_document_arguments,
     check_volume_sources,
     detach_person_names,
     intended_use_text,
@@ -237,14 +236,13 @@ def build_knee_seg(
     """
     check_knee_result(result)
     headers = check_knee_sources(result, sources)
-    check_positive(series_number, "series_number")
-    check_positive(instance_number, "instance_number")
-    if series_instance_uid is not None:
-        check_uid(series_instance_uid, "series_instance_uid")
-    if device_uid is not None:
-        check_uid(device_uid, "device_uid")
-    if institution_name is not None and not isinstance(institution_name, str):
-        raise TypeError('Argument "institution_name" should be a string.')
+    check_document_arguments(
+        series_number,
+        instance_number,
+        series_instance_uid=series_instance_uid,
+        device_uid=device_uid,
+        institution_name=institution_name,
+    )
     numbers = segment_numbers(result)
     if not numbers:
         raise ValueError('Argument "result" has no cartilage plate: a SEG needs a segment.')

@@ -82,7 +82,7 @@ from mibi_node.analyses.lung.seg import (
 from mibi_node.report import codes as mibi_codes
 from mibi_node.report._common import (
     character_set,
-    check_positive,
+    check_document_arguments,
     check_predecessor,
     check_uid,
     comprehensive_3d_sr,
@@ -302,13 +302,13 @@ def build_lung_sr(
     """
     check_lung_result(result)
     headers = check_lung_sources(result, sources)
-    check_positive(series_number, "series_number")
-    check_positive(instance_number, "instance_number")
     check_uid(device_uid, "device_uid")
-    if series_instance_uid is not None:
-        check_uid(series_instance_uid, "series_instance_uid")
-    if institution_name is not None and not isinstance(institution_name, str):
-        raise TypeError('Argument "institution_name" should be a string.')
+    check_document_arguments(
+        series_number,
+        instance_number,
+        series_instance_uid=series_instance_uid,
+        institution_name=institution_name,
+    )
     if seg is None:
         if result.lesions:
             raise ValueError('Argument "seg" is needed: the result found lesions.')
@@ -478,12 +478,12 @@ def build_lung_key_image(
     """
     check_lung_result(result)
     headers = check_lung_sources(result, sources)
-    check_positive(series_number, "series_number")
-    check_positive(instance_number, "instance_number")
-    if series_instance_uid is not None:
-        check_uid(series_instance_uid, "series_instance_uid")
-    if institution_name is not None and not isinstance(institution_name, str):
-        raise TypeError('Argument "institution_name" should be a string.')
+    check_document_arguments(
+        series_number,
+        instance_number,
+        series_instance_uid=series_instance_uid,
+        institution_name=institution_name,
+    )
     if not isinstance(size, int) or isinstance(size, bool) or size < 64:
         raise ValueError('Argument "size" should be an integer of at least 64.')
     if not result.lesions:

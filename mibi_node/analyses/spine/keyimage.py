@@ -29,7 +29,7 @@ from mibi_node.analyses.spine.report import (
 )
 from mibi_node.analyses.spine.result import SpineResult
 from mibi_node.report import codes as mibi_codes
-from mibi_node.report._common import check_positive, check_uid
+from mibi_node.report._common import check_document_arguments
 from mibi_node.report.keyimage import (
     panel_font,
     patient_orientation,
@@ -102,12 +102,12 @@ def build_spine_key_image(
     """
     check_spine_result(result)
     headers = check_spine_sources(result, sources)
-    check_positive(series_number, "series_number")
-    check_positive(instance_number, "instance_number")
-    if series_instance_uid is not None:
-        check_uid(series_instance_uid, "series_instance_uid")
-    if institution_name is not None and not isinstance(institution_name, str):
-        raise TypeError('Argument "institution_name" should be a string.')
+    check_document_arguments(
+        series_number,
+        instance_number,
+        series_instance_uid=series_instance_uid,
+        institution_name=institution_name,
+    )
     if not isinstance(size, int) or isinstance(size, bool) or size < 64:
         raise ValueError('Argument "size" should be an integer of at least 64.')
     middle = _with_pixels(

@@ -69,7 +69,7 @@ from mibi_node.analyses.spine.result import SliceRef, SpinePoint, SpineResult
 from mibi_node.report import codes as mibi_codes
 from mibi_node.report._common import (
     character_set,
-    check_positive,
+    check_document_arguments,
     check_predecessor,
     check_sources,
     check_uid,
@@ -298,13 +298,13 @@ def build_spine_sr(
     """
     check_spine_result(result)
     headers = check_spine_sources(result, sources)
-    check_positive(series_number, "series_number")
-    check_positive(instance_number, "instance_number")
     check_uid(device_uid, "device_uid")
-    if series_instance_uid is not None:
-        check_uid(series_instance_uid, "series_instance_uid")
-    if institution_name is not None and not isinstance(institution_name, str):
-        raise TypeError('Argument "institution_name" should be a string.')
+    check_document_arguments(
+        series_number,
+        instance_number,
+        series_instance_uid=series_instance_uid,
+        institution_name=institution_name,
+    )
     if predecessor is not None:
         check_predecessor(predecessor, result)  # type: ignore[arg-type]
         if str(predecessor.SOPClassUID) != Comprehensive3DSRStorage:
