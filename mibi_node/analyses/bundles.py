@@ -48,6 +48,7 @@ from mibi_node.errors import BundleError
 
 __all__ = [
     "MANIFEST_NAMES",
+    "BundleIdentity",
     "MemoryHint",
     "bundle_analysis",
     "estimated_memory",
@@ -59,6 +60,31 @@ __all__ = [
 ]
 
 _Manifest = TypeVar("_Manifest", bound=BaseModel)
+
+
+class BundleIdentity:
+    """``name``, ``version`` and ``intended_use`` of a loaded bundle, from its manifest.
+
+    A mixin for the analyses' bundle dataclasses, each of which has a parsed ``manifest``.
+    """
+
+    manifest: Any
+
+    @property
+    def name(self) -> str:
+        """Bundle name."""
+        return str(self.manifest.name)
+
+    @property
+    def version(self) -> str:
+        """Bundle version."""
+        return str(self.manifest.version)
+
+    @property
+    def intended_use(self) -> str:
+        """``demonstration`` or ``clinical``."""
+        return str(self.manifest.intended_use)
+
 
 #: The manifest file names the node looks for, in order.
 MANIFEST_NAMES = ("bundle.json",)

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from mibi_node.analyses.bundles import (
+    BundleIdentity,
     MemoryHint,
     check_weight_files,
     estimated_memory,
@@ -159,7 +160,7 @@ def _options(section: BaseModel) -> dict[str, Any]:
 
 
 @dataclass(frozen=True)
-class KneeBundle:
+class KneeBundle(BundleIdentity):
     """A checked knee bundle folder (weights are read by the ``build_*`` methods).
 
     Attributes
@@ -177,21 +178,6 @@ class KneeBundle:
     def load(cls, directory: Path | str, *, verify: bool = True) -> KneeBundle:
         """Read and check a bundle folder (see :func:`load_knee_bundle`)."""
         return load_knee_bundle(directory, verify=verify)
-
-    @property
-    def name(self) -> str:
-        """Bundle name."""
-        return self.manifest.name
-
-    @property
-    def version(self) -> str:
-        """Bundle version."""
-        return self.manifest.version
-
-    @property
-    def intended_use(self) -> str:
-        """``demonstration`` or ``clinical``."""
-        return self.manifest.intended_use
 
     @property
     def preprocessing(self) -> KneePreprocessing:

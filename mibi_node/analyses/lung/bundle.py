@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from mibi_node.analyses.bundles import (
+    BundleIdentity,
     MemoryHint,
     check_weight_files,
     estimated_memory,
@@ -171,7 +172,7 @@ class LungManifest(_Section):
 
 
 @dataclass(frozen=True)
-class LungBundle:
+class LungBundle(BundleIdentity):
     """A checked lung bundle folder (the weights are read by :meth:`build_detector`).
 
     Attributes
@@ -189,21 +190,6 @@ class LungBundle:
     def load(cls, directory: Path | str, *, verify: bool = True) -> LungBundle:
         """Read and check a bundle folder (see :func:`load_lung_bundle`)."""
         return load_lung_bundle(directory, verify=verify)
-
-    @property
-    def name(self) -> str:
-        """Bundle name."""
-        return self.manifest.name
-
-    @property
-    def version(self) -> str:
-        """Bundle version."""
-        return self.manifest.version
-
-    @property
-    def intended_use(self) -> str:
-        """``demonstration`` or ``clinical``."""
-        return self.manifest.intended_use
 
     @property
     def spacing(self) -> tuple[float, float, float]:

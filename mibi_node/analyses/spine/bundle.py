@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from mibi_node.analyses.bundles import (
+    BundleIdentity,
     MemoryHint,
     check_weight_files,
     estimated_memory,
@@ -137,7 +138,7 @@ class SpineManifest(_Section):
 
 
 @dataclass(frozen=True)
-class SpineBundle:
+class SpineBundle(BundleIdentity):
     """A checked spine bundle folder (weights are read by the ``build_*`` methods).
 
     Attributes
@@ -155,21 +156,6 @@ class SpineBundle:
     def load(cls, directory: Path | str, *, verify: bool = True) -> SpineBundle:
         """Read and check a bundle folder (see :func:`load_spine_bundle`)."""
         return load_spine_bundle(directory, verify=verify)
-
-    @property
-    def name(self) -> str:
-        """Bundle name."""
-        return self.manifest.name
-
-    @property
-    def version(self) -> str:
-        """Bundle version."""
-        return self.manifest.version
-
-    @property
-    def intended_use(self) -> str:
-        """``demonstration`` or ``clinical``."""
-        return self.manifest.intended_use
 
     @property
     def input_size(self) -> int:

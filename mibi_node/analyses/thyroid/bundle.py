@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from mibi_node.analyses.bundles import (
+    BundleIdentity,
     MemoryHint,
     check_weight_files,
     estimated_memory,
@@ -153,7 +154,7 @@ def default_findings() -> list[dict[str, str]]:
 
 
 @dataclass(frozen=True)
-class ThyroidBundle:
+class ThyroidBundle(BundleIdentity):
     """A checked thyroid bundle folder (weights are read by :meth:`build_member`).
 
     Attributes
@@ -166,21 +167,6 @@ class ThyroidBundle:
 
     directory: Path
     manifest: ThyroidManifest
-
-    @property
-    def name(self) -> str:
-        """Bundle name."""
-        return self.manifest.name
-
-    @property
-    def version(self) -> str:
-        """Bundle version."""
-        return self.manifest.version
-
-    @property
-    def intended_use(self) -> str:
-        """``demonstration`` or ``clinical``."""
-        return self.manifest.intended_use
 
     @property
     def input_size(self) -> int:
