@@ -93,6 +93,7 @@ from training.knee_data import (
 )
 from training.knee_evaluate import evaluate_knee, figures, headline, score_cases
 from training.knee_recipe import KneeRecipe, StageSection, load_knee_recipe
+from training.trainer import training_bf16, warmup_cosine
 
 __all__ = [
     "KneeRecipe",
@@ -120,17 +121,6 @@ _TARGETED = ("femoral_cartilage", "tibial", "patellar_cartilage")
 
 
 # -- training --------------------------------------------------------------------------------
-
-
-def _schedule(optimiser: torch.optim.Optimizer, steps: int, warmup: int) -> Any:
-    warmup = min(warmup, steps // 4)
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / (warmup + 1)
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, steps - warmup))))
-
-    return torch.optim.lr_scheduler.LambdaLR(optimiser, factor)
 
 
 def _dice_ce(*, labels: bool) -> Any:
@@ -189,23 +179,6 @@ def _pooled_dice(inter: np.ndarray, total: np.ndarray) -> dict[str, float]:
     return {"dice": float(np.mean(finite)) if finite else 0.0, **dice}
 
 
-def _use_bf16(recipe: KneeRecipe) -> bool:
-    precision = recipe.training.precision
-    if precision == "auto":
-        return _bf16_fast()
-    return precision == "bf16"
-
-
-def _bf16_fast() -> bool:
-    """Whether this CPU has bf16 matrix units (AMX or AVX512-BF16, Linux's cpu flags);
-    elsewhere bf16 autocast is emulated and slower than fp32."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
-    except OSError:
-        return False
-    return "amx_bf16" in flags or "avx512_bf16" in flags
-
-
 def _step(
     model: torch.nn.Module,
     optimiser: torch.optim.Optimizer,
@@ -243,9 +216,10 @@ def _train_stage1(
         model.parameters(), lr=config.lr, weight_decay=config.weight_decay
     )
     steps = config.epochs * max(1, math.ceil(len(train) / config.batch_size))
-    schedule = _schedule(optimiser, steps, recipe.training.warmup_steps)
+    warmup = min(recipe.training.warmup_steps, steps // 4)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimiser, warmup_cosine(steps, warmup))
     loss_fn = _dice_ce(labels=False)
-    bf16 = _use_bf16(recipe)
+    bf16 = training_bf16(recipe.training.precision, torch.device("cpu"))
     model = model.to(memory_format=_LAST)
     x_all = torch.stack([p.coarse for p in train])
     y_all = torch.stack([p.fractions for p in train])
@@ -327,9 +301,10 @@ def _train_stage2(
     )
     per_epoch = len(train) * config.patches_per_case
     steps = config.epochs * max(1, math.ceil(per_epoch / config.batch_size))
-    schedule = _schedule(optimiser, steps, recipe.training.warmup_steps)
+    warmup = min(recipe.training.warmup_steps, steps // 4)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimiser, warmup_cosine(steps, warmup))
     loss_fn = _TissueLoss(config.side_weight)
-    bf16 = _use_bf16(recipe)
+    bf16 = training_bf16(recipe.training.precision, torch.device("cpu"))
     model = model.to(memory_format=_LAST)
     multiple = model.size_multiple
     jitter = config.jitter_mm / recipe.preprocessing.spacing_mm

@@ -62,7 +62,6 @@ from mibi_node.analyses.lung.model import create_lung_detector, parameter_count
 from mibi_node.analyses.memory import record_measured_memory
 from mibi_node.analyses.registry import available_analyses
 from mibi_node.errors import ConfigError, MibiNodeError
-from training.knee import _bf16_fast, _schedule
 from training.lung_data import (
     PreparedCase,
     case_folders,
@@ -84,6 +83,7 @@ from training.lung_evaluate import (
     score_cases,
 )
 from training.lung_recipe import LungRecipe, load_lung_recipe
+from training.trainer import training_bf16, warmup_cosine
 
 __all__ = ["LungRecipe", "evaluate_lung", "load_lung_recipe", "main", "train_lung"]
 
@@ -96,13 +96,6 @@ _REPORT_EVERY = 25
 #: Validation studies the bundle's memory is measured on: one worker batch (the phantoms
 #: are all of one size, a second batch peaks no higher and costs the budget ~30 s).
 _MEMORY_STUDIES = 4
-
-
-def _use_bf16(recipe: LungRecipe) -> bool:
-    precision = recipe.training.precision
-    if precision == "auto":
-        return _bf16_fast()
-    return precision == "bf16"
 
 
 def _fit_transform(model: MaskRCNN, rows: int, cols: int) -> None:
@@ -121,8 +114,10 @@ def _train_detector(
     model.roi_heads.fg_bg_sampler.batch_size_per_image = config.roi_batch
     parameters = [p for p in model.parameters() if p.requires_grad]
     optimiser = torch.optim.AdamW(parameters, lr=config.lr, weight_decay=config.weight_decay)
-    schedule = _schedule(optimiser, config.steps, config.warmup_steps)
-    bf16 = _use_bf16(recipe)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimiser, warmup_cosine(config.steps, min(config.warmup_steps, config.steps // 4))
+    )
+    bf16 = training_bf16(recipe.training.precision, torch.device("cpu"))
     channels = recipe.detector.channels
     model.train()
     history: list[dict[str, float]] = []
@@ -249,7 +244,7 @@ def train_lung(
             "read_seconds": round(read_seconds, 1),
             "train_seconds": round(train_seconds, 1),
             "threads": config.threads,
-            "bf16": _use_bf16(parsed),
+            "bf16": training_bf16(parsed.training.precision, torch.device("cpu")),
             "steps": config.steps,
             "parameters": parameter_count(model),
             "last_losses": {k: round(v, 4) for k, v in history[-1].items() if k != "seconds"},

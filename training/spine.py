@@ -74,6 +74,7 @@ from training.spine_data import (
     load_spine_studies,
     to_model_pixels,
 )
+from training.trainer import warmup_cosine
 
 __all__ = [
     "SpineRecipe",
@@ -188,17 +189,6 @@ def load_spine_recipe(path: Path | str) -> SpineRecipe:
 # -- training --------------------------------------------------------------------------------
 
 
-def _schedule(optimiser: torch.optim.Optimizer, steps: int, warmup: int) -> Any:
-    warmup = min(warmup, steps // 4)
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / (warmup + 1)
-        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
-
-    return torch.optim.lr_scheduler.LambdaLR(optimiser, factor)
-
-
 def _train_keypoints(
     recipe: SpineRecipe,
     x: torch.Tensor,
@@ -218,7 +208,8 @@ def _train_keypoints(
         model.parameters(), lr=config.lr, weight_decay=config.weight_decay
     )
     steps = config.epochs * max(1, len(x) // config.batch_size)
-    schedule = _schedule(optimiser, steps, recipe.training.warmup_steps)
+    warmup = min(recipe.training.warmup_steps, steps // 4)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimiser, warmup_cosine(steps, warmup))
     cells = recipe.input.size // config.stride
     history = []
     for epoch in range(config.epochs):
@@ -282,7 +273,8 @@ def _train_classifier(
         model.parameters(), lr=config.lr, weight_decay=config.weight_decay
     )
     steps = config.epochs * max(1, len(patches) // config.batch_size)
-    schedule = _schedule(optimiser, steps, recipe.training.warmup_steps)
+    warmup = min(recipe.training.warmup_steps, steps // 4)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimiser, warmup_cosine(steps, warmup))
     history = []
     for epoch in range(config.epochs):
         started = time.perf_counter()

@@ -51,6 +51,7 @@ __all__ = [
     "predict_probabilities",
     "train_member",
     "training_bf16",
+    "warmup_cosine",
 ]
 
 logger = logging.getLogger(__name__)
@@ -118,19 +119,23 @@ def _class_weights(labels: np.ndarray) -> torch.Tensor:
     return torch.tensor(weights, dtype=torch.float32)
 
 
-def _schedule(config: TrainingConfig, steps_per_epoch: int) -> Callable[[int], float]:
-    total = max(config.epochs * steps_per_epoch, 1)
-    warmup = min(round(config.warmup_epochs * steps_per_epoch), total - 1)
+def warmup_cosine(steps: int, warmup: int, floor: float = 0.0) -> Callable[[int], float]:
+    """The learning-rate factor of a step (for ``LambdaLR``): a linear warm-up over
+    ``warmup`` steps, then a half cosine from 1 down to ``floor`` at ``steps``."""
 
     def factor(step: int) -> float:
         if step < warmup:
             return (step + 1) / (warmup + 1)
-        progress = min((step - warmup) / max(total - warmup, 1), 1.0)
-        return config.min_lr_ratio + (1 - config.min_lr_ratio) * 0.5 * (
-            1 + math.cos(math.pi * progress)
-        )
+        progress = min((step - warmup) / max(steps - warmup, 1), 1.0)
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
     return factor
+
+
+def _schedule(config: TrainingConfig, steps_per_epoch: int) -> Callable[[int], float]:
+    total = max(config.epochs * steps_per_epoch, 1)
+    warmup = min(round(config.warmup_epochs * steps_per_epoch), total - 1)
+    return warmup_cosine(total, warmup, config.min_lr_ratio)
 
 
 def _autocast(device: torch.device, enabled: bool | None = None) -> Any:
