@@ -141,7 +141,12 @@ class Node:
     """``mibi-node serve`` with one CPU worker, and storescp as its PACS."""
 
     def __init__(
-        self, work: Path, config: str, arguments: list[str], calling: str = "GAMMA_CAM1"
+        self,
+        work: Path,
+        config: str,
+        arguments: list[str],
+        calling: str = "GAMMA_CAM1",
+        quiet_seconds: float = QUIET_SECONDS,
     ) -> None:
         """Start storescp and the node with ``config`` (TOML) and extra ``serve`` arguments."""
         self.work = work
@@ -177,7 +182,7 @@ class Node:
                     "--data-dir",
                     str(self.data_dir),
                     "--quiet-seconds",
-                    str(QUIET_SECONDS),
+                    str(quiet_seconds),
                     "--destination",
                     f"PACS@127.0.0.1:{self.pacs_port}",
                     "--workers",

@@ -47,6 +47,7 @@ RECIPE = ROOT / "config" / "lung-demo.toml"
 TRAINED = ROOT / "var" / "bundles" / "lung-demo"
 GOAL_SECONDS = 60.0
 SHAPE, SPACING = (300, 128, 128), (1.0, 1.5, 1.5)
+QUIET_SECONDS = 2.0
 
 
 def _lung_bundle(work: Path) -> Path:
@@ -121,7 +122,6 @@ def main() -> None:
     from mibi_node.analyses.lung.report import build_lung_documents
     from mibi_node.analyses.lung.runner import LungRunner
 
-    bench_e2e.QUIET_SECONDS = 2.0
     total = rounds + args.warmup
     work = Path(tempfile.mkdtemp(prefix="bench-lung-"))
     node = None
@@ -146,7 +146,7 @@ def main() -> None:
             "[analyses.parathyroid]\nenabled = false\n"
             f"[analyses.lung]\nenabled = true\nbundle = {json.dumps(str(bundle))}\n"
         )
-        node = bench_e2e.Node(work, config, [], calling="CT_SCANNER")
+        node = bench_e2e.Node(work, config, [], calling="CT_SCANNER", quiet_seconds=QUIET_SECONDS)
         for index, files in enumerate(series):
             measured = index >= args.warmup
             # In process, this very series.

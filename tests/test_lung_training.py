@@ -340,7 +340,7 @@ def _cube(label: int, score: float, at: int) -> Lesion3D:
 
 
 def test_the_operating_point_keeps_false_positives_per_scan_within_the_wanted() -> None:
-    from training.lung_evaluate import operating_figures, operating_point
+    from training.lung_evaluate import Outcomes
 
     truth_a, truth_b = _cube(1, 1.0, 2), _cube(2, 1.0, 10)
     scans = [
@@ -349,13 +349,14 @@ def test_the_operating_point_keeps_false_positives_per_scan_within_the_wanted() 
         _scan("b", [truth_b], [_cube(1, 0.6, 10), _cube(2, 0.5, 10), _cube(2, 0.2, 2)]),
     ]
     # false positives by score: 0.8, 0.6, 0.3, 0.2; true positives 0.9 and 0.5
-    assert operating_figures(scans, 0.0) == (1.0, 2.0)
-    assert operating_figures(scans, 0.55) == (0.5, 1.0)
-    assert operating_point(scans, 1.0) == pytest.approx(0.5)  # 2 false in 2 scans: 0.8, 0.6
-    assert operating_point(scans, 0.5) == pytest.approx(0.8)  # one false: 0.8 itself
-    assert operating_point(scans, 0.25) == pytest.approx(0.9)  # none: above 0.8
-    assert operating_point(scans, 10.0) == pytest.approx(0.2)  # every candidate
-    assert operating_point([_scan("c", [], [])], 1.0) == 1.0
+    outcomes = Outcomes.of(scans)
+    assert outcomes.at(0.0) == (1.0, 2.0)
+    assert outcomes.at(0.55) == (0.5, 1.0)
+    assert outcomes.threshold_for(1.0) == pytest.approx(0.5)  # 2 false in 2 scans: 0.8, 0.6
+    assert outcomes.threshold_for(0.5) == pytest.approx(0.8)  # one false: 0.8 itself
+    assert outcomes.threshold_for(0.25) == pytest.approx(0.9)  # none: above 0.8
+    assert outcomes.threshold_for(10.0) == pytest.approx(0.2)  # every candidate
+    assert Outcomes.of([_scan("c", [], [])]).threshold_for(1.0) == 1.0
 
 
 def test_the_runner_reports_only_lesions_at_or_above_the_bundle_threshold(

@@ -78,8 +78,6 @@ from training.lung_evaluate import (
     evaluate_lung,
     figures,
     fit_linking,
-    operating_figures,
-    operating_point,
     score_cases,
 )
 from training.lung_recipe import LungRecipe, load_lung_recipe
@@ -285,10 +283,10 @@ def train_lung(
                 bundle_manifest = bundle.manifest.model_copy(update={"linking": linking})
                 write_manifest(Path(out), bundle_manifest)
                 runner = LungRunner(Path(out))
-            evaluation, report, scans = score_cases(runner, val_cases, bootstrap=0, seed=0)
+            evaluation, report, outcomes = score_cases(runner, val_cases, bootstrap=0, seed=0)
             fp_per_scan = parsed.report.fp_per_scan
-            threshold = operating_point(scans, fp_per_scan)
-            sensitivity, fp = operating_figures(scans, threshold)
+            threshold = outcomes.threshold_for(fp_per_scan)
+            sensitivity, fp = outcomes.at(threshold)
             say(
                 f"reporting threshold {threshold:.3f}: sensitivity {sensitivity:.3f} at "
                 f"{fp:.2f} false positives per scan on the validation cases "

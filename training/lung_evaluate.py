@@ -20,6 +20,7 @@ import math
 import resource
 import time
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -44,8 +45,7 @@ __all__ = [
     "evaluate_lung",
     "figures",
     "fit_linking",
-    "operating_figures",
-    "operating_point",
+    "Outcomes",
     "predicted_lesions",
     "score_cases",
 ]
@@ -73,9 +73,10 @@ def predicted_lesions(result: LungResult) -> tuple[Lesion3D, ...]:
 
 def score_cases(
     runner: Any, cases: Iterable[LungTrainingCase], *, bootstrap: int, seed: int
-) -> tuple[LungEvaluation, dict[str, Any], list[ScanLesions]]:
+) -> tuple[LungEvaluation, dict[str, Any], Outcomes]:
     """Run every case (read as they come) and score every candidate lesion; the evaluation,
-    a report (with the figures at the bundle's reporting threshold) and the scans."""
+    a report (with the figures at the bundle's reporting threshold) and the candidates'
+    outcomes (to choose another threshold on)."""
     scans, seconds, timings = [], [], []
     for case in cases:
         (result,) = runner.predict([case.input], every_lesion=True)
@@ -86,7 +87,8 @@ def score_cases(
         raise ConfigError("lung evaluation: no case to score")
     evaluation = evaluate(scans, bootstrap=bootstrap, seed=seed)
     threshold = runner.bundle.manifest.report.min_probability
-    sensitivity, fp = operating_figures(scans, threshold)
+    outcomes = Outcomes.of(scans)
+    sensitivity, fp = outcomes.at(threshold)
     report = {
         "operating_point": {
             "min_probability": threshold,
@@ -98,51 +100,67 @@ def score_cases(
         "seconds_per_scan": float(np.mean(seconds)),
         "timings": {k: round(float(np.mean([t[k] for t in timings])), 4) for k in timings[0]},
     }
-    return evaluation, report, scans
+    return evaluation, report, outcomes
 
 
-def _outcomes(scans: Sequence[ScanLesions]) -> tuple[np.ndarray, np.ndarray, int]:
-    """Scores of the false positives, scores of the true positives (one per truth lesion
-    found) and the truth lesions, under the class-aware match of every candidate.
+@dataclass(frozen=True)
+class Outcomes:
+    """Every candidate's class-aware match, kept to read any reporting threshold off.
 
-    Dropping the candidates below a threshold changes no outcome above it: a truth lesion's
-    true positive is its highest-scoring hit, and hits stay hits.
+    Dropping the candidates below a threshold changes no outcome above it (a truth lesion's
+    true positive is its highest-scoring hit, and hits stay hits), so one match serves all.
+
+    Attributes
+    ----------
+    false
+        Scores of the false positives.
+    true
+        Scores of the true positives, one per truth lesion found.
+    truths, scans
+        Truth lesions and scans.
     """
-    false, true, truths = [], [], 0
-    for scan in scans:
-        match = match_scan(scan, class_aware=True)
-        truths += len(match.detected_by)
-        true += [scan.predictions[i].score for i in match.detected_by if i is not None]
-        false += [p.score for p, o in zip(scan.predictions, match.outcomes, strict=True)
-                  if o == Outcome.FP]  # fmt: skip
-    return np.array(false), np.array(true), truths
 
+    false: np.ndarray
+    true: np.ndarray
+    truths: int
+    scans: int
 
-def operating_figures(scans: Sequence[ScanLesions], threshold: float) -> tuple[float, float]:
-    """Class-aware sensitivity and false positives per scan of the lesions scoring at least
-    ``threshold`` (what the node reports at that operating point)."""
-    false, true, truths = _outcomes(scans)
-    sensitivity = float((true >= threshold).sum() / truths) if truths else math.nan
-    return sensitivity, float((false >= threshold).sum() / max(len(scans), 1))
+    @classmethod
+    def of(cls, scans: Sequence[ScanLesions]) -> Outcomes:
+        """Match every scan's candidates with its truth, once."""
+        false, true, truths = [], [], 0
+        for scan in scans:
+            match = match_scan(scan, class_aware=True)
+            truths += len(match.detected_by)
+            true += [scan.predictions[i].score for i in match.detected_by if i is not None]
+            false += [p.score for p, o in zip(scan.predictions, match.outcomes, strict=True)
+                      if o == Outcome.FP]  # fmt: skip
+        return cls(np.array(false), np.array(true), truths, len(scans))
 
+    def at(self, threshold: float) -> tuple[float, float]:
+        """Class-aware sensitivity and false positives per scan of the lesions scoring at
+        least ``threshold`` (what the node reports at that operating point)."""
+        sensitivity = (
+            float((self.true >= threshold).sum() / self.truths) if self.truths else math.nan
+        )
+        return sensitivity, float((self.false >= threshold).sum() / max(self.scans, 1))
 
-def operating_point(scans: Sequence[ScanLesions], fp_per_scan: float) -> float:
-    """The lowest score at which the class-aware false positives per scan stay within
-    ``fp_per_scan``: the reporting threshold training writes into the bundle (1.0 when no
-    candidate scored; just above the highest false positive's score when even the best
-    ones exceed it)."""
-    false, true, _ = _outcomes(scans)
-    allowed = int(math.floor(fp_per_scan * max(len(scans), 1)))
-    scores = np.sort(np.concatenate([false, true]))[::-1]
-    if scores.size == 0:
-        return 1.0
-    falses = np.sort(false)[::-1]
-    if falses.size <= allowed:
-        return float(scores[-1])
-    # the (allowed + 1)-th highest false positive must fall below the threshold
-    limit = float(falses[allowed])
-    above = scores[scores > limit]
-    return float(above[-1]) if above.size else float(np.nextafter(limit, 2.0))
+    def threshold_for(self, fp_per_scan: float) -> float:
+        """The lowest score at which false positives per scan stay within ``fp_per_scan``:
+        the reporting threshold training writes into the bundle (1.0 when no candidate
+        scored; just above the highest false positive's score when even the best ones
+        exceed it)."""
+        allowed = int(math.floor(fp_per_scan * max(self.scans, 1)))
+        scores = np.sort(np.concatenate([self.false, self.true]))[::-1]
+        if scores.size == 0:
+            return 1.0
+        falses = np.sort(self.false)[::-1]
+        if falses.size <= allowed:
+            return float(scores[-1])
+        # the (allowed + 1)-th highest false positive must fall below the threshold
+        limit = float(falses[allowed])
+        above = scores[scores > limit]
+        return float(above[-1]) if above.size else float(np.nextafter(limit, 2.0))
 
 
 def fit_linking(
