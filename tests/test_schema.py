@@ -9,6 +9,7 @@ import multiprocessing
 import shutil
 import subprocess
 import sys
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -51,8 +52,16 @@ def _pre_migrations(url: str, without: tuple[str, ...] = ()) -> Database:
         connection.exec_driver_sql("DROP TABLE alembic_version")
         for table in without:
             connection.exec_driver_sql(f"DROP TABLE {table}")
-    with database.session() as session, session.begin():
-        session.add(Study(study_instance_uid="1.2.3", state=StudyState.DONE))
+    # Only the baseline's columns: the model has gained some since.
+    with database.engine.begin() as connection:
+        connection.execute(
+            text(
+                "INSERT INTO study (study_instance_uid, state, instance_count, modalities, "
+                "calling_ae_title, first_received_at, last_received_at, state_changed_at) "
+                "VALUES ('1.2.3', :state, 0, '', '', :now, :now, :now)"
+            ),
+            {"state": StudyState.DONE.value, "now": datetime.now(UTC)},
+        )
     return database
 
 

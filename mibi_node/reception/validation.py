@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from pydicom import dcmread
-from pydicom.dataset import FileDataset
+from pydicom.dataset import Dataset, FileDataset
 from pydicom.uid import UID
 
 from mibi_node.storage.instances import InstanceMeta
@@ -110,6 +110,12 @@ def read_instance_meta(path: Path, sop_class_uid: str, sop_instance_uid: str) ->
         modality = str(dataset.get("Modality", "") or "").strip()[:16]
         description = dataset.get("StudyDescription")
         description = str(description)[:64] if description else None
+        station = {
+            "accession_number": _text(dataset, "AccessionNumber", 16),
+            "station_name": _text(dataset, "StationName", 64),
+            "manufacturer_model_name": _text(dataset, "ManufacturerModelName", 64),
+            "device_serial_number": _text(dataset, "DeviceSerialNumber", 64),
+        }
     except RejectedInstanceError:
         raise
     except Exception as exc:  # pydicom raises many kinds on garbage (EOFError, ValueError, ...)
@@ -132,4 +138,10 @@ def read_instance_meta(path: Path, sop_class_uid: str, sop_instance_uid: str) ->
         transfer_syntax_uid=str(transfer_syntax),
         modality=modality,
         study_description=description,
+        **station,
     )
+
+
+def _text(dataset: Dataset, keyword: str, length: int) -> str:
+    """A short text element's value, stripped and cut to the column's length ("" if none)."""
+    return str(dataset.get(keyword, "") or "").strip()[:length]

@@ -37,6 +37,23 @@ class InstanceMeta:
     transfer_syntax_uid: str
     modality: str = ""
     study_description: str | None = None
+    accession_number: str = ""
+    #: The camera or scanner: Station Name, Manufacturer Model Name, Device Serial Number.
+    station_name: str = ""
+    manufacturer_model_name: str = ""
+    device_serial_number: str = ""
+
+    def station(self) -> dict[str, str]:
+        """The study row's header facts this instance gives (none from a non-image)."""
+        if not is_image_instance(self.modality, self.sop_class_uid):
+            return {}
+        values = {
+            "accession_number": self.accession_number,
+            "station_name": self.station_name,
+            "manufacturer_model_name": self.manufacturer_model_name,
+            "device_serial_number": self.device_serial_number,
+        }
+        return {key: value for key, value in values.items() if value}
 
 
 class StoreOutcome(enum.StrEnum):
@@ -91,6 +108,7 @@ def _new_study(meta: InstanceMeta, calling_ae_title: str, now: datetime) -> dict
         "state_changed_at": now,
         "instance_count": 0,
         "modalities": "",
+        **meta.station(),
     }
 
 
@@ -165,7 +183,15 @@ class InstanceStore:
         and a study that another receiver is inserting right now is waited for and used.
         """
         query = (
-            select(_STUDY.c.id, _STUDY.c.state, _STUDY.c.modalities)
+            select(
+                _STUDY.c.id,
+                _STUDY.c.state,
+                _STUDY.c.modalities,
+                _STUDY.c.station_name,
+                _STUDY.c.manufacturer_model_name,
+                _STUDY.c.device_serial_number,
+                _STUDY.c.accession_number,
+            )
             .where(_STUDY.c.study_instance_uid == meta.study_instance_uid)
             .with_for_update()
         )
@@ -194,6 +220,10 @@ class InstanceStore:
             else:
                 study_id, state, modalities = study.id, StudyState(study.state), study.modalities
             changes: dict[str, object] = {"last_received_at": now}
+            if study is not None:
+                # The first image that names the camera (or accession) fills the row in.
+                known = study._mapping
+                changes.update((k, v) for k, v in meta.station().items() if not known[k])
             image = is_image_instance(meta.modality, meta.sop_class_uid)
             if state in _REOPEN_STATES and image:
                 check_transition(state, StudyState.RECEIVING)

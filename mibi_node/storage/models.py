@@ -24,6 +24,7 @@ from sqlalchemy import (
     Text,
     TypeDecorator,
     UniqueConstraint,
+    false,
 )
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
@@ -216,6 +217,12 @@ class Study(Base):
     modalities: Mapped[str] = mapped_column(String(64), default="")
     study_description: Mapped[str | None] = mapped_column(String(64), default=None)
     calling_ae_title: Mapped[str] = mapped_column(String(16), default="")
+    #: Accession Number and the camera or scanner (Station Name, Manufacturer Model Name,
+    #: Device Serial Number) of the first image instance that had them ("" where none).
+    accession_number: Mapped[str] = mapped_column(String(16), default="", server_default="")
+    station_name: Mapped[str] = mapped_column(String(64), default="", server_default="")
+    manufacturer_model_name: Mapped[str] = mapped_column(String(64), default="", server_default="")
+    device_serial_number: Mapped[str] = mapped_column(String(64), default="", server_default="")
     first_received_at: Mapped[datetime] = mapped_column(_UTCDateTime, default=utcnow)
     last_received_at: Mapped[datetime] = mapped_column(_UTCDateTime, default=utcnow)
     state_changed_at: Mapped[datetime] = mapped_column(_UTCDateTime, default=utcnow)
@@ -301,9 +308,19 @@ class Job(Base):
     sr_path: Mapped[str | None] = mapped_column(String(255), default=None)
     sr_sop_instance_uid: Mapped[str | None] = mapped_column(String(64), default=None)
     sr_series_instance_uid: Mapped[str | None] = mapped_column(String(64), default=None)
+    #: A job of the analysis' candidate (shadow) bundle: stored and compared, never sent.
+    shadow: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    #: Summary of the inputs the job read (input drift; :mod:`mibi_node.validation.drift`).
+    inputs: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)
 
     __table_args__ = (
-        UniqueConstraint("study_id", "analysis", "version", name="uq_job_study_analysis_version"),
+        UniqueConstraint(
+            "study_id",
+            "analysis",
+            "version",
+            "shadow",
+            name="uq_job_study_analysis_version_shadow",
+        ),
         Index("ix_job_state_not_before", "state", "not_before"),
     )
 

@@ -2,9 +2,10 @@
 the camera or scanner that made it (Station Name, Manufacturer Model Name, Device Serial
 Number).
 
-The study row does not record them yet, so they are read from one stored image file of each
-study (header only). A study whose files the retention sweep removed has none: its fields
-are empty and its performance figures go to the ``unknown`` station.
+Reception records them on the study row (revision 0005), from the first image instance that
+has them. A study received before that has empty fields: for it they are read from one
+stored image file (header only); one whose files the retention sweep removed has none, and
+its performance figures go to the ``unknown`` station.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from sqlalchemy import select
 from mibi_node.storage.database import Database
 from mibi_node.storage.filestore import FileStore
 from mibi_node.storage.instances import is_image_instance
-from mibi_node.storage.models import Instance
+from mibi_node.storage.models import Instance, Study
 
 __all__ = ["StudyHeader", "study_headers"]
 
@@ -48,17 +49,30 @@ class StudyHeader:
 def study_headers(
     database: Database, files: FileStore, study_ids: Iterable[int]
 ) -> dict[int, StudyHeader]:
-    """The header facts of each study, read from its first stored image instance."""
+    """The header facts of each study: its row's, else its first stored image instance's."""
     wanted = sorted(set(study_ids))
     if not wanted:
         return {}
+    found: dict[int, StudyHeader] = {}
     with database.session() as session:
+        for row in session.execute(
+            select(
+                Study.id,
+                Study.accession_number,
+                Study.station_name,
+                Study.manufacturer_model_name,
+                Study.device_serial_number,
+            ).where(Study.id.in_(wanted))
+        ):
+            header = StudyHeader(*row[1:])
+            if header != StudyHeader():
+                found[row.id] = header
+        unread = [study_id for study_id in wanted if study_id not in found]
         rows = session.execute(
             select(Instance.study_id, Instance.path, Instance.modality, Instance.sop_class_uid)
-            .where(Instance.study_id.in_(wanted))
+            .where(Instance.study_id.in_(unread))
             .order_by(Instance.study_id, Instance.id)
         ).all()
-    found: dict[int, StudyHeader] = {}
     for study_id, path, modality, sop_class_uid in rows:
         if study_id in found or not is_image_instance(modality, sop_class_uid):
             continue

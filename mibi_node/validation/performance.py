@@ -35,8 +35,9 @@ from mibi_node.analyses.base import Analysis, TaskKind
 from mibi_node.analyses.registry import available_analyses
 from mibi_node.storage.database import Database
 from mibi_node.storage.filestore import FileStore
-from mibi_node.storage.models import Job, JobState, Study, Truth, Verdict, VerdictDecision
+from mibi_node.storage.models import Job, JobState, Study, Truth, VerdictDecision
 from mibi_node.validation.headers import StudyHeader, study_headers
+from mibi_node.validation.verdicts import standing_verdicts
 
 __all__ = [
     "ALL",
@@ -146,7 +147,7 @@ def cases(
         query = (
             select(Job, Study.calling_ae_title)
             .join(Study, Study.id == Job.study_id)
-            .where(Job.state == JobState.DONE)
+            .where(Job.state == JobState.DONE, Job.shadow.is_(False))
             .order_by(Job.study_id, Job.analysis, Job.version.desc(), Job.id.desc())
         )
         if analysis is not None:
@@ -154,12 +155,14 @@ def cases(
         latest: dict[tuple[int, str], tuple[Job, str]] = {}
         for job, ae in session.execute(query).all():
             latest.setdefault((job.study_id, job.analysis), (job, ae))
-        job_ids = [job.id for job, _ in latest.values()]
-        verdicts: dict[int, dict[str, tuple[str, str | None]]] = defaultdict(dict)
-        for row in session.scalars(
-            select(Verdict).where(Verdict.job_id.in_(job_ids)).order_by(Verdict.id)
-        ):
-            verdicts[row.job_id][row.finding] = (VerdictDecision(row.decision).value, row.value)
+        verdicts = {
+            job_id: {
+                key: (VerdictDecision(row.decision).value, row.value) for key, row in rows.items()
+            }
+            for job_id, rows in standing_verdicts(
+                session, [job for job, _ in latest.values()]
+            ).items()
+        }
         truths: dict[tuple[int, str], str] = {}
         for truth in session.scalars(select(Truth).order_by(Truth.id)):
             truths[(truth.study_id, truth.analysis)] = truth.diagnosis

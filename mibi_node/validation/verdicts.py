@@ -9,7 +9,12 @@ and its audit event commit together.
 from __future__ import annotations
 
 import logging
+from collections import defaultdict
+from collections.abc import Iterable
 from dataclasses import dataclass
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
 
 from mibi_node import audit
 from mibi_node.analyses.base import Finding
@@ -18,7 +23,13 @@ from mibi_node.errors import MibiNodeError
 from mibi_node.storage.database import Database
 from mibi_node.storage.models import Job, JobState, Verdict, VerdictDecision
 
-__all__ = ["RecordedVerdict", "VerdictError", "job_findings", "record_verdict"]
+__all__ = [
+    "RecordedVerdict",
+    "VerdictError",
+    "job_findings",
+    "record_verdict",
+    "standing_verdicts",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -54,6 +65,63 @@ def job_findings(job: Job) -> tuple[Finding, ...]:
     if job.state is not JobState.DONE or not job.result:
         raise VerdictError(f"job #{job.id} has no result to judge (it is {job.state.value})")
     return get_analysis(job.analysis).findings(dict(job.result))
+
+
+def standing_verdicts(session: Session, jobs: Iterable[Job]) -> dict[int, dict[str, Verdict]]:
+    """The verdicts that stand on each job's findings, by job id and finding key.
+
+    A finding's latest verdict on the job itself stands. Where the job has none (a later
+    version of the study, opened by a late instance), the latest verdict on the same finding
+    of an earlier version of the same analysis stands, provided the model said the same of it
+    there: the reader judged that very value. A finding whose value changed starts without
+    a verdict. Shadow jobs neither give nor take carried verdicts.
+    """
+    wanted = [job for job in jobs if job.result]
+    if not wanted:
+        return {}
+    studies = {job.study_id for job in wanted}
+    analyses = {job.analysis for job in wanted}
+    history: dict[tuple[int, str], list[Job]] = defaultdict(list)
+    for earlier in session.scalars(
+        select(Job)
+        .where(
+            Job.study_id.in_(studies),
+            Job.analysis.in_(analyses),
+            Job.shadow.is_(False),
+            Job.state == JobState.DONE,
+        )
+        .order_by(Job.version)
+    ):
+        history[(earlier.study_id, earlier.analysis)].append(earlier)
+    related = {job.id: job for job in wanted} | {
+        job.id: job for versions in history.values() for job in versions
+    }
+    given: dict[int, dict[str, Verdict]] = defaultdict(dict)
+    for row in session.scalars(
+        select(Verdict).where(Verdict.job_id.in_(related)).order_by(Verdict.id)
+    ):
+        given[row.job_id][row.finding] = row
+    standing: dict[int, dict[str, Verdict]] = {}
+    for job in wanted:
+        own = dict(given.get(job.id, {}))
+        if not job.shadow:
+            values = {f.key: f.value for f in _findings(job)}
+            for earlier in reversed(history.get((job.study_id, job.analysis), [])):
+                if earlier.version >= job.version or not given.get(earlier.id):
+                    continue
+                before = {f.key: f.value for f in _findings(earlier)}
+                for key, row in given[earlier.id].items():
+                    if key in values and key not in own and before.get(key) == values[key]:
+                        own[key] = row
+        standing[job.id] = own
+    return standing
+
+
+def _findings(job: Job) -> tuple[Finding, ...]:
+    try:
+        return job_findings(job)
+    except (VerdictError, KeyError):
+        return ()
 
 
 def record_verdict(
