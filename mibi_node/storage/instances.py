@@ -175,7 +175,7 @@ class InstanceStore:
 
     def _lock_study(
         self, connection: Connection, meta: InstanceMeta, calling_ae_title: str, now: datetime
-    ) -> Row[Any, Any, Any] | None:
+    ) -> Row[Any, Any, Any, Any, Any, Any, Any] | None:
         """The study's row, locked on PostgreSQL (``None``: the study is new, insert it).
 
         SQLite's ``BEGIN IMMEDIATE`` already makes this transaction the only writer. On

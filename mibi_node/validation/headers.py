@@ -76,9 +76,9 @@ def study_headers(
     for study_id, path, modality, sop_class_uid in rows:
         if study_id in found or not is_image_instance(modality, sop_class_uid):
             continue
-        header = _read(files, path)
-        if header is not None:
-            found[study_id] = header
+        read = _read(files, path)
+        if read is not None:
+            found[study_id] = read
     return {study_id: found.get(study_id, StudyHeader()) for study_id in wanted}
 
 
