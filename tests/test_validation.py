@@ -37,13 +37,15 @@ from mibi_node.cli import app
 from mibi_node.config import Config
 from mibi_node.imaging.study import PhaseImage
 from mibi_node.inference.result import StudyResult
+from mibi_node.reception.validation import read_instance_meta
 from mibi_node.storage.database import Database, open_database
 from mibi_node.storage.filestore import FileStore
 from mibi_node.storage.instances import InstanceMeta, InstanceStore
 from mibi_node.storage.models import AuditEvent, Job, JobState, Study, Truth, Verdict
-from mibi_node.validation.performance import calibration, performance
+from mibi_node.validation.headers import study_headers
+from mibi_node.validation.performance import calibration, cases, performance
 from mibi_node.validation.truth import TruthImportError, import_truth
-from mibi_node.validation.verdicts import record_verdict
+from mibi_node.validation.verdicts import record_verdict, standing_verdicts
 from mibi_node.web import create_app
 from test_knee_report import _labels, _series
 from test_knee_report import _result as _knee_result
@@ -200,8 +202,14 @@ def test_an_analysis_without_its_own_findings_has_its_predicted_one() -> None:
 # -- a node's database -----------------------------------------------------------------------
 
 
-def _store_study(store: InstanceStore, folder: Path, station: str, ae: str) -> tuple[str, str]:
-    """Store one NM instance of a new study; returns its (Study Instance UID, accession)."""
+def _store_study(
+    store: InstanceStore, folder: Path, station: str, ae: str, *, on_row: bool = False
+) -> tuple[str, str]:
+    """Store one NM instance of a new study; returns its (Study Instance UID, accession).
+
+    ``on_row``: the meta as reception reads it (camera and accession on the study row);
+    else as before revision 0005, so they are read back from the stored header.
+    """
     ds = nm_dataset(frames=1, rows=16, columns=16)
     accession = f"ACC{ds.StudyInstanceUID[-6:]}"
     ds.AccessionNumber = accession
@@ -209,14 +217,17 @@ def _store_study(store: InstanceStore, folder: Path, station: str, ae: str) -> t
     source = write(ds, folder / f"{ds.SOPInstanceUID}.dcm")
     incoming = store.files.incoming / f"{ds.SOPInstanceUID}.part"
     shutil.copyfile(source, incoming)
-    meta = InstanceMeta(
-        study_instance_uid=ds.StudyInstanceUID,
-        series_instance_uid=ds.SeriesInstanceUID,
-        sop_instance_uid=ds.SOPInstanceUID,
-        sop_class_uid=ds.SOPClassUID,
-        transfer_syntax_uid=ds.file_meta.TransferSyntaxUID,
-        modality="NM",
-    )
+    if on_row:
+        meta = read_instance_meta(incoming, ds.SOPClassUID, ds.SOPInstanceUID)
+    else:
+        meta = InstanceMeta(
+            study_instance_uid=ds.StudyInstanceUID,
+            series_instance_uid=ds.SeriesInstanceUID,
+            sop_instance_uid=ds.SOPInstanceUID,
+            sop_class_uid=ds.SOPClassUID,
+            transfer_syntax_uid=ds.file_meta.TransferSyntaxUID,
+            modality="NM",
+        )
     store.store(incoming, meta, ae)
     return str(ds.StudyInstanceUID), accession
 
@@ -253,14 +264,17 @@ def node(data_dir: Path, tmp_path: Path) -> dict[str, Any]:
     files = FileStore(config.store_dir)
     store = InstanceStore(database, files)
     studies = []
-    for probabilities, truth, station in CASES:
-        uid, accession = _store_study(store, tmp_path / "in", station, "GAMMA1")
+    for index, (probabilities, truth, station) in enumerate(CASES):
+        # Half recorded as reception does now, half as before revision 0005.
+        uid, accession = _store_study(
+            store, tmp_path / "in", station, "GAMMA1", on_row=bool(index % 2)
+        )
         job = _add_job(database, uid, "parathyroid", _parathyroid(uid, probabilities).to_dict())
         studies.append({"uid": uid, "accession": accession, "job": job, "truth": truth})
     spine_uid, _ = _store_study(store, tmp_path / "in", "MR1", "MRI")
     spine_job = _add_job(database, spine_uid, "spine", _spine().to_dict())
     yield {"config": config, "database": database, "files": files, "studies": studies,
-           "spine_job": spine_job}  # fmt: skip
+           "spine_job": spine_job, "store": store}  # fmt: skip
     database.dispose()
 
 
@@ -485,3 +499,62 @@ def test_ece_of_a_perfectly_calibrated_bin_is_zero() -> None:
     ece, table = calibration([0.75, 0.75, 0.75, 0.75], [True, True, True, False])
     assert ece == pytest.approx(0.0)
     assert table == [{"low": 0.7, "high": 0.8, "count": 4, "confidence": 0.75, "accuracy": 0.75}]
+
+
+# -- the camera on the study row, verdicts across versions ------------------------------------
+
+
+def test_reception_records_the_camera_and_accession_and_they_outlive_the_files(
+    node, tmp_path
+) -> None:
+    database, files = node["database"], node["files"]
+    uid, accession = _store_study(node["store"], tmp_path / "row", "CAM9", "GAMMA1", on_row=True)
+    with database.session() as session:
+        study = session.scalars(select(Study).where(Study.study_instance_uid == uid)).one()
+        row = (study.accession_number, study.station_name, study.manufacturer_model_name,
+               study.device_serial_number)  # fmt: skip
+        paths = [files.absolute(i.path) for i in study.instances]
+    assert row == (accession, "CAM9", "Symbia", "42")
+    for path in paths:  # as retention does: the files go, the row stays
+        path.unlink()
+    [header] = study_headers(database, files, [study.id]).values()
+    assert (header.station, header.accession_number) == ("CAM9 / Symbia / 42", accession)
+
+
+def _next_version(database: Database, job_id: int, result: dict[str, Any]) -> int:
+    """A later version of the job's study (a late instance) with its own DONE result."""
+    with database.session() as session, session.begin():
+        job = session.get(Job, job_id)
+        assert job is not None
+        later = Job(study_id=job.study_id, analysis=job.analysis, version=job.version + 1,
+                    state=JobState.DONE, result=result)  # fmt: skip
+        session.add(later)
+        session.flush()
+        return later.id
+
+
+def _standing(database: Database, job_id: int) -> dict[str, tuple[str, str | None, int]]:
+    with database.session() as session:
+        job = session.get(Job, job_id)
+        rows = standing_verdicts(session, [job]).get(job_id, {})
+        return {key: (row.decision.value, row.value, row.job_id) for key, row in rows.items()}
+
+
+def test_a_verdict_stands_on_a_later_version_only_while_the_model_says_the_same(node) -> None:
+    database = node["database"]
+    first = node["studies"][0]  # the model said adenoma
+    record_verdict(database, first["job"], "diagnosis", "accepted", reader="Dr Rossi")
+    same = _next_version(
+        database, first["job"], _parathyroid(first["uid"], CASES[0][0], "1.1").to_dict()
+    )
+    assert _standing(database, same) == {"diagnosis": ("accepted", None, first["job"])}
+    changed = _next_version(
+        database, same, _parathyroid(first["uid"], (0.1, 0.2, 0.6, 0.05, 0.05)).to_dict()
+    )
+    assert _standing(database, changed) == {}  # the model now says hyperplasia: judge anew
+    # The performance case is the latest version; with its verdict gone, the final
+    # diagnosis is its reference again (none imported here: no reference).
+    case = next(c for c in cases(database) if c.job_id == changed)
+    assert case.verdicts == {} and case.reference is None
+    record_verdict(database, changed, "diagnosis", "corrected", value="adenoma", reader="Dr Bo")
+    assert _standing(database, changed)["diagnosis"] == ("corrected", "adenoma", changed)
