@@ -166,9 +166,10 @@ def requeue(
     """Analyse a study again (a FAILED one, or a new version of a DONE one)."""
     from mibi_node.jobs.queue import requeue_study
 
-    database = _open_existing(_load(config, node={"data_dir": data_dir}))
+    resolved = _load(config, node={"data_dir": data_dir})
+    database = _open_existing(resolved)
     try:
-        job = requeue_study(database, study.strip(), actor=_operator())
+        job = requeue_study(database, study.strip(), actor=_operator(), config=resolved)
     except MibiNodeError as exc:
         raise _fail(str(exc)) from None
     finally:
@@ -237,6 +238,145 @@ def resend(
     )
 
 
+@app.command("shadow")
+def shadow_command(
+    analysis: Annotated[str | None, typer.Option("--analysis", help="Only this analysis.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+    resamples: Annotated[
+        int, typer.Option("--resamples", help="Bootstrap resamples for the 95 % intervals.")
+    ] = 500,
+    config: ConfigOption = None,
+    data_dir: DataDirOption = None,
+) -> None:
+    """Compare each candidate (shadow) bundle with the current one (docs/validation.md)."""
+    from mibi_node.analyses.registry import available_analyses
+    from mibi_node.validation.shadow import shadow_comparisons
+
+    if analysis is not None and analysis not in available_analyses():
+        known = ", ".join(available_analyses())
+        raise _fail(f"unknown analysis {analysis!r} (known: {known})", 2)
+    if resamples < 0:
+        raise _fail('"--resamples" should be 0 or more', 2)
+    resolved = _load(config, node={"data_dir": data_dir})
+    database = _open_existing(resolved)
+    try:
+        comparisons = shadow_comparisons(database, resolved, analysis, resamples)
+    finally:
+        database.dispose()
+    if as_json:
+        sys.stdout.write(json.dumps([c.to_dict() for c in comparisons], indent=2) + "\n")
+        return
+    if not comparisons:
+        _out.print("no analysis has a candidate bundle (analyses.<name>.shadow_bundle)")
+    for comparison in comparisons:
+        _print_comparison(comparison)
+
+
+def _print_comparison(c: Any) -> None:
+    """A comparison as ``mibi-node shadow`` and ``promote`` show it."""
+
+    def share(value: float | None) -> str:
+        return "n/a" if value is None else f"{value:.0%}"
+
+    jobs = ", ".join(f"{n} {state.lower()}" for state, n in sorted(c.shadow_jobs.items()))
+    lines = [
+        f"[bold]{c.analysis}[/]: current {c.current_folder or '?'}, "
+        f"candidate {c.candidate_folder or 'none (not configured, or promoted)'}",
+        f"shadow jobs: {jobs or 'none'}",
+        f"compared studies: {c.compared} (current "
+        + ", ".join(f"{b} x{n}" for b, n in c.current_bundles.items())
+        + "; candidate "
+        + ", ".join(f"{b} x{n}" for b, n in c.candidate_bundles.items())
+        + ")",
+        f"same main finding: {c.same_prediction} of {c.compared} ({share(c.agreement)})"
+        + ("" if c.kappa is None else f", Cohen's kappa {c.kappa:.3f}"),
+        f"findings agreeing: {c.findings_agreeing} of {c.findings_compared} "
+        f"({share(c.findings_agreement)})",
+        f"assessed studies: {c.assessed} ({c.with_truth} with a final diagnosis)",
+    ]
+    for line in lines:
+        _out.print(line, highlight=False)
+    if c.current is None or c.candidate is None:
+        return
+    table = Table(title=f"{c.analysis}: on the {c.assessed} assessed studies")
+    for column in ("figure", "current", "candidate", "candidate - current [95 %]"):
+        table.add_column(column)
+    for name in ("accuracy", "macro_f1"):
+        interval = c.difference_intervals.get(name)
+        table.add_row(
+            name.replace("_", " "),
+            f"{getattr(c.current, name):.3f}",
+            f"{getattr(c.candidate, name):.3f}",
+            f"{c.difference[name]:+.3f}"
+            + (f" [{interval[0]:+.2f}, {interval[1]:+.2f}]" if interval else ""),
+        )
+    _out.print(table)
+
+
+@app.command()
+def promote(
+    analysis: Annotated[str, typer.Argument(help="The analysis whose candidate becomes current.")],
+    by: Annotated[
+        str, typer.Option("--by", "--reader", help="Who decides (kept in the audit trail).")
+    ],
+    yes: Annotated[bool, typer.Option("--yes", help="Do not ask for confirmation.")] = False,
+    revert: Annotated[
+        bool, typer.Option("--revert", help="Undo the promotion: the TOML's bundle again.")
+    ] = False,
+    config: ConfigOption = None,
+    data_dir: DataDirOption = None,
+) -> None:
+    """Make an analysis' candidate (shadow) bundle current, after showing the comparison.
+
+    Audited; running workers switch at their next poll, without a restart or a TOML edit.
+    """
+    from mibi_node.validation.shadow import (
+        PromotionError,
+        check_candidate,
+        promotion_candidate,
+        revert_promotion,
+        shadow_comparison,
+    )
+    from mibi_node.validation.shadow import promote as promote_candidate
+
+    resolved = _load(config, node={"data_dir": data_dir})
+    database = _open_existing(resolved)
+    try:
+        if revert:
+            done = revert_promotion(database, resolved, analysis, by=by, actor=_operator())
+        else:
+            _choice, candidate = promotion_candidate(database, resolved, analysis)
+            new = check_candidate(analysis, candidate)
+            label = f"{new['name']} {new['version']}"
+            comparison = shadow_comparison(database, analysis, bundle=label, config=resolved)
+            _print_comparison(comparison)
+            if not yes and not typer.confirm(
+                f"Make {label} ({candidate}) the current bundle of {analysis}?"
+            ):
+                raise _fail("not promoted", 1)
+            done = promote_candidate(
+                database,
+                resolved,
+                analysis,
+                by=by,
+                actor=_operator(),
+                comparison=comparison,
+                checked=new,
+            )
+    except PromotionError as exc:
+        raise _fail(str(exc), 2) from None
+    finally:
+        database.dispose()
+    old, new = done.old, done.new
+    cancelled = f"; {done.cancelled} queued shadow job(s) cancelled" if done.cancelled else ""
+    _out.print(
+        f"{done.outcome}: {analysis} now sends the results of {new['name']} {new['version']} "
+        f"({new['folder']}), was {old['name']} {old['version']}{cancelled}; running workers "
+        "switch at their next poll",
+        highlight=False,
+    )
+
+
 @app.command()
 def analyses(
     config: ConfigOption = None,
@@ -246,12 +386,17 @@ def analyses(
     from mibi_node.analyses.registry import available_analyses
 
     resolved = _load(config)
+    choices = _bundle_choices(resolved, list(available_analyses()))
     rows = []
     for name, analysis in available_analyses().items():
         described = analysis.describe()
         described["enabled"] = name in resolved.enabled_analyses
-        described["bundle"] = str(resolved.bundle_for(name))
-        described["bundle_present"] = resolved.bundle_for(name).is_dir()
+        choice = choices.get(name)
+        bundle = choice.current if choice is not None else resolved.bundle_for(name)
+        described["bundle"] = str(bundle)
+        described["bundle_present"] = bundle.is_dir()
+        candidate = choice.candidate if choice is not None else resolved.shadow_bundle_for(name)
+        described["shadow_bundle"] = None if candidate is None else str(candidate)
         described["selection"] = resolved.selection(name).model_dump(mode="json")
         rows.append(described)
     if as_json:
@@ -270,6 +415,29 @@ def analyses(
             row["bundle"] + ("" if row["bundle_present"] else " (missing)"),
         )
     _out.print(table)
+
+
+def _bundle_choices(resolved: Config, names: list[str]) -> dict[str, Any]:
+    """Each analysis' current and candidate bundle as the node's database says (a
+    promotion), or nothing when there is no database to ask."""
+    from sqlalchemy.exc import OperationalError
+
+    from mibi_node.storage.database import open_database
+    from mibi_node.validation.shadow import bundle_choices
+
+    database_file = resolved.node.data_dir / "mibi-node.sqlite3"
+    if not resolved.database.url.get_secret_value() and not database_file.is_file():
+        return {}
+    try:
+        database = open_database(resolved.database_url)
+    except (MibiNodeError, OperationalError):
+        return {}
+    try:
+        return bundle_choices(database, resolved, names)
+    except OperationalError:
+        return {}
+    finally:
+        database.dispose()
 
 
 @app.command()
@@ -372,7 +540,7 @@ def status(
         text = ", ".join(f"{n} {state.lower()}" for state, n in sorted(counts.items()))
         _out.print(f"  {name}: {text}")
     if deliveries:
-        table = Table(title="deliveries pending or failed")
+        table = Table(title="deliveries pending, failed or not committed")
         for column in (
             "#",
             "state",
@@ -382,6 +550,7 @@ def status(
             "attempts",
             "next try",
             "last answer",
+            "commitment",
         ):
             table.add_column(column)
         for d in deliveries:
@@ -394,6 +563,7 @@ def status(
                 str(d.attempts),
                 d.next_attempt_at.strftime("%H:%M:%S") if d.state == "PENDING" else "",
                 " ".join(filter(None, (d.last_status, d.last_message))),
+                ": ".join(filter(None, (d.commitment.lower(), d.commitment_message))),
             )
         _out.print(table)
     else:
@@ -467,6 +637,85 @@ def _database_label(resolved: Config) -> str:
     from sqlalchemy.engine import make_url
 
     return make_url(resolved.database_url).render_as_string(hide_password=True)
+
+
+@app.command()
+def drift(
+    analysis: Annotated[str | None, typer.Option("--analysis", help="Only this analysis.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+    window: Annotated[
+        int | None, typer.Option("--window", help="Latest studies per camera (default "
+                                 "validation.drift_window).")
+    ] = None,
+    config: ConfigOption = None,
+    data_dir: DataDirOption = None,
+) -> None:  # fmt: skip
+    """Compare each camera's latest studies with its bundle's training inputs (input drift)."""
+    from mibi_node.analyses.registry import available_analyses
+    from mibi_node.validation.drift import drift_report
+
+    if analysis is not None and analysis not in available_analyses():
+        known = ", ".join(available_analyses())
+        raise _fail(f"unknown analysis {analysis!r} (known: {known})", 2)
+    if window is not None and window < 1:
+        raise _fail('"--window" should be 1 or more', 2)
+    resolved = _load(config, node={"data_dir": data_dir})
+    database = _open_existing(resolved)
+    try:
+        reports = drift_report(database, resolved, analysis, window=window)
+    finally:
+        database.dispose()
+    if as_json:
+        sys.stdout.write(json.dumps([r.as_dict() for r in reports], indent=2) + "\n")
+        return
+    table = Table(title="input drift against the training inputs")
+    for column in ("analysis", "station", "studies", "verdict", "features not ok"):
+        table.add_column(column)
+    for report in reports:
+        if report.problem:
+            table.add_row(report.analysis, "", "", "no reference", report.problem)
+        for station in report.stations:
+            flagged = "; ".join(
+                f"{f.feature} {f.verdict} ({'PSI' if f.test != 'unseen' else 'unseen'} "
+                f"{f.statistic:.2f}" + (f", p {f.p_value:.2g})" if f.p_value is not None else ")")
+                for f in station.features
+                if f.verdict != "ok"
+            )
+            table.add_row(
+                report.analysis, station.station, str(station.studies), station.verdict, flagged
+            )
+    _out.print(table)
+
+
+bundle_app = typer.Typer(help="Model bundles: their training input summary.", no_args_is_help=True)
+app.add_typer(bundle_app, name="bundle")
+
+
+@bundle_app.command("summarise")
+def bundle_summarise(
+    bundle: Annotated[Path, typer.Argument(help="The model bundle folder.")],
+    dicom_dir: Annotated[
+        Path, typer.Argument(help="Folder of the training studies' DICOM files (any layout).")
+    ],
+) -> None:
+    """Write the bundle's training input summary (inputs.json) from its training studies."""
+    from mibi_node.validation.drift import (
+        SUMMARY_FILE,
+        DriftError,
+        studies_in_folder,
+        write_training_summary,
+    )
+
+    if not (bundle / "bundle.json").is_file():
+        raise _fail(f"{bundle}: not a model bundle (it has no bundle.json)", 2)
+    try:
+        reference = write_training_summary(bundle, studies_in_folder(dicom_dir))
+    except DriftError as exc:
+        raise _fail(str(exc), 2) from None
+    skipped = f" ({reference['skipped']} could not be read)" if reference["skipped"] else ""
+    _out.print(
+        f"wrote {bundle / SUMMARY_FILE}: {reference['studies']} studies{skipped}", highlight=False
+    )
 
 
 _PEER = re.compile(r"^(?P<ae>[^@]{1,16})@(?P<host>[^:]+|\[[^\]]+\]):(?P<port>\d{1,5})$")

@@ -41,6 +41,7 @@ __all__ = [
     "RoutingConfig",
     "StorageConfig",
     "TLSConfig",
+    "ValidationConfig",
     "WebConfig",
     "WorkersConfig",
     "load_config",
@@ -167,6 +168,9 @@ class AnalysisSettings(_Section):
     enabled: bool = True
     #: Its bundle folder; default ``workers.bundle`` for parathyroid, else the analysis' own.
     bundle: Path | None = None
+    #: A candidate bundle folder run beside the current one on the same studies, its results
+    #: stored and compared but never sent, until ``mibi-node promote`` makes it current.
+    shadow_bundle: Path | None = None
     #: Series Number of its result series; default ``report.series_number`` + its offset.
     series_number: int | None = Field(default=None, ge=1)
     #: Seconds a study missing a part waits for it; default ``assembly.max_phase_wait``.
@@ -215,6 +219,11 @@ class DispatchConfig(_Section):
     initial_backoff_seconds: float = Field(default=30.0, gt=0)
     max_backoff_seconds: float = Field(default=3600.0, gt=0)
     timeout: float = Field(default=30.0, gt=0)
+    #: Storage commitment (a destination's ``commitment``): seconds to wait for the PACS's
+    #: N-EVENT-REPORT (or before a C-FIND read-back that missed is tried again) ...
+    commitment_timeout: float = Field(default=300.0, gt=0)
+    #: ... and N-ACTIONs (read-backs) sent before the commitment is FAILED (an alert).
+    commitment_attempts: int = Field(default=3, ge=1, le=100)
 
     @field_validator("calling_ae_title")
     @classmethod
@@ -266,6 +275,37 @@ class RetentionConfig(_Section):
     sweep_seconds: float = Field(default=3600.0, gt=0)
 
 
+class ValidationConfig(_Section):
+    """Local validation (docs/validation.md): input drift of each camera against the
+    training summary of its analysis' bundle (:mod:`mibi_node.validation.drift`)."""
+
+    #: The latest studies of each camera (per analysis) compared with the training summary.
+    drift_window: int = Field(default=30, ge=1, le=10_000)
+    #: Fewer studies than this in the window: "too few studies", no verdict.
+    drift_min_studies: int = Field(default=10, ge=2)
+    #: Population Stability Index from which a feature drifts (if also significant) ...
+    drift_psi_threshold: float = Field(default=0.25, gt=0)
+    #: ... and from which it is to be watched.
+    drift_psi_watch: float = Field(default=0.10, gt=0)
+    #: Significance level of the two-sample Kolmogorov-Smirnov test (Bonferroni-corrected
+    #: over a camera's features for a drift verdict).
+    drift_ks_alpha: float = Field(default=0.05, gt=0, lt=1)
+    #: Share of studies whose matrix, pixel size or other setting training never saw, above
+    #: which the camera drifts.
+    drift_unseen_share: float = Field(default=0.5, ge=0, lt=1)
+    #: After each verdict, send the job's assessment SR (every standing verdict on its
+    #: findings, referencing the AI SR) to the job's destinations (docs/validation.md).
+    send_assessment: bool = False
+
+    @model_validator(mode="after")
+    def _ordered(self) -> ValidationConfig:
+        if self.drift_psi_watch > self.drift_psi_threshold:
+            raise ValueError("drift_psi_watch should not exceed drift_psi_threshold")
+        if self.drift_min_studies > self.drift_window:
+            raise ValueError("drift_min_studies should not exceed drift_window")
+        return self
+
+
 class LoggingConfig(_Section):
     """Log level for the console and the journal."""
 
@@ -296,6 +336,7 @@ class Config(_Section):
     report: ReportConfig = ReportConfig()
     web: WebConfig = WebConfig()
     retention: RetentionConfig = RetentionConfig()
+    validation: ValidationConfig = ValidationConfig()
     logging: LoggingConfig = LoggingConfig()
 
     @model_validator(mode="after")
@@ -372,6 +413,14 @@ class Config(_Section):
 
         default = get_analysis(name).default_bundle
         return default if default is not None else self.node.data_dir / "bundles" / name
+
+    def shadow_bundle_for(self, name: str) -> Path | None:
+        """The candidate (shadow) bundle folder of analysis ``name``, if one is configured.
+
+        Whether it still runs as a shadow (it may have been promoted) is the database's to
+        say: :func:`mibi_node.validation.shadow.bundle_choices`.
+        """
+        return self.analyses.get(name, AnalysisSettings()).shadow_bundle
 
     def max_wait_for(self, name: str) -> float:
         """Seconds a study of analysis ``name`` waits for a missing part."""

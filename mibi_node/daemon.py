@@ -9,7 +9,8 @@ associations scale only across processes. Each acceptor commits every instance i
 before it answers Success; the parent runs the scheduler and restarts an acceptor that dies.
 
 The scheduler's sweeps mark quiet studies stable, route them (MIBI studies get a job, the
-others are IGNORED), return jobs whose worker stopped to the queue, and send due deliveries.
+others are IGNORED), return jobs whose worker stopped to the queue, send due deliveries, and
+ask the PACS to commit delivered ones where the destination asks for storage commitment.
 The ``workers.count`` analysis workers are *spawned* (fresh interpreters, never forked from
 this process), so that torch, a crashing decoder or the OOM killer stay out of reception;
 the parent restarts a worker that dies.
@@ -41,6 +42,7 @@ from sqlalchemy.exc import OperationalError
 from mibi_node.assembly.routing import route_stable_studies
 from mibi_node.assembly.stability import mark_stable_studies
 from mibi_node.config import Config
+from mibi_node.dispatch.commitment import commit_deliveries
 from mibi_node.dispatch.deliveries import deliver
 from mibi_node.errors import MibiNodeError
 from mibi_node.jobs.queue import release_expired_jobs
@@ -194,6 +196,14 @@ class Node:
             max_instances=1,
             coalesce=True,
         )
+        self.scheduler.add_job(
+            self._commit,
+            "interval",
+            seconds=self.config.assembly.sweep_seconds,
+            id="commitment-sweep",
+            max_instances=1,
+            coalesce=True,
+        )
         if self.config.retention.days > 0:
             self.scheduler.add_job(
                 self._retention,
@@ -323,6 +333,7 @@ class Node:
                 self.files,
                 config.selections(),
                 config.analysis_labels(),
+                config,
             )
             released = self._step(
                 "lease sweep", release_expired_jobs, database, config.jobs.max_attempts
@@ -343,6 +354,18 @@ class Node:
             self.config.dispatch,
             calling_ae_title=self.config.calling_ae_title,
             owner=f"dispatch-{os.getpid()}",
+        )
+
+    def _commit(self) -> None:
+        if self.database is None:
+            return
+        self._step(
+            "commitment sweep",
+            commit_deliveries,
+            self.database,
+            self.results.root,
+            self.config.dispatch,
+            calling_ae_title=self.config.calling_ae_title,
         )
 
     def _retention(self) -> None:

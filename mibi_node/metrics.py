@@ -38,6 +38,7 @@ from mibi_node.config import Config
 from mibi_node.storage.database import Database
 from mibi_node.storage.models import (
     AuditEvent,
+    CommitmentState,
     Delivery,
     DeliveryState,
     Job,
@@ -414,6 +415,11 @@ class DatabaseCollector:
                 )
             )
             last_sent = session.scalar(select(func.max(Delivery.delivered_at)))
+            commitments = dict(
+                session.execute(
+                    select(Delivery.commitment, func.count()).group_by(Delivery.commitment)
+                ).all()
+            )
             workers = session.execute(
                 select(WorkerStatus.name, WorkerStatus.device, WorkerStatus.heartbeat_at)
             ).all()
@@ -455,7 +461,22 @@ class DatabaseCollector:
             "Unix time of the last result a destination acknowledged (0 if none yet).",
             value=last_sent.timestamp() if last_sent else 0.0,
         )
+        family = GaugeMetricFamily(
+            "mibi_node_delivery_commitments",
+            "Deliveries by storage commitment state (NONE: not asked).",
+            labels=["state"],
+        )
+        for commitment in CommitmentState:
+            family.add_metric([commitment.value], commitments.get(commitment, 0))
+        yield family
+        yield GaugeMetricFamily(
+            "mibi_node_deliveries_uncommitted",
+            "Delivered results the PACS did not commit: it reported failures, or never "
+            "answered within dispatch.commitment_attempts requests (an alert).",
+            value=commitments.get(CommitmentState.FAILED, 0),
+        )
         yield from _validation_gauges(self.database)
+        yield from _drift_gauges(self.database, self.config)
         family = GaugeMetricFamily(
             "mibi_node_worker_up",
             "1 while a worker's heartbeat is fresher than web.worker_stale_seconds.",
@@ -516,6 +537,40 @@ def _validation_gauges(database: Database) -> Iterator[Metric]:
     for (analysis, decision), count in sorted(decisions.items()):
         verdicts.add_metric([analysis, decision], count)
     yield from (accuracy, assessed, recent, verdicts)
+
+
+def _drift_gauges(database: Database, config: Config) -> Iterator[Metric]:
+    """Input drift of each camera against its bundle's training inputs (docs/validation.md):
+    each feature's statistic (PSI, or the share of studies with a setting training never
+    saw) and an alarm when one drifts. Cameras with too few studies have no series."""
+    from mibi_node.validation.drift import drift_report
+
+    statistic = GaugeMetricFamily(
+        "mibi_node_input_drift",
+        "Input drift statistic per feature: PSI against training, or the share of studies "
+        "with a matrix, pixel size or setting training never saw.",
+        labels=["analysis", "station", "feature"],
+    )
+    alarm = GaugeMetricFamily(
+        "mibi_node_input_drift_alarm",
+        "1 while a feature of the camera's latest studies drifts from the training inputs.",
+        labels=["analysis", "station"],
+    )
+    studies = GaugeMetricFamily(
+        "mibi_node_input_drift_studies",
+        "Studies of the camera compared with the training inputs (validation.drift_window).",
+        labels=["analysis", "station"],
+    )
+    for report in drift_report(database, config):
+        for station in report.stations:
+            studies.add_metric([report.analysis, station.station], station.studies)
+            if not station.features:
+                continue
+            alarm.add_metric([report.analysis, station.station], float(station.alarm))
+            for feature in station.features:
+                labels = [report.analysis, station.station, feature.feature]
+                statistic.add_metric(labels, feature.statistic)
+    yield from (statistic, alarm, studies)
 
 
 _collectors: dict[int, tuple[CollectorRegistry, DatabaseCollector]] = {}

@@ -177,6 +177,19 @@ class OrthancServer:
         )
         return [self.rest(f"/instances/{orthanc_id}/simplified-tags") for orthanc_id in found]
 
+    def delete_instance(self, sop_instance_uid: str) -> None:
+        """Remove a stored instance, as a PACS that lost it would have (KeyError if absent)."""
+        found = self.rest(
+            "/tools/find", {"Level": "Instance", "Query": {"SOPInstanceUID": sop_instance_uid}}
+        )
+        if not found:
+            raise KeyError(sop_instance_uid)
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{self.http_port}/instances/{found[0]}", method="DELETE"
+        )
+        with urllib.request.urlopen(request, timeout=10):
+            pass
+
     def instance_file(self, sop_instance_uid: str) -> bytes:
         """The stored DICOM file of an instance, byte for byte."""
         found = self.rest(

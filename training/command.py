@@ -141,9 +141,10 @@ def _print_report(report: EvaluationReport) -> None:
 
 def train(
     data: Annotated[
-        Path, typer.Option("--data", "-d", help="Labelled studies: labels.csv or class folders.")
-    ],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Bundle folder to write.")],
+        Path | None,
+        typer.Option("--data", "-d", help="Labelled studies: labels.csv or class folders."),
+    ] = None,
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Bundle folder to write.")] = None,
     recipe: Annotated[Path, typer.Option("--recipe", "-r", help="Ensemble recipe.")] = Path(
         "config/ensemble-demo.toml"
     ),
@@ -188,11 +189,39 @@ def train(
             "own format, e.g. annotations.json beside the DICOM files for spine).",
         ),
     ] = "parathyroid",
+    from_node: Annotated[
+        Path | None,
+        typer.Option(
+            "--from-node",
+            help="Export this node's assessed studies of --analysis, de-identified, into this "
+            "new folder as the data; then train into --out if given, else print the command.",
+        ),
+    ] = None,
+    config: Annotated[
+        Path | None,
+        typer.Option("--config", "-c", help="The node's TOML configuration (--from-node)."),
+    ] = None,
+    data_dir: Annotated[
+        Path | None,
+        typer.Option("--data-dir", help="The node's database and stored files (--from-node)."),
+    ] = None,
 ) -> None:
     """Train the members of a recipe, fit the fusion, and write and evaluate a model bundle."""
     from mibi_node.errors import MibiNodeError
     from training.pipeline import train_bundle
 
+    if from_node is not None:
+        if data is not None:
+            raise _fail("give --data or --from-node, not both", 2)
+        data = _export_from_node(from_node, analysis, config, data_dir, recipe, out)
+        if out is None:
+            return
+    if data is None or out is None:
+        raise _fail(
+            "--data and --out are needed (or --from-node FOLDER to export the node's assessed "
+            "studies)",
+            2,
+        )
     if analysis != "parathyroid":
         raise typer.Exit(_train_analysis(analysis, recipe, data, out))
 
@@ -248,6 +277,56 @@ def train(
         highlight=False,
         soft_wrap=True,
     )
+
+
+def _export_from_node(
+    folder: Path,
+    analysis: str,
+    config: Path | None,
+    data_dir: Path | None,
+    recipe: Path,
+    out: Path | None,
+) -> Path:
+    """``train --from-node``: export the node's assessed studies, say what was written and
+    how to train on it; the export folder."""
+    from mibi_node import cli
+    from mibi_node.errors import MibiNodeError
+    from mibi_node.storage.filestore import FileStore
+    from mibi_node.validation.export import export_assessed
+
+    resolved = cli._load(config, node={"data_dir": data_dir})
+    try:
+        database = cli._open_existing(resolved)
+    except typer.Exit:  # it said why; a missing database is bad input here
+        raise typer.Exit(2) from None
+    try:
+        outcome = export_assessed(
+            database, FileStore(resolved.store_dir), analysis, folder, actor=cli._operator()
+        )
+    except MibiNodeError as exc:
+        raise _fail(str(exc), 2) from None
+    finally:
+        database.dispose()
+    labels = ", ".join(f"{key} {n}" for key, n in outcome.labels.items())
+    skipped = ", ".join(f"{reason} {n}" for reason, n in outcome.skipped.items()) or "none"
+    _out.print(
+        f"exported {outcome.cases} {analysis} cases ({outcome.files} files, de-identified) to "
+        f"{folder}\nlabels: {labels}\nleft out: {skipped}",
+        highlight=False,
+        soft_wrap=True,
+    )
+    for warning in outcome.warnings:
+        _err.print(f"[yellow]warning:[/] {escape(warning)}", highlight=False, soft_wrap=True)
+    if out is None:
+        default = recipe in (
+            Path("config/ensemble-demo.toml"),
+            Path(f"config/{analysis}-demo.toml"),
+        )
+        command = outcome.train_command("BUNDLE", None if default else str(recipe))
+        _out.print(
+            f"train a bundle on it with:\n  {shlex.join(command)}", highlight=False, soft_wrap=True
+        )
+    return outcome.out_dir
 
 
 #: The analyses whose training lives in a module of its own with a ``main(argv)``.

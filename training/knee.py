@@ -78,6 +78,7 @@ from mibi_node.analyses.knee.preprocess import (
 )
 from mibi_node.analyses.memory import record_measured_memory
 from mibi_node.errors import ConfigError, MibiNodeError
+from mibi_node.validation.drift import record_training_inputs
 from training.knee_data import (
     KneeTrainingCase,
     PreparedCase,
@@ -484,6 +485,10 @@ def train_knee(
         }
         write_knee_bundle(Path(out), manifest, stage1, stage2, overwrite=overwrite)
         _write_history(Path(out) / "history.csv", history1, history2)
+        # The training inputs' summary that input drift is measured against.
+        record_training_inputs(
+            Path(out), [Path(data) / case / "dicom" for case in (*train_names, *val_names)]
+        )
         if val_names:
             evaluation, report = score_cases(Path(out), val_cases, bootstrap=0, seed=0)
             record_knee_evaluation(Path(out), figures(evaluation, report), split="validation")

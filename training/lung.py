@@ -62,6 +62,7 @@ from mibi_node.analyses.lung.model import create_lung_detector, parameter_count
 from mibi_node.analyses.memory import record_measured_memory
 from mibi_node.analyses.registry import available_analyses
 from mibi_node.errors import ConfigError, MibiNodeError
+from mibi_node.validation.drift import record_training_inputs
 from training.lung_data import (
     PreparedCase,
     case_folders,
@@ -271,6 +272,10 @@ def train_lung(
         }
         bundle = write_lung_bundle(Path(out), manifest, model, overwrite=overwrite)
         _write_history(Path(out) / "history.csv", history)
+        # The training inputs' summary that input drift is measured against.
+        record_training_inputs(
+            Path(out), [Path(data) / case / "dicom" for case in (*train_names, *val_names)]
+        )
         if val_cases:
             runner = LungRunner(bundle)
             if parsed.linking.fit:

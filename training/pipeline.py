@@ -205,6 +205,7 @@ def train_bundle(
     from mibi_node.analyses.memory import record_measured_memory
     from mibi_node.inference.bundle import write_bundle
     from mibi_node.inference.engine import resolve_device
+    from mibi_node.validation.drift import record_training_inputs
     from training.trainer import predict_probabilities, train_member
 
     started = time.perf_counter()
@@ -379,6 +380,10 @@ def train_bundle(
                 for key in (*split.val, *split.test)
                 if samples[key].kind == "dicom"
             ],
+        )
+        # The training inputs' summary that input drift is measured against.
+        record_training_inputs(
+            out, [samples[k].files for k in split.keys("trainval") if samples[k].kind == "dicom"]
         )
         reports = out / "reports"
         reports.mkdir(exist_ok=True)

@@ -64,6 +64,7 @@ from mibi_node.inference.recipe import (
     NormalisationSection,
     read_recipe,
 )
+from mibi_node.validation.drift import record_training_inputs
 from training.spine_data import (
     SpineStudy,
     _index_dicom,
@@ -437,6 +438,9 @@ def train_spine(
         files = _index_dicom(Path(data))
         uids = [studies[i].input.study_instance_uid for i in val_idx]
         record_measured_memory("spine", out, [files[uid] for uid in uids if uid in files])
+        # The training inputs' summary that input drift is measured against.
+        trained = [studies[i].input.study_instance_uid for i in (*train_idx, *val_idx)]
+        record_training_inputs(out, [files[uid] for uid in trained if uid in files])
     finally:
         torch.set_num_threads(threads)
     say(f"trained spine bundle {out} in {seconds:.1f} s")

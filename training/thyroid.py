@@ -53,6 +53,7 @@ from mibi_node.inference.recipe import (
     NormalisationSection,
     read_recipe,
 )
+from mibi_node.validation.drift import record_training_inputs
 
 __all__ = [
     "ThyroidRecipe",
@@ -489,6 +490,8 @@ def train_thyroid(
         write_thyroid_bundle(Path(out), manifest, modules, overwrite=overwrite)
         _write_history(Path(out) / "history.csv", histories)
         record_measured_memory("thyroid", out, [[Path(data) / rows[i]["folder"]] for i in val_idx])
+        # The training inputs' summary that input drift is measured against.
+        record_training_inputs(out, [Path(data) / row["folder"] for row in rows])
     finally:
         torch.set_num_threads(threads)
     logger.info("trained thyroid bundle %s in %.1f s", out, seconds)

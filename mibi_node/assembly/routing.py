@@ -13,16 +13,22 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import pydicom
 from pydicom.dataset import Dataset
 from sqlalchemy import func, select
 
 from mibi_node.analyses.selection import HEADER_TAGS, SelectionRule, radiopharmaceutical_codes
+from mibi_node.jobs.queue import queue_shadow_job
 from mibi_node.storage.database import Database
 from mibi_node.storage.filestore import FileStore
 from mibi_node.storage.instances import is_image_instance
 from mibi_node.storage.models import Instance, Job, JobState, Study, StudyState
+from mibi_node.validation.shadow import bundle_choices
+
+if TYPE_CHECKING:
+    from mibi_node.config import Config
 
 __all__ = ["RoutingDecision", "decide", "route_stable_studies", "select_analyses"]
 
@@ -138,13 +144,16 @@ def route_stable_studies(
     files: FileStore,
     rules: SelectionRule | Mapping[str, SelectionRule],
     labels: Mapping[str, str] | None = None,
+    config: Config | None = None,
 ) -> list[int]:
     """Queue a job for every analysis that takes a STABLE study; ignore the others.
 
     ``rules`` is analysis name -> rule (a single rule is the parathyroid analysis').
     A study that still has a job of an analysis waiting in the queue keeps it (the job will
     read every instance there is when it runs); otherwise the analysis gets a job for its
-    next version of the study.
+    next version of the study. With ``config``, an analysis with a candidate bundle
+    (``shadow_bundle``, not promoted) also gets a shadow job of the same version
+    (:func:`~mibi_node.jobs.queue.queue_shadow_job`).
 
     Returns
     -------
@@ -184,19 +193,21 @@ def route_stable_studies(
     if not plans:
         return queued
     with database.write_lock(), database.session() as session, session.begin():
+        candidates: set[str] = set()
+        if config is not None:
+            choices = bundle_choices(session, config, selections)
+            candidates = {name for name, choice in choices.items() if choice.candidate}
         for study_id, decision in plans:
             study = session.get(Study, study_id, with_for_update=True)  # PostgreSQL: row lock
             if study is None or study.state is not StudyState.STABLE:
                 continue  # an instance arrived meanwhile: the study is RECEIVING again
-            waiting = {
-                job.analysis: job
-                for job in session.scalars(
-                    select(Job).where(Job.study_id == study_id, Job.state == JobState.QUEUED)
-                )
-            }
+            queued_jobs = session.scalars(
+                select(Job).where(Job.study_id == study_id, Job.state == JobState.QUEUED)
+            ).all()
+            waiting = {job.analysis: job for job in queued_jobs if not job.shadow}
             taken = dict(decision.analyses or {})
-            for name, job in waiting.items():
-                if name not in taken:
+            for job in queued_jobs:
+                if job.analysis not in taken:
                     job.transition(JobState.FAILED, "the study is no longer routed for analysis")
             if not taken:
                 study.transition(StudyState.IGNORED, decision.reason)
@@ -220,6 +231,8 @@ def route_stable_studies(
                 session.flush()
                 queued.append(job.id)
                 versions.append((name, job))
+                if name in candidates and (shadow := queue_shadow_job(session, job)) is not None:
+                    queued.append(shadow.id)
                 logger.info(
                     "study #%d queued for %s as job #%d (version %d)",
                     study_id,

@@ -8,6 +8,10 @@ doubling to ``1 h``), or FAILED after ``dispatch.max_attempts``. A sender killed
 leaves a SENDING row whose lease expires once the send's timeouts are certainly over
 (``dispatch.timeout`` x (3 + files)); it is sent again (PACS treats a re-sent SOP Instance
 UID as the same object, so the study never shows two copies).
+
+DONE means the PACS acknowledged every C-STORE. Where the destination asks for it
+(``commitment``), a DONE delivery's commitment becomes PENDING and the commitment sweep
+(:mod:`mibi_node.dispatch.commitment`) asks the PACS whether it keeps the files.
 """
 
 from __future__ import annotations
@@ -27,7 +31,15 @@ from mibi_node.dispatch.destinations import Destination
 from mibi_node.dispatch.scu import SendResult, send_files
 from mibi_node.errors import MibiNodeError
 from mibi_node.storage.database import Database
-from mibi_node.storage.models import Delivery, DeliveryState, Job, JobState, Study, utcnow
+from mibi_node.storage.models import (
+    CommitmentState,
+    Delivery,
+    DeliveryState,
+    Job,
+    JobState,
+    Study,
+    utcnow,
+)
 
 __all__ = ["DeliveryOutcome", "backoff_seconds", "deliver", "resend_study"]
 
@@ -136,6 +148,7 @@ def _record(
         if ok:
             row.transition(DeliveryState.DONE)
             row.delivered_at = utcnow()
+            _await_commitment(row)
         elif row.attempts >= config.max_attempts:
             row.transition(DeliveryState.FAILED)
             logger.error(
@@ -175,6 +188,21 @@ def _record(
             },
         )
         return DeliveryOutcome(row.id, DeliveryState(row.state), status, message)
+
+
+def _await_commitment(row: Delivery) -> None:
+    """A delivery just DONE: its commitment is due now, unless its destination asks none.
+
+    A new Transaction UID is made at the next N-ACTION; ``commit_resends`` is kept (it
+    bounds the stores sent again because the PACS reported failures).
+    """
+    asked = row.destination.get("commitment", "none") != "none"
+    row.commitment = CommitmentState.PENDING if asked else CommitmentState.NONE
+    row.commit_transaction_uid = None
+    row.commit_attempts = 0
+    row.commit_due_at = utcnow() if asked else None
+    row.committed_at = None
+    row.commit_message = None
 
 
 def deliver(
@@ -235,13 +263,16 @@ def resend_study(
             raise MibiNodeError(f"no study with Study Instance UID {study_instance_uid}")
         job = session.scalars(
             select(Job)
-            .where(Job.study_id == study.id, Job.state == JobState.DONE)
+            .where(Job.study_id == study.id, Job.state == JobState.DONE, Job.shadow.is_(False))
             .order_by(Job.version.desc())
         ).first()
         if job is None or not job.sr_path:
             raise MibiNodeError("the study has no result yet; nothing to resend")
         rows = session.scalars(
-            select(Delivery).where(Delivery.job_id == job.id).with_for_update()
+            select(Delivery)
+            .where(Delivery.job_id == job.id)
+            .order_by(Delivery.id)  # the result's own first; assessments come later
+            .with_for_update()
         ).all()
         files: list[str] = [job.sr_path]
         if rows:
@@ -255,6 +286,7 @@ def resend_study(
                 row.transition(DeliveryState.PENDING)
             row.next_attempt_at = utcnow()
             row.attempts = 0
+            row.commit_resends = 0
             known.add(row.label)
         for destination in destinations:
             if destination.label in known:

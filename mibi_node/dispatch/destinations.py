@@ -7,13 +7,26 @@ A destination is written ``[[dispatch.destinations]]`` in the configuration and
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from mibi_node.errors import ConfigError
 
-__all__ = ["Destination", "DestinationTLS", "check_ae_title", "parse_destination"]
+__all__ = [
+    "Commitment",
+    "Destination",
+    "DestinationTLS",
+    "check_ae_title",
+    "parse_destination",
+]
+
+#: How the node confirms that a destination keeps what it stored (``docs/dispatch.md``):
+#: ``"storage-commitment"`` (N-ACTION, then the N-EVENT-REPORT), ``"find"`` (C-FIND of
+#: every SOP Instance UID), ``"auto"`` (Storage Commitment; C-FIND where the PACS refuses
+#: that SOP class; "unconfirmed" where it refuses both) or ``"none"`` (the C-STORE
+#: response is the last word, as before issue 20).
+Commitment = Literal["auto", "storage-commitment", "find", "none"]
 
 _AE_TITLE_MAX = 16
 _CLI_FORM = "expected AE@HOST:PORT, e.g. PACS@10.0.0.5:104 or PACS@[::1]:104"
@@ -73,6 +86,9 @@ class Destination(BaseModel):
     port: int = Field(ge=1, le=65535)
     name: str = ""
     tls: DestinationTLS = DestinationTLS()
+    #: Off by default: a PACS that supports Storage Commitment but was never told the
+    #: node's address would never report, and every result would raise an alert.
+    commitment: Commitment = "none"
 
     @field_validator("ae_title")
     @classmethod

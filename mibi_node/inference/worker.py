@@ -16,6 +16,13 @@ FAILED, while the other studies go on.
 Without a usable bundle for an analysis the worker keeps running and says why in the
 ``worker`` table (``mibi-node status`` shows it); that analysis' jobs wait in the queue and
 its bundle is looked for again every few seconds, so installing one needs no restart.
+
+An analysis with a candidate bundle (``shadow_bundle``; :mod:`mibi_node.validation.shadow`)
+has it loaded beside the current one, within the same memory budget, for its shadow jobs:
+their results are recorded and never sent. A candidate that cannot be loaded fails them
+with the reason, and leaves the current jobs alone. Which bundle is current is read from
+the database at every poll, so a promotion reaches the worker without a restart: the
+candidate already loaded becomes the current runner.
 """
 
 from __future__ import annotations
@@ -62,6 +69,7 @@ from mibi_node.systemd import Notifier
 
 if TYPE_CHECKING:
     from mibi_node.analyses.base import Analysis, Runner
+    from mibi_node.validation.shadow import BundleChoice
 
 __all__ = ["Worker", "worker_main"]
 
@@ -112,6 +120,14 @@ class Worker:
         self.runners: dict[str, Runner] = {}
         #: Analysis name -> why its bundle is not loaded (shown in the worker row).
         self.problems: dict[str, str] = {}
+        #: Analysis name -> its candidate bundle, run for its shadow jobs.
+        self.candidates: dict[str, Runner] = {}
+        #: Analysis name -> why its candidate is not loaded (its shadow jobs fail with it).
+        self.candidate_problems: dict[str, str] = {}
+        #: (analysis, shadow) -> the folder its loaded runner came from.
+        self._folders: dict[tuple[str, bool], Path] = {}
+        #: Analysis name -> the bundles it runs now (read from the database at every poll).
+        self._choices: dict[str, BundleChoice] = {}
         self._device_uid: str | None = None
         self._next_bundle_try = 0.0
         self._budget_mb: float | None = None
@@ -167,7 +183,10 @@ class Worker:
 
     def bundles_text(self) -> str:
         """The loaded bundles as the worker row shows them ("demo 1.0, thyroid-demo 1.0")."""
-        text = ", ".join(f"{r.bundle_name} {r.bundle_version}" for r in self.runners.values())
+        text = ", ".join(
+            [f"{r.bundle_name} {r.bundle_version}" for r in self.runners.values()]
+            + [f"shadow {r.bundle_name} {r.bundle_version}" for r in self.candidates.values()]
+        )
         return text[:128]
 
     def baseline_mb(self) -> float:
@@ -201,12 +220,19 @@ class Worker:
         """Load every enabled analysis' bundle not loaded yet; ``True`` when one is loaded.
 
         Each analysis that cannot be loaded (no bundle, a bad one, over the memory budget)
-        says why in :attr:`problems`; the others run.
+        says why in :attr:`problems`; the others run. Candidate bundles are loaded after the
+        current ones (a current bundle comes first in the memory budget); one that cannot
+        be loaded says why in :attr:`candidate_problems`.
         """
         from mibi_node.analyses.registry import get_analysis
+        from mibi_node.validation.shadow import bundle_choices
 
         wanted = self.config.enabled_analyses
-        if all(name in self.runners for name in wanted):
+        self._follow(bundle_choices(self.database, self.config, wanted))
+        shadowed = [name for name in wanted if self._choices[name].candidate is not None]
+        if all(name in self.runners for name in wanted) and all(
+            name in self.candidates for name in shadowed
+        ):
             return bool(self.runners)
         if time.monotonic() < self._next_bundle_try:
             return bool(self.runners)
@@ -215,46 +241,102 @@ class Worker:
         for name in wanted:
             if name in self.runners:
                 continue
-            problem = self._load_one(get_analysis(name), device)
+            problem = self._load_one(get_analysis(name), device, self._choices[name].current)
             if problem is None:
                 self.problems.pop(name, None)
                 continue
             if problem != self.problems.get(name):  # once per reason, not every few seconds
                 logger.error("worker %s: %s", self.name, problem)
             self.problems[name] = problem
-        message = "; ".join(self.problems.values())
+        for name in shadowed:
+            candidate = self._choices[name].candidate
+            if name in self.candidates or candidate is None:
+                continue
+            problem = self._load_one(get_analysis(name), device, candidate, shadow=True)
+            if problem is None:
+                self.candidate_problems.pop(name, None)
+                continue
+            if problem != self.candidate_problems.get(name):
+                logger.error("worker %s: %s; its shadow jobs fail", self.name, problem)
+            self.candidate_problems[name] = problem
+        message = self._problems_text()
         if not self.runners:
             self._say("waiting for a bundle", message)
             return False
         self._say("ready", message)
         return True
 
-    def _load_one(self, analysis: Analysis, device: str) -> str | None:
-        """Load one analysis' bundle; the reason when it cannot be loaded."""
-        bundle = self.config.bundle_for(analysis.name)
+    def _problems_text(self) -> str:
+        return "; ".join([*self.problems.values(), *self.candidate_problems.values()])
+
+    def _follow(self, choices: dict[str, BundleChoice]) -> None:
+        """Follow a promotion (or its revert): a loaded runner whose folder is no longer its
+        analysis' current (or candidate) bundle is dropped; the candidate that became
+        current is moved over, not loaded again. The rest is loaded on the next try."""
+        changed = False
+        for name, choice in choices.items():
+            before = self._choices.get(name)
+            if before is not None and before != choice:
+                logger.warning(
+                    "worker %s: %s now runs %s%s", self.name, name, choice.current,
+                    f" with the candidate {choice.candidate} in shadow" if choice.candidate else "",
+                )  # fmt: skip
+                self._next_bundle_try = 0.0
+                self.problems.pop(name, None)
+                self.candidate_problems.pop(name, None)
+            if name in self.runners and self._folders.get((name, False)) != choice.current:
+                changed = True
+                del self.runners[name]
+                if self._folders.get((name, True)) == choice.current:  # promoted
+                    self.runners[name] = self.candidates.pop(name)
+                    self._folders[(name, False)] = self._folders.pop((name, True))
+                else:
+                    self._folders.pop((name, False), None)
+            if name in self.candidates and self._folders.get((name, True)) != choice.candidate:
+                changed = True
+                del self.candidates[name]
+                self._folders.pop((name, True), None)
+        self._choices = choices
+        if changed:  # the dropped weights go now, not at the next collection
+            import gc
+
+            gc.collect()
+            if _resolve(self.device).startswith("cuda"):
+                import torch
+
+                torch.cuda.empty_cache()
+
+    def _load_one(
+        self, analysis: Analysis, device: str, bundle: Path, shadow: bool = False
+    ) -> str | None:
+        """Load one analysis' bundle (its candidate with ``shadow``); the reason when it
+        cannot be loaded."""
+        what = f"{analysis.name} candidate" if shadow else analysis.name
         if not bundle.is_dir():
-            return f"{analysis.name}: no model bundle at {bundle}: its jobs wait"
+            return f"{what}: no model bundle at {bundle}: its {'shadow ' * shadow}jobs wait"
         try:
             needs = analysis.memory_needs(bundle, device)
             budget = self.memory_budget_mb()
             baseline = self.baseline_mb()
             loaded = sum(
                 (r.memory.gpu_mb if device.startswith("cuda") else r.memory.cpu_mb)
-                for r in self.runners.values()
+                for r in [*self.runners.values(), *self.candidates.values()]
             )
             wanted = needs.gpu_mb if device.startswith("cuda") else needs.cpu_mb
             if baseline + loaded + wanted > budget:
                 return (
-                    f"{analysis.name}: bundle {bundle} needs {wanted:.0f} MiB "
+                    f"{what}: bundle {bundle} needs {wanted:.0f} MiB "
                     f"({needs.source}) and {budget - baseline - loaded:.0f} MiB of the "
                     f"worker's {budget:.0f} MiB budget on {device} are left (the worker "
                     f"itself {baseline:.0f} MiB, bundles loaded {loaded:.0f} MiB): not "
                     "loaded; raise workers.memory_budget_mb or run this analysis in another "
                     "worker"
                 )
-            self.runners[analysis.name] = analysis.load(bundle, device)
+            runner = analysis.load(bundle, device)
         except (MibiNodeError, ValueError, OSError, RuntimeError) as exc:
-            return f"{analysis.name}: cannot load the bundle {bundle}: {exc}"
+            return f"{what}: cannot load the bundle {bundle}: {exc}"
+        (self.candidates if shadow else self.runners)[analysis.name] = runner
+        self._folders[(analysis.name, shadow)] = bundle
         # Import the reader and the report builders now, not on the first study's clock.
         import mibi_node.report.sr  # noqa: F401
 
@@ -262,9 +344,9 @@ class Worker:
             "worker %s: %s bundle %s %s on %s (%.0f MiB, %s); memory: the worker %.0f MiB "
             "+ bundles %.0f MiB of %.0f MiB",
             self.name,
-            analysis.name,
-            self.runners[analysis.name].bundle_name,
-            self.runners[analysis.name].bundle_version,
+            what,
+            runner.bundle_name,
+            runner.bundle_version,
             device,
             wanted,
             needs.source,
@@ -347,9 +429,9 @@ class Worker:
             self._held |= ids
         try:
             self._say("busy", f"{len(jobs)} job(s)")
-            for name in dict.fromkeys(job.analysis for job in jobs):
-                self._analyse(name, [job for job in jobs if job.analysis == name])
-            self._say("ready", "; ".join(self.problems.values()))
+            for name, shadow in dict.fromkeys((job.analysis, job.shadow) for job in jobs):
+                self._analyse(name, [j for j in jobs if (j.analysis, j.shadow) == (name, shadow)])
+            self._say("ready", self._problems_text())
         finally:
             # Recorded, or abandoned by an error: either way no longer renewed.
             with self._held_lock:
@@ -360,7 +442,9 @@ class Worker:
         from mibi_node.analyses.registry import get_analysis
 
         analysis = get_analysis(name)
-        runner = self.runners[name]
+        runner = self._runner(name, jobs)
+        if runner is None:
+            return
         read: list[tuple[ClaimedJob, Any, float]] = []
         for job in jobs:
             started = time.perf_counter()
@@ -394,6 +478,23 @@ class Worker:
             return
         for (job, _study, seconds), result in zip(read, results, strict=True):
             self._finish(job, result, seconds)
+
+    def _runner(self, name: str, jobs: Sequence[ClaimedJob]) -> Runner | None:
+        """The runner of a batch of one analysis' jobs: its candidate for shadow jobs.
+
+        Shadow jobs whose candidate is not loaded fail at once with the reason (the current
+        jobs are not touched); ``None`` then.
+        """
+        if not jobs or not jobs[0].shadow:
+            return self.runners[name]
+        if name in self.candidates:
+            return self.candidates[name]
+        why = self.candidate_problems.get(name) or (
+            f"{name} has no candidate bundle now (no shadow_bundle, or it was promoted)"
+        )
+        for job in jobs:
+            self._fail(job, f"the candidate bundle is not loaded: {why}", retry=False)
+        return None
 
     def _predict_one(self, runner: Runner, job: ClaimedJob, study: Any, seconds: float) -> None:
         try:
@@ -465,9 +566,10 @@ class Worker:
             sr_sop_instance_uid=str(sr.SOPInstanceUID),
             sr_series_instance_uid=str(sr.SeriesInstanceUID),
             files=tuple(files),
-            destinations=tuple(
-                d.model_dump(mode="json") for d in self.config.dispatch.destinations
-            ),
+            destinations=()
+            if job.shadow  # a candidate's result is kept, never sent
+            else tuple(d.model_dump(mode="json") for d in self.config.dispatch.destinations),
+            inputs=self._inputs(job),
         )
         deliveries = complete_job(self.database, self.name, job.id, done)
         logger.info(
@@ -477,7 +579,7 @@ class Worker:
             result.predicted,
             dict(getattr(result, "probabilities", {})).get(result.predicted, float("nan")),
             *timings.values(),
-            job.analysis,
+            f"{job.analysis}, shadow" if job.shadow else job.analysis,
         )
         if deliveries:
             deliver(
@@ -488,6 +590,18 @@ class Worker:
                 owner=self.name,
                 delivery_ids=deliveries,
             )
+
+    def _inputs(self, job: ClaimedJob) -> dict[str, Any] | None:
+        """The summary of the job's images that input drift is measured on; ``None`` when it
+        cannot be made, which never fails the job (:mod:`mibi_node.validation.drift`)."""
+        from mibi_node.validation.drift import summarise_inputs
+
+        try:
+            return summarise_inputs([self.files.absolute(p) for p in job.paths])
+        except Exception as exc:
+            logger.warning("job #%d: no input summary for drift (%s)", job.id, type(exc).__name__)
+            logger.debug("job #%d: input summary failed", job.id, exc_info=True)
+            return None
 
     def _write_documents(self, job: ClaimedJob, result: Any) -> tuple[list[str], Dataset]:
         from mibi_node.analyses.base import EncodeContext

@@ -22,10 +22,10 @@ import logging
 from collections.abc import Collection
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydicom.uid import generate_uid
-from sqlalchemy import Connection, Table, bindparam, insert, select, update
+from sqlalchemy import Connection, Table, bindparam, insert, null, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.orm import Session
 
@@ -46,6 +46,9 @@ from mibi_node.storage.models import (
     utcnow,
 )
 
+if TYPE_CHECKING:
+    from mibi_node.config import Config
+
 __all__ = [
     "ClaimedJob",
     "CompletedJob",
@@ -54,6 +57,7 @@ __all__ = [
     "defer_job",
     "device_uid",
     "fail_job",
+    "queue_shadow_job",
     "release_expired_jobs",
     "renew_leases",
     "requeue_study",
@@ -89,6 +93,8 @@ class ClaimedJob:
     sr_series_instance_uid: str | None
     #: The analysis to run (:mod:`mibi_node.analyses`).
     analysis: str = "parathyroid"
+    #: A job of the analysis' candidate bundle: its result is stored, never sent.
+    shadow: bool = False
 
 
 @dataclass(frozen=True)
@@ -105,6 +111,9 @@ class CompletedJob:
     files: tuple[str, ...]
     #: Destinations as plain data (``Destination.model_dump(mode="json")``).
     destinations: tuple[dict[str, Any], ...]
+    #: Summary of the images the job read, for input drift (:mod:`mibi_node.validation.drift`);
+    #: ``None`` when it could not be made.
+    inputs: dict[str, Any] | None = None
 
 
 def claim_jobs(
@@ -170,6 +179,7 @@ def claim_jobs(
                 _JOB.c.version,
                 _JOB.c.attempts,
                 _JOB.c.partial,
+                _JOB.c.shadow,
             )
         ).all()
         if not returned:
@@ -190,7 +200,7 @@ def claim_jobs(
         moves = []
         for job in jobs:
             state = StudyState(studies[job.study_id].state)
-            if state in _CLAIMABLE_STUDY_STATES:
+            if state in _CLAIMABLE_STUDY_STATES and not job.shadow:  # shadows move nothing
                 check_transition(state, StudyState.RUNNING)
                 moves.append({"moved": job.study_id, "reason": f"analysing version {job.version}"})
         if moves:  # one executemany, not one UPDATE a study
@@ -225,7 +235,11 @@ def claim_jobs(
                 _JOB.c.sr_path,
                 _JOB.c.sr_series_instance_uid,
             )
-            .where(_JOB.c.study_id.in_(study_ids), _JOB.c.state == JobState.DONE)
+            .where(
+                _JOB.c.study_id.in_(study_ids),
+                _JOB.c.state == JobState.DONE,
+                _JOB.c.shadow.is_(False),  # a shadow SR is never a predecessor
+            )
             .order_by(_JOB.c.version.desc())
         ).all()
     claimed = []
@@ -238,6 +252,7 @@ def claim_jobs(
                 if row.study_id == job.study_id
                 and row.analysis == job.analysis
                 and row.version < job.version
+                and not job.shadow  # a shadow SR stands alone, in a series of its own
             ),
             None,
         )
@@ -254,6 +269,7 @@ def claim_jobs(
                 predecessor_sr_path=earlier.sr_path if earlier else None,
                 sr_series_instance_uid=earlier.sr_series_instance_uid if earlier else None,
                 analysis=job.analysis,
+                shadow=job.shadow,
             )
         )
     return claimed
@@ -288,7 +304,8 @@ def _aggregate(desired: StudyState, others: set[JobState], failed: bool) -> Stud
     """The study's state when one of its jobs asks for ``desired``.
 
     A study is RUNNING while any of its jobs runs, QUEUED while one waits; once none is
-    active it is FAILED when the latest job of any analysis failed, else DONE.
+    active it is FAILED when the latest job of any analysis failed, else DONE. Shadow jobs
+    (a candidate bundle's) are not among its jobs here: the study never waits for them.
     """
     if JobState.RUNNING in others:
         return StudyState.RUNNING
@@ -310,7 +327,7 @@ def _target(
     """
     rows = connection.execute(
         select(_JOB.c.id, _JOB.c.analysis, _JOB.c.version, _JOB.c.state, _JOB.c.result).where(
-            _JOB.c.study_id == study_id
+            _JOB.c.study_id == study_id, _JOB.c.shadow.is_(False)
         )
     ).all()
     active = {JobState(row.state) for row in rows if row.id != job_id} & {
@@ -361,8 +378,9 @@ def _settle(
 
 
 def _move(session: Session, study: Study, job: Job, desired: StudyState, reason: str) -> None:
-    """:func:`_settle` for the functions that hold the study as an ORM object."""
-    if study.state is not StudyState.RUNNING:
+    """:func:`_settle` for the functions that hold the study as an ORM object (a shadow
+    job's study stays as it is)."""
+    if study.state is not StudyState.RUNNING or job.shadow:
         return
     summary = "failed" if desired is StudyState.FAILED else desired.value.lower()
     state, combined = _target(session.connection(), study.id, job.id, desired, summary)
@@ -388,6 +406,9 @@ def _owned(session: Session, job_id: int, owner: str) -> tuple[Job, Study] | Non
 
 def complete_job(database: Database, owner: str, job_id: int, done: CompletedJob) -> list[int]:
     """Record a job's result and create one delivery per destination.
+
+    A shadow job's result (a candidate bundle's) is recorded with an audit row of kind
+    ``shadow``, and nothing else: no delivery, and its study stays as it is.
 
     Four statements: one ``UPDATE ... RETURNING`` takes the job from RUNNING to DONE only if
     ``owner`` still holds it (the check and the change in one statement, which also locks
@@ -421,10 +442,11 @@ def complete_job(database: Database, owner: str, job_id: int, done: CompletedJob
                 sr_path=done.sr_path,
                 sr_sop_instance_uid=done.sr_sop_instance_uid,
                 sr_series_instance_uid=done.sr_series_instance_uid,
+                inputs=done.inputs if done.inputs is not None else null(),
                 error=None,
                 traceback=None,
             )
-            .returning(_JOB.c.study_id, _JOB.c.analysis, _JOB.c.version)
+            .returning(_JOB.c.study_id, _JOB.c.analysis, _JOB.c.version, _JOB.c.shadow)
         ).first()
         if job is None:
             logger.warning(
@@ -432,18 +454,19 @@ def complete_job(database: Database, owner: str, job_id: int, done: CompletedJob
             )
             return []
         predicted = done.result.get("predicted", "?")
-        _settle(
-            connection,
-            job.study_id,
-            job_id,
-            StudyState.DONE,
-            f"version {job.version}: {predicted}",
-            str(predicted),
-            now,
-        )
+        if not job.shadow:
+            _settle(
+                connection,
+                job.study_id,
+                job_id,
+                StudyState.DONE,
+                f"version {job.version}: {predicted}",
+                str(predicted),
+                now,
+            )
         audit.add(
             connection,
-            "result",
+            "shadow" if job.shadow else "result",
             "done",
             actor=owner,
             study_id=job.study_id,
@@ -452,9 +475,10 @@ def complete_job(database: Database, owner: str, job_id: int, done: CompletedJob
                 "analysis": job.analysis,
                 "version": job.version,
                 "predicted": predicted,
+                **({"bundle": done.bundle} if job.shadow else {}),
             },
         )
-        if not done.destinations:
+        if not done.destinations or job.shadow:  # a shadow result is never sent
             return []
         return list(
             connection.scalars(
@@ -511,7 +535,7 @@ def fail_job(
             _move(session, study, job, StudyState.FAILED, error)
             audit.add(
                 session,
-                "result",
+                "shadow" if job.shadow else "result",
                 "failed",
                 actor=owner,
                 study_id=study.id,
@@ -562,7 +586,7 @@ def release_expired_jobs(database: Database, max_attempts: int) -> list[int]:
                 _move(session, study, job, StudyState.FAILED, f"{error}; no attempts left")
                 audit.add(
                     session,
-                    "result",
+                    "shadow" if job.shadow else "result",
                     "failed",
                     actor=job.lease_owner or "",
                     study_id=study.id,
@@ -588,13 +612,15 @@ def requeue_study(
     study_instance_uid: str,
     actor: str = "cli",
     analysis: str | None = None,
+    config: Config | None = None,
 ) -> int:
     """Analyse a study again (``mibi-node requeue``); returns the (first) job id.
 
     Every analysis that analysed the study before (or only ``analysis``) is queued again: a
     FAILED job with fresh attempts, a DONE one as a new version (its SR supersedes the
     previous one). A study no analysis took gets a job of ``analysis`` (default
-    parathyroid).
+    parathyroid). With ``config``, an analysis with a candidate bundle gets its shadow job
+    of the same version beside it (:func:`queue_shadow_job`).
 
     Raises
     ------
@@ -621,7 +647,8 @@ def requeue_study(
             )
         latest: dict[str, Job] = {}
         for job in jobs:
-            latest.setdefault(job.analysis, job)
+            if not job.shadow:
+                latest.setdefault(job.analysis, job)
         names = [analysis] if analysis is not None else list(latest) or ["parathyroid"]
         requeued: list[Job] = []
         for name in names:
@@ -641,6 +668,13 @@ def requeue_study(
         if study.state is not StudyState.QUEUED:
             study.transition(StudyState.QUEUED, f"queued again by hand ({actor})")
         session.flush()
+        if config is not None:
+            from mibi_node.validation.shadow import bundle_choices
+
+            choices = bundle_choices(session, config, {job.analysis for job in requeued})
+            for job in list(requeued):
+                if choices[job.analysis].candidate is not None:
+                    queue_shadow_job(session, job)
         for job in requeued:
             audit.add(
                 session,
@@ -651,6 +685,39 @@ def requeue_study(
                 detail={"job": job.id, "analysis": job.analysis, "version": job.version},
             )
         return requeued[0].id
+
+
+def queue_shadow_job(session: Session, job: Job) -> Job | None:
+    """Queue the shadow job of ``job``'s version beside it (in ``session``'s transaction).
+
+    A new one is made when there is none; a FAILED one is queued again with fresh attempts,
+    a QUEUED one is due at once; a RUNNING or DONE one is left as it is (``None``).
+    """
+    shadow = session.scalars(
+        select(Job)
+        .where(
+            Job.study_id == job.study_id,
+            Job.analysis == job.analysis,
+            Job.version == job.version,
+            Job.shadow.is_(True),
+        )
+        .with_for_update()
+    ).first()
+    if shadow is None:
+        shadow = Job(study_id=job.study_id, analysis=job.analysis, version=job.version, shadow=True)
+        session.add(shadow)
+    elif shadow.state is JobState.FAILED:
+        shadow.transition(JobState.QUEUED)
+        shadow.attempts = 0
+        shadow.not_before = None
+        shadow.partial = False
+    elif shadow.state is JobState.QUEUED:
+        shadow.not_before = None
+        shadow.partial = False
+    else:
+        return None
+    session.flush()
+    return shadow
 
 
 def device_uid(database: Database, configured: str = "") -> str:

@@ -1,5 +1,8 @@
 """The Storage and Verification SCP: who may associate, and what each C-STORE is answered.
 
+It also takes the Storage Commitment reports (N-EVENT-REPORT) that a PACS sends on an
+association of its own, in the SCP role (``mibi_node.dispatch.commitment``).
+
 Handlers never raise (pynetdicom would turn an exception into 0xC211, which tells the
 sender nothing): every outcome is a precise DICOM status, logged once with its reason.
 """
@@ -18,12 +21,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, _config, evt
 from pynetdicom.transport import ThreadedAssociationServer
 from sqlalchemy.exc import OperationalError
 
 from mibi_node import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME, audit
 from mibi_node.config import Config, TLSConfig
+from mibi_node.dispatch.commitment import STORAGE_COMMITMENT_PUSH_MODEL, answer_report
 from mibi_node.errors import ConfigError
 from mibi_node.reception.contexts import TRANSFER_SYNTAXES, VERIFICATION, storage_sop_classes
 from mibi_node.reception.limit import AssociationLimit
@@ -246,6 +251,18 @@ class StorageSCP:
         ae.require_called_aet = False
         ae.require_calling_aet = []
         ae.add_supported_context(VERIFICATION)
+        if any(
+            d.commitment in ("auto", "storage-commitment")
+            for d in self.config.dispatch.destinations
+        ):
+            # A PACS sends its commitment reports as the SCP of this SOP class (role
+            # selection: it proposes SCP, not SCU); a proposal without one is accepted too.
+            ae.add_supported_context(
+                STORAGE_COMMITMENT_PUSH_MODEL,
+                [ExplicitVRLittleEndian, ImplicitVRLittleEndian],
+                scu_role=False,
+                scp_role=True,
+            )
         for uid in storage_sop_classes(
             reception.accept_all_storage, self.config.analysis_storage_classes()
         ):
@@ -266,6 +283,7 @@ class StorageSCP:
             (evt.EVT_REQUESTED, self._on_requested),
             (evt.EVT_C_ECHO, self._on_c_echo),
             (evt.EVT_C_STORE, self._on_c_store),
+            (evt.EVT_N_EVENT_REPORT, self._on_n_event_report),
             (evt.EVT_RELEASED, self._on_closed),
             (evt.EVT_ABORTED, self._on_closed),
             (evt.EVT_CONN_CLOSE, self._on_conn_close),
@@ -466,6 +484,10 @@ class StorageSCP:
 
     def _on_c_echo(self, event: Any) -> int:
         return STATUS_SUCCESS
+
+    def _on_n_event_report(self, event: Any) -> tuple[int, None]:
+        """A Storage Commitment report: recorded on its delivery; never raises."""
+        return answer_report(self.store.database, event), None
 
     def _tally(self, event: Any) -> _AssociationTally:
         with self._lock:

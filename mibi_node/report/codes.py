@@ -2,10 +2,10 @@
 
 Every standard concept is taken from pydicom's code dictionary
 (:data:`pydicom.sr.codedict.codes`, generated from DICOM PS3.16) so that the code meanings
-are exactly those of the standard; the attribute used is named next to each constant. Three
-concepts have no standard code and come from the node's own coding scheme
-(:data:`CODING_SCHEME`, ``99MIBINODE``), which every SR declares in its Coding
-Scheme Identification Sequence.
+are exactly those of the standard; the attribute used is named next to each constant. The
+concepts that have no standard code (three of the result SR, those of the assessment SR)
+come from the node's own coding scheme (:data:`CODING_SCHEME`, ``99MIBINODE``), which every
+SR declares in its Coding Scheme Identification Sequence.
 
 The class codes are SNOMED CT morphologies (adenoma, hyperplasia, ...); combined with the
 Finding Site *Parathyroid* of each measurement group they read "parathyroid adenoma" and so
@@ -24,9 +24,14 @@ from pydicom.sr.coding import Code
 
 __all__ = [
     "AGREEMENT",
+    "AI_VALUE",
+    "ASSESSMENT",
+    "ASSESSMENT_DECISIONS",
+    "ASSESSMENT_TITLE",
     "CLASS_CODES",
     "CODING_SCHEME",
     "COMMENT",
+    "CORRECTED_VALUE",
     "DEVICE_NAME",
     "FINDING_SITE",
     "INFERIOR",
@@ -104,6 +109,28 @@ AGREEMENT = Code("MN0001", CODING_SCHEME, "Ensemble member agreement")
 NORMALISED_ENTROPY = Code("MN0002", CODING_SCHEME, "Normalised entropy")
 #: The TEXT item stating what the model may be used for.
 INTENDED_USE = Code("MN0003", CODING_SCHEME, "Intended use")
+
+# The radiologist's assessment of the AI findings (mibi_node.report.assessment). DICOM has
+# no coded concepts yet for accepting, rejecting or correcting an AI result (IHE AIRA's are
+# not in PS3.16 as the node's pydicom knows it), so these are local until it has.
+
+#: Title of the assessment document (the root CONTAINER of its TID 1500 report).
+ASSESSMENT_TITLE = Code("MNA001", CODING_SCHEME, "AI result assessment")
+#: The CODE item of each assessed finding whose value is one of :data:`ASSESSMENT_DECISIONS`.
+ASSESSMENT = Code("MNA002", CODING_SCHEME, "Assessment of AI finding")
+#: The decision by :class:`~mibi_node.storage.models.VerdictDecision` value.
+ASSESSMENT_DECISIONS: MappingProxyType[str, Code] = MappingProxyType(
+    {
+        "accepted": Code("MNA003", CODING_SCHEME, "AI finding accepted"),
+        "rejected": Code("MNA004", CODING_SCHEME, "AI finding rejected"),
+        "corrected": Code("MNA005", CODING_SCHEME, "AI finding corrected"),
+    }
+)
+#: What the model said of the finding, as text ("adenoma", "present", "protrusion").
+AI_VALUE = Code("MNA006", CODING_SCHEME, "AI value")
+#: The reader's value of a corrected finding: a CODE where the AI result codes that value,
+#: else TEXT.
+CORRECTED_VALUE = Code("MNA007", CODING_SCHEME, "Corrected value")
 
 
 def coding_scheme_identification() -> CodingSchemeIdentificationItem:

@@ -34,6 +34,7 @@ from mibi_node.errors import MibiNodeError
 __all__ = [
     "AuditEvent",
     "Base",
+    "CommitmentState",
     "Delivery",
     "DeliveryState",
     "Instance",
@@ -156,6 +157,23 @@ _DELIVERY_ALLOWED: dict[DeliveryState, frozenset[DeliveryState]] = {
     DeliveryState.DONE: frozenset({DeliveryState.PENDING}),
     DeliveryState.FAILED: frozenset({DeliveryState.PENDING}),
 }
+
+
+class CommitmentState(enum.StrEnum):
+    """Whether the PACS has confirmed that it keeps a delivered result (``dispatch/commitment``).
+
+    A delivery is DONE once the PACS acknowledged every C-STORE; its commitment says more:
+    NONE (not asked: the destination's ``commitment`` is ``"none"``), PENDING (to be asked,
+    or asked and the answer awaited), COMMITTED (Storage Commitment said so, or C-FIND found
+    every instance), FAILED (the PACS reported failures, or never answered: an alert), or
+    UNCONFIRMED (``"auto"`` and the PACS supports neither Storage Commitment nor C-FIND).
+    """
+
+    NONE = "NONE"
+    PENDING = "PENDING"
+    COMMITTED = "COMMITTED"
+    FAILED = "FAILED"
+    UNCONFIRMED = "UNCONFIRMED"
 
 
 class InvalidTransitionError(MibiNodeError):
@@ -371,8 +389,27 @@ class Delivery(Base):
     last_message: Mapped[str | None] = mapped_column(Text, default=None)
     created_at: Mapped[datetime] = mapped_column(_UTCDateTime, default=utcnow)
     delivered_at: Mapped[datetime | None] = mapped_column(_UTCDateTime, default=None)
+    #: Storage commitment (revision 0006): whether the PACS confirmed it keeps the files.
+    commitment: Mapped[CommitmentState] = mapped_column(
+        Enum(CommitmentState, native_enum=False, length=16),
+        default=CommitmentState.NONE,
+        server_default=CommitmentState.NONE.value,
+    )
+    #: The N-ACTION's Transaction UID, kept across its repeats: a late report still matches.
+    commit_transaction_uid: Mapped[str | None] = mapped_column(String(64), default=None, index=True)
+    #: N-ACTIONs (or C-FIND read-backs) sent for the current commitment.
+    commit_attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    #: When the commitment sweep asks (again): due now, or once the report is overdue.
+    commit_due_at: Mapped[datetime | None] = mapped_column(_UTCDateTime, default=None)
+    committed_at: Mapped[datetime | None] = mapped_column(_UTCDateTime, default=None)
+    commit_message: Mapped[str | None] = mapped_column(Text, default=None)
+    #: C-STOREs sent again because the PACS reported it could not commit them (at most 1).
+    commit_resends: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
 
-    __table_args__ = (Index("ix_delivery_state_next", "state", "next_attempt_at"),)
+    __table_args__ = (
+        Index("ix_delivery_state_next", "state", "next_attempt_at"),
+        Index("ix_delivery_commitment_due", "commitment", "commit_due_at"),
+    )
 
     def transition(self, new: DeliveryState) -> None:
         """Move to ``new`` if the delivery state machine allows it.

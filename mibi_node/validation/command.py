@@ -45,32 +45,52 @@ def verdict_command(
     config: ConfigOption = None,
     data_dir: DataDirOption = None,
 ) -> None:
-    """Record a radiologist's verdict on one AI finding of a job's result."""
+    """Record a radiologist's verdict on one AI finding of a job's result.
+
+    With ``validation.send_assessment`` on, the job's assessment SR then goes to the job's
+    destinations (exit status 1 when it cannot be made: the verdict stays recorded).
+    """
     from mibi_node.errors import MibiNodeError
-    from mibi_node.validation.verdicts import record_verdict
+    from mibi_node.validation.verdicts import AssessmentError, queue_assessment, record_verdict
 
     cli = _cli()
-    database = cli._open_existing(cli._load(config, node={"data_dir": data_dir}))
+    resolved = cli._load(config, node={"data_dir": data_dir})
+    database = cli._open_existing(resolved)
     try:
-        recorded = record_verdict(
-            database,
-            job,
-            finding,
-            decision,
-            reader=reader,
-            value=value,
-            comment=comment,
-            actor=cli._operator(),
+        try:
+            recorded = record_verdict(
+                database,
+                job,
+                finding,
+                decision,
+                reader=reader,
+                value=value,
+                comment=comment,
+                actor=cli._operator(),
+            )
+        except MibiNodeError as exc:
+            raise cli._fail(str(exc), 2) from None
+        cli._out.print(
+            f"verdict #{recorded.id}: job #{recorded.job} {recorded.finding} {recorded.decision}"
+            + (f" -> {recorded.value}" if recorded.value else ""),
+            highlight=False,
         )
-    except MibiNodeError as exc:
-        raise cli._fail(str(exc), 2) from None
+        if resolved.validation.send_assessment:
+            try:
+                actor = f"{recorded.reader} ({cli._operator()})"
+                queued = queue_assessment(resolved, database, recorded.job, actor=actor)
+            except AssessmentError as exc:
+                raise cli._fail(
+                    f"the verdict is recorded, but no assessment SR is sent: {exc}"
+                ) from None
+            cli._out.print(
+                f"assessment SR {queued.instance_number} of job #{queued.job} "
+                f"({queued.findings} finding(s)) queued for {len(queued.deliveries)} "
+                "destination(s)",
+                highlight=False,
+            )
     finally:
         database.dispose()
-    cli._out.print(
-        f"verdict #{recorded.id}: job #{recorded.job} {recorded.finding} {recorded.decision}"
-        + (f" -> {recorded.value}" if recorded.value else ""),
-        highlight=False,
-    )
 
 
 @truth_app.command("import")

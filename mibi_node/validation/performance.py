@@ -48,6 +48,7 @@ __all__ = [
     "calibration",
     "cases",
     "classification",
+    "classify_cases",
     "performance",
 ]
 
@@ -291,9 +292,11 @@ def classification(
     )
 
 
-def _classification(
+def classify_cases(
     unit: Analysis | None, group: list[Case], resamples: int
 ) -> Classification | None:
+    """The figures of a classifying analysis on the cases of ``group`` with a reference
+    (``None`` for other analyses, or without such cases)."""
     if unit is None or unit.task is not TaskKind.CLASSIFICATION:
         return None
     assessed = [c for c in group if c.reference is not None and c.probabilities]
@@ -386,7 +389,7 @@ def performance(
             cases=len(group),
             with_truth=sum(c.truth is not None for c in group),
             with_verdict=sum(bool(c.verdicts) for c in group),
-            classification=_classification(units.get(key[0]), group, resamples),
+            classification=classify_cases(units.get(key[0]), group, resamples),
             verdicts=_verdict_counts(group),
             agreement=_agreement(group),
         )

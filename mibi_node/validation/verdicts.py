@@ -4,14 +4,22 @@ The finding and the corrected value are checked against what the analysis says o
 stored result (:meth:`~mibi_node.analyses.base.Analysis.findings`), so a verdict can only
 name a finding the result has and a correction only a value the finding may take. The row
 and its audit event commit together.
+
+:func:`queue_assessment` sends the verdicts back to PACS (``validation.send_assessment``):
+one assessment SR per job holding every verdict that stands on its findings, each one
+superseding the job's previous one, queued for the job's destinations like a result.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import tempfile
 from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -21,12 +29,28 @@ from mibi_node.analyses.base import Finding
 from mibi_node.analyses.registry import get_analysis
 from mibi_node.errors import MibiNodeError
 from mibi_node.storage.database import Database
-from mibi_node.storage.models import Job, JobState, Verdict, VerdictDecision
+from mibi_node.storage.models import (
+    Delivery,
+    DeliveryState,
+    Job,
+    JobState,
+    Verdict,
+    VerdictDecision,
+    utcnow,
+)
+
+if TYPE_CHECKING:
+    from pydicom.dataset import Dataset
+
+    from mibi_node.config import Config
 
 __all__ = [
+    "AssessmentError",
+    "QueuedAssessment",
     "RecordedVerdict",
     "VerdictError",
     "job_findings",
+    "queue_assessment",
     "record_verdict",
     "standing_verdicts",
 ]
@@ -243,3 +267,170 @@ def _check_value(decision: VerdictDecision, finding: Finding, value: str | None)
         raise VerdictError(
             f'Argument "value" is what the model said ({value!r}): that is "accepted".'
         )
+
+
+# -- the assessment SR back to PACS ---------------------------------------------------------
+
+
+class AssessmentError(MibiNodeError):
+    """The assessment SR of a job cannot be made; the message says why."""
+
+
+@dataclass(frozen=True)
+class QueuedAssessment:
+    """What :func:`queue_assessment` wrote and queued (the CLI's and REST API's answer)."""
+
+    job: int
+    #: The document's Instance Number: 1 for a job's first assessment, then 2, 3, ...
+    instance_number: int
+    #: Findings the document assesses.
+    findings: int
+    #: The deliveries due now, one per destination of the job.
+    deliveries: tuple[int, ...]
+
+
+def queue_assessment(
+    config: Config, database: Database, job_id: int, *, actor: str = ""
+) -> QueuedAssessment:
+    """Write job ``job_id``'s assessment SR next to its results and queue it for sending.
+
+    The document (:func:`mibi_node.report.assessment.build_assessment_sr`) holds every
+    verdict that stands on the job's findings (:func:`standing_verdicts`) and references the
+    job's AI SR. A job has one assessment file (its store path is a hash of the study and of
+    the AI SR, like a result's): a new one replaces it on disk and, in PACS, supersedes it
+    (same series, next Instance Number, the earlier one in its Predecessor Documents).
+
+    It is queued for each destination the job's result went to (its delivery rows, with
+    ``files`` the assessment file only): a pending delivery of the file is made due now,
+    otherwise a new one is added; the dispatch sweep sends it with retries like a result.
+    A job whose result went nowhere gets none. The whole runs in one write transaction with
+    the job locked, so two verdicts given at once make two documents in turn.
+
+    Raises
+    ------
+    AssessmentError
+        No such job, a shadow job (never sent), no AI SR, no verdict, or the AI SR cannot be
+        read or assessed.
+    """
+    import pydicom
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import UID
+
+    from mibi_node import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
+    from mibi_node.report.assessment import (
+        ASSESSMENT_SERIES_OFFSET,
+        FindingAssessment,
+        build_assessment_sr,
+    )
+    from mibi_node.storage.filestore import FileStore
+
+    results = FileStore(config.results_dir)
+    with database.write_lock(), database.session() as session, session.begin():
+        job = session.get(Job, job_id, with_for_update=True)
+        if job is None:
+            raise AssessmentError(f"there is no job #{job_id}")
+        if job.shadow:
+            raise AssessmentError(f"job #{job.id} is a shadow job: its results are never sent")
+        if job.state is not JobState.DONE or not job.sr_path:
+            raise AssessmentError(f"job #{job.id} has no AI SR to assess")
+        standing = standing_verdicts(session, [job]).get(job.id, {})
+        assessments = [
+            FindingAssessment(
+                key=finding.key,
+                value=finding.value,
+                decision=VerdictDecision(row.decision).value,
+                reader=row.reader,
+                corrected=row.value,
+                comment=row.comment,
+                assessed_at=row.created_at,
+            )
+            for finding in job_findings(job)
+            if (row := standing.get(finding.key)) is not None
+        ]
+        if not assessments:
+            raise AssessmentError(f"job #{job.id} has no verdict to send")
+        try:
+            ai_sr = pydicom.dcmread(results.absolute(job.sr_path))
+        except (OSError, ValueError) as exc:
+            why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            raise AssessmentError(f"the AI SR of job #{job.id} cannot be read: {why}") from None
+        relative = results.relative_path(
+            str(ai_sr.StudyInstanceUID), f"{ai_sr.SOPInstanceUID}/assessment"
+        )
+        predecessor = _earlier_assessment(results.absolute(relative))
+        try:
+            sr = build_assessment_sr(
+                ai_sr,
+                assessments,
+                series_number=config.series_number_for(job.analysis) + ASSESSMENT_SERIES_OFFSET,
+                instance_number=1 if predecessor is None else int(predecessor.InstanceNumber) + 1,
+                series_instance_uid=None if predecessor is None else predecessor.SeriesInstanceUID,
+                predecessor=predecessor,
+                institution_name=config.report.institution_name or None,
+            )
+        except (TypeError, ValueError) as exc:
+            raise AssessmentError(f"the AI SR of job #{job.id} cannot be assessed: {exc}") from None
+        handle, temporary = tempfile.mkstemp(dir=results.incoming, suffix=".dcm")
+        os.close(handle)
+        sr.file_meta = FileMetaDataset(getattr(sr, "file_meta", FileMetaDataset()))
+        sr.file_meta.ImplementationClassUID = UID(IMPLEMENTATION_CLASS_UID)
+        sr.file_meta.ImplementationVersionName = IMPLEMENTATION_VERSION_NAME
+        sr.save_as(temporary, enforce_file_format=True)
+        results.place(Path(temporary), relative)
+        deliveries = _queue(session, job, relative)
+        audit.add(
+            session,
+            "assessment",
+            "queued",
+            actor=actor,
+            study_id=job.study_id,
+            message=f"assessment SR {sr.InstanceNumber} of job #{job.id}",
+            detail={
+                "job": job.id,
+                "analysis": job.analysis,
+                "instance": int(sr.InstanceNumber),
+                "findings": len(assessments),
+                "deliveries": len(deliveries),
+            },
+        )
+        return QueuedAssessment(job.id, int(sr.InstanceNumber), len(assessments), deliveries)
+
+
+def _earlier_assessment(path: Path) -> Dataset | None:
+    """The job's previous assessment SR, if it has one that can be read."""
+    import pydicom
+
+    if not path.exists():
+        return None
+    try:
+        return pydicom.dcmread(path, stop_before_pixels=True)
+    except (OSError, ValueError) as exc:
+        logger.warning("the earlier assessment SR cannot be read (%s); starting anew", exc)
+        return None
+
+
+def _queue(session: Session, job: Job, relative: str) -> tuple[int, ...]:
+    """Make the assessment file due for every destination of the job; the delivery ids."""
+    rows = session.scalars(
+        select(Delivery).where(Delivery.job_id == job.id).order_by(Delivery.id)
+    ).all()
+    destinations: dict[str, dict[str, object]] = {}
+    waiting: dict[str, Delivery] = {}
+    for row in rows:
+        data = {k: v for k, v in dict(row.destination).items() if k != "files"}
+        destinations.setdefault(row.label, data)
+        if row.state is DeliveryState.PENDING and row.destination.get("files") == [relative]:
+            waiting[row.label] = row
+    due = []
+    for label, destination in destinations.items():
+        found = waiting.get(label)
+        if found is None:
+            found = Delivery(
+                job_id=job.id, destination={**destination, "files": [relative]}, label=label
+            )
+            session.add(found)
+        found.next_attempt_at = utcnow()
+        found.attempts = 0
+        due.append(found)
+    session.flush()
+    return tuple(row.id for row in due)

@@ -8,7 +8,8 @@ by their database id, never by anything about the patient.
 The buttons act through :func:`mibi_node.jobs.queue.requeue_study` and
 :func:`mibi_node.dispatch.deliveries.resend_study`, which write the audit trail (actor
 ``web``); a refusal (a study being analysed, a study without result) is shown as the
-sentence the function gives.
+sentence the function gives. The verdict forms of the study page and the performance page
+(local validation) are built by :mod:`~mibi_node.web.validation`.
 """
 
 from __future__ import annotations
@@ -20,10 +21,10 @@ from collections.abc import Callable
 from dataclasses import asdict
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 from urllib.parse import parse_qs, urlencode
 
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, RedirectResponse, Response
 from fastapi.templating import Jinja2Templates
 from sqlalchemy.exc import OperationalError
@@ -38,6 +39,7 @@ from mibi_node.storage.database import Database, Outage, database_problem
 from mibi_node.storage.filestore import FileStore
 from mibi_node.storage.models import DeliveryState, Study, utcnow
 from mibi_node.web import auth, summaries
+from mibi_node.web import validation as validation_views
 from mibi_node.web.focus import render_focus
 from mibi_node.web.health import Readiness
 from mibi_node.web.reader import Reader
@@ -51,6 +53,8 @@ _MAX_FORM_BYTES = 4096
 _NOTICES = {
     "requeued": "Queued again as job #{job}: a worker analyses it shortly.",
     "resent": "{count} delivery(ies) due now: the node sends them within seconds.",
+    "verdict": "Verdict on job #{job} recorded.",
+    "imported": "{count} final diagnosis(es) imported.",
 }
 
 
@@ -257,7 +261,11 @@ def create_app(config: Config, database: Database, is_listening: Callable[[], bo
         return page(request, "studies.html", "studies", title="Studies", studies=rows, refresh=30)
 
     def _study_page(
-        request: Request, study_id: int, status_code: int = 200, error: str | None = None
+        request: Request,
+        study_id: int,
+        status_code: int = 200,
+        error: str | None = None,
+        reader_name: str | None = None,
     ) -> Response:
         detail = summaries.study_detail(reader, files, study_id)
         if detail is None:
@@ -276,6 +284,10 @@ def create_app(config: Config, database: Database, is_listening: Callable[[], bo
             detail=detail,
             notice=notice,
             error=error,
+            findings=validation_views.study_findings(reader, study_id),
+            reader_name=validation_views.remembered_reader(request)
+            if reader_name is None
+            else reader_name,
         )
 
     @app.get("/studies/{study_id}")
@@ -302,7 +314,7 @@ def create_app(config: Config, database: Database, is_listening: Callable[[], bo
         uid = _uid(study_id)
         if uid is None:
             raise LookupError(f"There is no study #{study_id}.")
-        return requeue_study(database, uid, actor="web")
+        return requeue_study(database, uid, actor="web", config=config)
 
     def _resend(study_id: int) -> int:
         uid = _uid(study_id)
@@ -332,6 +344,30 @@ def create_app(config: Config, database: Database, is_listening: Callable[[], bo
         except MibiNodeError as exc:
             return _study_page(request, study_id, 409, f"Not sent again: {exc}")
         return RedirectResponse(f"/studies/{study_id}?notice=resent&count={count}", 303)
+
+    @app.post("/studies/{study_id}/verdicts")
+    def verdict_button(
+        request: Request,
+        study_id: int,
+        form: Annotated[validation_views.PostedForm, Depends(validation_views.verdict_form)],
+    ) -> Response:
+        named = form.get("reader").strip()
+        try:
+            if form.problem is not None:
+                raise MibiNodeError(form.problem)
+            recorded = validation_views.record_from_form(database, reader, study_id, form.fields)
+        except MibiNodeError as exc:
+            why = f"Verdict not recorded: {exc}"
+            return _study_page(request, study_id, 422, why, reader_name=named)
+        if config.validation.send_assessment:
+            sent = _send_assessment(recorded.job, f"{recorded.reader} (web)")
+            if "error" in sent:
+                why = f"Verdict recorded; its assessment SR was not queued: {sent['error']}"
+                return _study_page(request, study_id, 200, why, reader_name=named)
+        target = f"/studies/{study_id}?notice=verdict&job={recorded.job}#job-{recorded.job}"
+        response = RedirectResponse(target, 303)
+        validation_views.remember_reader(request, response, recorded.reader)
+        return response
 
     @app.get("/workers")
     def workers_page(request: Request) -> Response:
@@ -374,6 +410,90 @@ def create_app(config: Config, database: Database, is_listening: Callable[[], bo
         rows = summaries.audit_rows(reader)
         return page(request, "audit.html", "audit", title="Audit trail", events=rows, refresh=30)
 
+    def _performance_page(
+        request: Request,
+        status_code: int = 200,
+        error: str | None = None,
+        problems: list[str] | None = None,
+        csv_text: str = "",
+    ) -> Response:
+        from mibi_node.validation.performance import performance
+
+        analysis = request.query_params.get("analysis") or None
+        text = request.query_params.get("resamples", "200")
+        resamples = min(int(text), 2000) if text.isdigit() else 200
+        known = validation_views.analysis_names()
+        if analysis is not None and analysis not in known:
+            why = f"unknown analysis {analysis!r} (known: {', '.join(known)})"
+            return page(
+                request, "message.html", "performance", 404, title="No such analysis", error=why
+            )
+        from mibi_node.validation.drift import drift_report
+        from mibi_node.validation.shadow import shadow_comparisons
+
+        groups = performance(database, files, analysis, resamples)
+        drift = [r.as_dict() for r in drift_report(database, config, analysis)]
+        shadow = [
+            c.to_dict()
+            for c in shadow_comparisons(database, config, analysis, min(resamples, 200))
+            if c.candidate_folder or c.compared or sum(c.shadow_jobs.values())
+        ]
+        count = request.query_params.get("count", "?")
+        notice = None
+        if request.query_params.get("notice") == "imported" and error is None:
+            notice = _NOTICES["imported"].format(count=count if count.isdigit() else "?")
+        return page(
+            request,
+            "performance.html",
+            "performance",
+            status_code=status_code,
+            title="Performance",
+            sections=validation_views.performance_sections(groups),
+            figures=validation_views.FIGURES,
+            drift=drift,
+            shadow=shadow,
+            analysis=analysis,
+            resamples=resamples,
+            notice=notice,
+            error=error,
+            problems=problems or [],
+            csv_text=csv_text,
+        )
+
+    @app.get("/performance")
+    def performance_page(request: Request) -> Response:
+        return _performance_page(request)
+
+    @app.get("/performance/reliability.png")
+    def reliability_png(analysis: str = "") -> Response:
+        from mibi_node.validation.performance import performance
+
+        known = validation_views.analysis_names()
+        if analysis not in known:
+            why = f"unknown analysis {analysis!r} (known: {', '.join(known)})"
+            return PlainTextResponse(why + "\n", 404)
+        groups = performance(database, None, analysis, resamples=0)
+        png = validation_views.reliability_png(
+            known[analysis], groups[0].classification if groups else None
+        )
+        return Response(png, media_type="image/png", headers={"Cache-Control": "no-cache"})
+
+    @app.post("/performance/truth")
+    def truth_upload(
+        request: Request,
+        form: Annotated[validation_views.PostedForm, Depends(validation_views.truth_form)],
+    ) -> Response:
+        from mibi_node.validation.truth import TruthImportError
+
+        try:
+            count = validation_views.truth_from_form(database, files, form)
+        except TruthImportError as exc:
+            why = f"Nothing imported: {len(exc.problems)} problem(s)."
+            return _performance_page(request, 422, why, exc.problems, form.get("csv"))
+        except MibiNodeError as exc:
+            return _performance_page(request, 422, str(exc), None, form.get("csv"))
+        return RedirectResponse(f"/performance?notice=imported&count={count}", 303)
+
     # -- JSON ---------------------------------------------------------------------------
 
     @app.get("/api/studies")
@@ -410,6 +530,17 @@ def create_app(config: Config, database: Database, is_listening: Callable[[], bo
 
     # -- local validation (docs/validation.md) ---------------------------------------------
 
+    def _send_assessment(job_id: int, actor: str) -> dict[str, Any]:
+        """Queue job ``job_id``'s assessment SR (``validation.send_assessment``): what was
+        queued, or ``{"error"}`` (the verdict stays recorded either way)."""
+        from mibi_node.validation.verdicts import AssessmentError, queue_assessment
+
+        try:
+            queued = queue_assessment(config, database, job_id, actor=actor)
+        except AssessmentError as exc:
+            return {"error": str(exc)}
+        return {**asdict(queued), "deliveries": list(queued.deliveries)}
+
     @app.post("/api/jobs/{job_id}/verdicts")
     async def api_verdict(request: Request, job_id: int) -> Any:
         from mibi_node.validation.verdicts import VerdictError, record_verdict
@@ -431,7 +562,16 @@ def create_app(config: Config, database: Database, is_listening: Callable[[], bo
         except VerdictError as exc:
             status = 404 if str(exc).startswith("there is no job") else 422
             return JSONResponse({"error": str(exc)}, status)
-        return JSONResponse(asdict(recorded), 201)
+        answer = asdict(recorded)
+        if config.validation.send_assessment:
+            answer["assessment"] = _send_assessment(recorded.job, f"{recorded.reader} (web)")
+        return JSONResponse(answer, 201)
+
+    @app.get("/api/studies/{study_id}/findings")
+    def api_findings(study_id: int) -> Any:
+        if _uid(study_id) is None:
+            return JSONResponse({"error": f"there is no study #{study_id}"}, 404)
+        return summaries.to_json(validation_views.study_findings(reader, study_id))
 
     @app.post("/api/truth")
     async def api_truth(request: Request) -> Any:
@@ -462,6 +602,27 @@ def create_app(config: Config, database: Database, is_listening: Callable[[], bo
 
         resamples = min(max(resamples, 0), 2000)
         return [g.to_dict() for g in performance(database, files, analysis, resamples)]
+
+    @app.get("/api/shadow")
+    def api_shadow(analysis: str | None = None, resamples: int = 200) -> Any:
+        from mibi_node.analyses.registry import available_analyses
+        from mibi_node.validation.shadow import shadow_comparisons
+
+        if analysis is not None and analysis not in available_analyses():
+            return JSONResponse({"error": f"unknown analysis {analysis!r}"}, 404)
+        resamples = min(max(resamples, 0), 2000)
+        return [c.to_dict() for c in shadow_comparisons(database, config, analysis, resamples)]
+
+    @app.get("/api/drift")
+    def api_drift(analysis: str | None = None, window: int | None = None) -> Any:
+        from mibi_node.analyses.registry import available_analyses
+        from mibi_node.validation.drift import drift_report
+
+        if analysis is not None and analysis not in available_analyses():
+            return JSONResponse({"error": f"unknown analysis {analysis!r}"}, 404)
+        if window is not None and not 1 <= window <= 10_000:
+            return JSONResponse({"error": "window should be between 1 and 10000"}, 422)
+        return [r.as_dict() for r in drift_report(database, config, analysis, window=window)]
 
     async def _json_body(request: Request) -> Any:
         try:

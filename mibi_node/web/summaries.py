@@ -24,7 +24,7 @@ from typing import Any
 import pydicom
 from pydicom.errors import InvalidDicomError
 from pydicom.uid import UID
-from sqlalchemy import func, select
+from sqlalchemy import ColumnElement, func, select
 
 from mibi_node.analyses.base import Panel
 from mibi_node.imaging.phase import (
@@ -39,6 +39,7 @@ from mibi_node.storage.filestore import FileStore
 from mibi_node.storage.instances import is_image_instance
 from mibi_node.storage.models import (
     AuditEvent,
+    CommitmentState,
     Delivery,
     DeliveryState,
     Instance,
@@ -181,6 +182,8 @@ class JobRow:
     bundle: str | None
     #: The analysis the job runs.
     analysis: str = "parathyroid"
+    #: A job of the analysis' candidate bundle (shadow mode): its result is never sent.
+    shadow: bool = False
 
 
 @dataclass(frozen=True)
@@ -208,6 +211,10 @@ class DeliveryRow:
     last_status: str | None
     last_message: str | None
     delivered_at: datetime | None
+    #: Storage commitment: NONE (not asked), PENDING, COMMITTED, FAILED or UNCONFIRMED.
+    commitment: str = CommitmentState.NONE.value
+    commitment_message: str | None = None
+    committed_at: datetime | None = None
 
 
 @dataclass(frozen=True)
@@ -366,17 +373,17 @@ def _ordered(phases: Iterable[str | None]) -> list[str]:
 
 
 def _latest_jobs(session: Any, study_ids: Sequence[int], done: bool = False) -> dict[int, Job]:
-    """Each study's newest job (its newest DONE job with ``done``)."""
+    """Each study's newest job (its newest DONE job with ``done``); shadow jobs left out."""
     latest = select(Job.study_id, func.max(Job.version).label("version")).where(
-        Job.study_id.in_(study_ids)
+        Job.study_id.in_(study_ids), Job.shadow.is_(False)
     )
     if done:
         latest = latest.where(Job.state == JobState.DONE)
     newest = latest.group_by(Job.study_id).subquery()
     rows = session.scalars(
-        select(Job).join(
-            newest, (Job.study_id == newest.c.study_id) & (Job.version == newest.c.version)
-        )
+        select(Job)
+        .join(newest, (Job.study_id == newest.c.study_id) & (Job.version == newest.c.version))
+        .where(Job.shadow.is_(False))
     ).all()
     return {job.study_id: job for job in rows}
 
@@ -452,10 +459,10 @@ def study_rows(reader: Reader, files: FileStore, limit: int = 200) -> list[Study
 
 
 def _headlines(session: Any, study_ids: Sequence[int]) -> dict[int, dict[str, str]]:
-    """Study -> analysis -> the headline of its newest DONE job."""
+    """Study -> analysis -> the headline of its newest DONE job (not a shadow job)."""
     jobs = session.scalars(
         select(Job)
-        .where(Job.study_id.in_(study_ids), Job.state == JobState.DONE)
+        .where(Job.study_id.in_(study_ids), Job.state == JobState.DONE, Job.shadow.is_(False))
         .order_by(Job.version)
     ).all()
     by_study: dict[int, list[Job]] = {}
@@ -483,6 +490,7 @@ def _job_row(job: Job) -> JobRow:
         timings={str(k): float(v) for k, v in (job.timings or {}).items()},
         bundle=job.bundle,
         analysis=job.analysis,
+        shadow=job.shadow,
     )
 
 
@@ -526,6 +534,9 @@ def _delivery_row(delivery: Delivery, study_id: int, version: int) -> DeliveryRo
         last_status=None if delivery.last_status is None else f"0x{delivery.last_status:04X}",
         last_message=delivery.last_message,
         delivered_at=delivery.delivered_at,
+        commitment=CommitmentState(delivery.commitment).value,
+        commitment_message=delivery.commit_message,
+        committed_at=delivery.committed_at,
     )
 
 
@@ -559,7 +570,8 @@ def study_detail(reader: Reader, files: FileStore, study_id: int) -> StudyDetail
         jobs = session.scalars(
             select(Job).where(Job.study_id == study_id).order_by(Job.version.desc())
         ).all()
-        done = next((job for job in jobs if job.state is JobState.DONE), None)
+        sent = [job for job in jobs if not job.shadow]  # a shadow result is never the study's
+        done = next((job for job in sent if job.state is JobState.DONE), None)
         versions = {job.id: job.version for job in jobs}
         deliveries = session.scalars(
             select(Delivery)
@@ -575,7 +587,7 @@ def study_detail(reader: Reader, files: FileStore, study_id: int) -> StudyDetail
         phases = _phases(files, _files_of(instances))
         latest_done = [d for d in deliveries if done is not None and d.job_id == done.id]
         row = _study_row(
-            study, jobs[0] if jobs else None, done, latest_done, _ordered(phases.values())
+            study, sent[0] if sent else None, done, latest_done, _ordered(phases.values())
         )
         return StudyDetail(
             study=row,
@@ -597,7 +609,7 @@ def study_detail(reader: Reader, files: FileStore, study_id: int) -> StudyDetail
             result=_result_view(done) if done is not None else None,
             deliveries=[_delivery_row(d, study_id, versions[d.job_id]) for d in deliveries],
             audit=[_audit_row(event) for event in events],
-            panels=_panels(jobs),
+            panels=_panels(sent),
         )
 
 
@@ -621,7 +633,7 @@ def latest_result(reader: Reader, study_id: int) -> dict[str, Any] | None:
     with reader.session() as session:
         job = session.scalars(
             select(Job)
-            .where(Job.study_id == study_id, Job.state == JobState.DONE)
+            .where(Job.study_id == study_id, Job.state == JobState.DONE, Job.shadow.is_(False))
             .order_by(Job.version.desc())
         ).first()
         return dict(job.result) if job is not None and isinstance(job.result, dict) else None
@@ -689,14 +701,24 @@ def delivery_rows(
     states: Sequence[DeliveryState] = _OPEN_DELIVERY_STATES,
     limit: int = 200,
     newest_first: bool = False,
+    uncommitted: bool = True,
 ) -> list[DeliveryRow]:
-    """Deliveries in ``states`` (by default those not delivered yet), oldest first."""
+    """Deliveries in ``states`` (by default those not delivered yet), oldest first.
+
+    With ``uncommitted``, also the delivered ones whose storage commitment FAILED: the PACS
+    acknowledged them, then reported failures or never confirmed it keeps them.
+    """
     order = Delivery.id.desc() if newest_first else Delivery.id
+    wanted: ColumnElement[bool] = Delivery.state.in_(list(states))
+    if uncommitted:
+        wanted = wanted | (
+            (Delivery.state == DeliveryState.DONE) & (Delivery.commitment == CommitmentState.FAILED)
+        )
     with reader.session() as session:
         rows = session.execute(
             select(Delivery, Job.study_id, Job.version)
             .join(Job, Delivery.job_id == Job.id)
-            .where(Delivery.state.in_(list(states)))
+            .where(wanted)
             .order_by(order)
             .limit(limit)
         ).all()
