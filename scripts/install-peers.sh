@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # Installs the real DICOM peers the tests talk to, from Debian packages:
-# DCMTK (storescu, storescp, echoscu, dsrdump), dicom3tools (dciodvfy) and Orthanc,
-# and Chromium, which renders the status page headless in tests/test_web*.py.
+# DCMTK (storescu, storescp, echoscu, dsrdump), dicom3tools (dciodvfy) and Orthanc with its
+# DICOMweb plugin (STOW-RS, and what OHIF reads), and Chromium, which renders the status page headless in tests/test_web*.py.
 set -euo pipefail
 need=()
 command -v storescu >/dev/null || need+=(dcmtk)
 command -v dciodvfy >/dev/null || need+=(dicom3tools)
 command -v Orthanc >/dev/null || [ -x /usr/sbin/Orthanc ] || need+=(orthanc)
+[ -e /usr/share/orthanc/plugins/libOrthancDicomWeb.so ] || need+=(orthanc-dicomweb)
 command -v chromium >/dev/null || command -v chromium-browser >/dev/null || need+=(chromium)
 if [ ${#need[@]} -eq 0 ]; then
   echo "DICOM peers and Chromium already installed"
