@@ -6,6 +6,7 @@ with the TOML key that is wrong, never later in the middle of a C-STORE.
 
 from __future__ import annotations
 
+import ipaddress
 import socket
 import tomllib
 from pathlib import Path
@@ -22,7 +23,7 @@ from pydantic import (
 )
 
 from mibi_node.analyses.selection import SelectionRule
-from mibi_node.dispatch.destinations import Destination, check_ae_title
+from mibi_node.dispatch.destinations import AnyDestination, check_ae_title
 from mibi_node.errors import ConfigError
 
 __all__ = [
@@ -30,6 +31,7 @@ __all__ = [
     "AssemblyConfig",
     "Config",
     "DatabaseConfig",
+    "DicomwebReceptionConfig",
     "DispatchConfig",
     "JobsConfig",
     "LoggingConfig",
@@ -100,6 +102,65 @@ class TLSConfig(_Section):
         return self
 
 
+def _is_loopback(host: str) -> bool:
+    return host in {"127.0.0.1", "::1", "localhost"} or host.startswith("127.")
+
+
+class DicomwebReceptionConfig(_Section):
+    """STOW-RS reception (PS3.18 10.5): an HTTP listener of its own, beside the DICOM port.
+
+    The counterpart of the DICOM side's rules: ``allowed_hosts`` for the allow-list,
+    ``token`` and/or ``tls`` for who may send; instances are answered only once they are
+    as durable as a C-STORE's (``mibi_node.reception.stow``).
+    """
+
+    enabled: bool = False
+    #: Bind address. Anything but a loopback address requires ``token`` or TLS with
+    #: client certificates.
+    host: str = "127.0.0.1"
+    #: TCP port; 0 picks a free one.
+    port: int = Field(default=8081, ge=0, le=65535)
+    #: What the study and instance rows record as the calling AE title of what came this way.
+    ae_title: str = "DICOMWEB"
+    #: Bearer token (``Authorization: Bearer ...``) every request must carry; empty: none.
+    token: SecretStr = SecretStr("")
+    #: Client addresses or networks (``10.0.0.5``, ``10.0.0.0/24``) allowed; empty: any.
+    allowed_hosts: tuple[str, ...] = ()
+    #: Largest request body, in MiB; a larger one is refused (413).
+    max_request_mb: float = Field(default=2048.0, gt=0)
+    #: HTTPS: the same keys as ``reception.tls``.
+    tls: TLSConfig = TLSConfig()
+
+    @field_validator("ae_title")
+    @classmethod
+    def _ae_title(cls, value: str) -> str:
+        return check_ae_title(value)
+
+    @field_validator("allowed_hosts")
+    @classmethod
+    def _hosts(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for host in value:
+            try:
+                ipaddress.ip_network(host.strip(), strict=False)
+            except ValueError:
+                raise ValueError(
+                    f"{host!r} is not an IP address or network (e.g. 10.0.0.0/24)"
+                ) from None
+        return tuple(host.strip() for host in value)
+
+    @model_validator(mode="after")
+    def _guarded(self) -> DicomwebReceptionConfig:
+        guarded = self.token.get_secret_value() or (
+            self.tls.enabled and self.tls.require_client_certificate
+        )
+        if self.enabled and not _is_loopback(self.host) and not guarded:
+            raise ValueError(
+                f"host {self.host!r} is not a loopback address: set token (or TLS with "
+                "require_client_certificate, or bind to 127.0.0.1)"
+            )
+        return self
+
+
 class ReceptionConfig(_Section):
     """Associations, presentation contexts and the peers allowed to send."""
 
@@ -113,6 +174,8 @@ class ReceptionConfig(_Section):
     dimse_timeout: float = Field(default=60.0, gt=0)
     network_timeout: float = Field(default=60.0, gt=0)
     tls: TLSConfig = TLSConfig()
+    #: STOW-RS reception (``[reception.dicomweb]``), off by default.
+    dicomweb: DicomwebReceptionConfig = DicomwebReceptionConfig()
 
 
 class StorageConfig(_Section):
@@ -212,7 +275,7 @@ class WorkersConfig(_Section):
 class DispatchConfig(_Section):
     """Where results go and how failed sends are retried."""
 
-    destinations: tuple[Destination, ...] = ()
+    destinations: tuple[AnyDestination, ...] = ()
     #: Calling AE title of the node's C-STORE requests (default: node.ae_title).
     calling_ae_title: str = ""
     max_attempts: int = Field(default=10, ge=1, le=1000)
@@ -234,8 +297,9 @@ class DispatchConfig(_Section):
 class ReportConfig(_Section):
     """The result documents."""
 
-    #: Also send a Secondary Capture key image (for viewers that do not render SR).
-    key_image: bool = False
+    #: Also send a Secondary Capture key image: the result every viewer shows, and what
+    #: covers the parts of the SR a viewer does not draw (docs/viewers.md).
+    key_image: bool = True
     #: Institution Name written into the SR (optional).
     institution_name: str = ""
     #: Series Number of the result series.
@@ -501,6 +565,8 @@ class Config(_Section):
             data["database"]["url"] = "********"
         if self.web.token.get_secret_value():
             data["web"]["token"] = "********"
+        if self.reception.dicomweb.token.get_secret_value():
+            data["reception"]["dicomweb"]["token"] = "********"
         return data
 
 

@@ -55,6 +55,7 @@ from mibi_node.storage.instances import InstanceStore
 from mibi_node.systemd import Notifier
 
 if TYPE_CHECKING:
+    from mibi_node.reception.stow_server import StowServer
     from mibi_node.web import WebServer
 
 __all__ = ["Node"]
@@ -132,6 +133,8 @@ class Node:
         self._sweep_finished_at = time.monotonic()
         self._next_watchdog_ping = 0.0
         self.web: WebServer | None = None
+        #: The STOW-RS listener (``reception.dicomweb``), beside the DICOM port.
+        self.stow: StowServer | None = None
         #: Each scheduled step's failures, for logging them once (see :meth:`_step`).
         self._outages: dict[str, Outage] = {}
 
@@ -154,6 +157,8 @@ class Node:
         )
         # Load the TLS certificates once here: a bad file stops the start with its reason.
         server_ssl_context(self.config.reception.tls)
+        if self.config.reception.dicomweb.enabled:
+            server_ssl_context(self.config.reception.dicomweb.tls)
         self.listener = self._bind()
         count = self.config.reception.acceptors
         if count == 1:
@@ -169,6 +174,8 @@ class Node:
             # Fork before this process starts any thread or opens a connection.
             self._acceptors = [self._spawn(index) for index in range(count)]
             self.database = Database(self.config.database_url)
+        if self.config.reception.dicomweb.enabled:
+            self._start_stow()
         node = self.config.node
         logger.info(
             "listening as %s on %s:%d with %d acceptor process(es)%s",
@@ -248,6 +255,20 @@ class Node:
             logger.error("%s; the node runs without its status page", exc)
             return
         self.web = web
+
+    def _start_stow(self) -> None:
+        """Serve STOW-RS; a port in use stops the node like its DICOM port would."""
+        from mibi_node.reception.stow_server import StowServer
+
+        if self.database is None:  # pragma: no cover - made just before
+            return
+        stow = StowServer(self.config, InstanceStore(self.database, self.files))
+        try:
+            stow.start()
+        except MibiNodeError:
+            self.stop()  # the acceptors are running already
+            raise
+        self.stow = stow
 
     def _is_listening(self) -> bool:
         """Whether associations are accepted now (``/readyz`` asks from the web thread)."""
@@ -440,6 +461,9 @@ class Node:
         if self.listener is not None:
             self.listener.close()
             self.listener = None
+        if self.stow is not None:  # requests in progress finish: each is stored or refused
+            self.stow.stop()
+            self.stow = None
         if self.web is not None:  # up until here: /readyz says "not accepting" while draining
             self.web.stop()
             self.web = None

@@ -26,6 +26,8 @@ from ports import free_port
 __all__ = ["OrthancServer", "find_orthanc", "orthanc_server"]
 
 _FALLBACK_BINARY = Path("/usr/sbin/Orthanc")
+#: Debian's ``orthanc-dicomweb`` (scripts/install-peers.sh installs it).
+DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
 
 
 def find_orthanc() -> str | None:
@@ -49,6 +51,9 @@ class OrthancServer:
     modalities
         ``DicomModalities``: name -> ``[AE, host, port]`` (or Orthanc's object form), for
         tests where Orthanc sends to the node.
+    dicomweb
+        Load the DICOMweb plugin (:data:`DICOMWEB_PLUGIN`): QIDO-RS, WADO-RS and STOW-RS
+        under ``/dicom-web/`` on the HTTP port.
     config
         More configuration keys, applied last.
     """
@@ -59,6 +64,7 @@ class OrthancServer:
         *,
         ae_title: str = "ORTHANC",
         modalities: dict[str, Any] | None = None,
+        dicomweb: bool = False,
         config: dict[str, Any] | None = None,
     ) -> None:
         self.folder = folder
@@ -93,6 +99,9 @@ class OrthancServer:
             "SaveJobs": False,
             "ExecuteLuaEnabled": False,
         }
+        if dicomweb:
+            self.config["Plugins"] = [str(DICOMWEB_PLUGIN)]
+            self.config["DicomWeb"] = {"Enable": True, "Root": "/dicom-web/"}
         self.config.update(config or {})
 
     # -- life cycle ----------------------------------------------------------------------

@@ -61,18 +61,24 @@ def test_two_analyses_in_one_node_each_send_their_sr(
         )  # fmt: skip
         files = [*mibi_files, *thyroid_files, write(ct, tmp_path / "ct.dcm")]
         assert storescu(node.port, files, calling="GAMMA_CAM1").returncode == 0
-        _wait(lambda: len(pacs.files()) >= 2, 120, "two SRs at the PACS", node)
+        # Two SRs, and the key image the parathyroid analysis sends beside its SR by default
+        # (the thyroid analysis makes none).
+        _wait(lambda: len(pacs.files()) >= 3, 120, "two SRs and a key image at the PACS", node)
         time.sleep(1.0)
+        assert pacs.modalities() == ["OT", "SR", "SR"]
         srs = {
-            str(pydicom.dcmread(p, stop_before_pixels=True).StudyInstanceUID): p
-            for p in pacs.files()
+            str(ds.StudyInstanceUID): p
+            for p, ds in ((p, pydicom.dcmread(p, stop_before_pixels=True)) for p in pacs.files())
+            if ds.Modality == "SR"
         }
-        assert len(srs) == 2 and len(pacs.files()) == 2
+        assert len(srs) == 2
+        [key_image] = pacs.received("OT")
         mibi_uid = str(pydicom.dcmread(mibi_files[0], stop_before_pixels=True).StudyInstanceUID)
         thyroid_uid = str(
             pydicom.dcmread(thyroid_files[0], stop_before_pixels=True).StudyInstanceUID
         )
         assert set(srs) == {mibi_uid, thyroid_uid}
+        assert key_image.StudyInstanceUID == mibi_uid and key_image.SeriesNumber == 9902
         mibi_sr, thyroid_sr = pydicom.dcmread(srs[mibi_uid]), pydicom.dcmread(srs[thyroid_uid])
         assert sum(read_probabilities(mibi_sr).values()) == pytest.approx(1.0, abs=1e-6)
         assert (mibi_sr.SeriesNumber, thyroid_sr.SeriesNumber) == (9901, 9911)

@@ -1570,10 +1570,14 @@ def test_every_code_written_is_listed_and_every_listed_code_is_written(variants)
         written |= _codes(sr)
     result, sources = make_case()
     key_image_codes = _codes(read_back(build_key_image(result, sources, size=64)))
-    assert key_image_codes == {("DCM", "109102", "Processing Equipment")}
+    assert key_image_codes == {
+        ("DCM", "109102", "Processing Equipment"),
+        ("99IHE", "Newcode1", "Processing Algorithm"),
+    }
     listed = {(r["Scheme"], r["Value"], r["Meaning"]) for r in doc_table("codes")}
     assert written | key_image_codes == listed
-    [scheme] = variants[0][0].CodingSchemeIdentificationSequence
+    scheme, ihe = variants[0][0].CodingSchemeIdentificationSequence
+    assert ihe.CodingSchemeDesignator == "99IHE"
     assert (
         scheme.CodingSchemeDesignator,
         scheme.CodingSchemeName,
@@ -1605,7 +1609,7 @@ def test_sr_header_is_the_statements(variants) -> None:
     assert "InstitutionName" not in sr and sr.SeriesNumber == 9901
     assert [
         str(c.PurposeOfReferenceCodeSequence[0].CodeValue) for c in sr.ContributingEquipmentSequence
-    ] == ["109102"]
+    ] == ["Newcode1", "109102"]
     evidence = {
         str(item.ReferencedSOPInstanceUID)
         for study in sr.CurrentRequestedProcedureEvidenceSequence

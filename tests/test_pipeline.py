@@ -93,6 +93,17 @@ class StoreSCP:
                 return files
             time.sleep(wait)
 
+    def received(self, modality: str | None = None) -> list[pydicom.Dataset]:
+        """The headers of the files storescp has written (of one modality, when given: "SR"
+        for the SRs, "OT" for the key images), in file name order."""
+        headers = [pydicom.dcmread(p, stop_before_pixels=True) for p in self.files()]
+        return [ds for ds in headers if modality is None or ds.Modality == modality]
+
+    def modalities(self) -> list[str]:
+        """The Modality of each received file, sorted: ``["OT", "SR"]`` for one parathyroid
+        result (its SR and, on by default, its key image)."""
+        return sorted(str(ds.Modality) for ds in self.received())
+
 
 @pytest.fixture
 def pacs(require_tool: Callable[[str], str], tmp_path: Path) -> Iterator[StoreSCP]:
@@ -183,8 +194,7 @@ def test_study_to_sr_in_pacs(
         pacs.port,
         database=node_database,
         reception={"accept_all_storage": True},
-        report={"key_image": True},
-    )
+    )  # the key image beside each SR: on by default
     ct = nm_dataset(seed=40, sop_class_uid=CT_STORAGE)
     ct.Modality, ct.StudyDescription = "CT", "CHEST"
     files = [*studies[0], *studies[1], write(ct, tmp_path / "ct.dcm")]
@@ -255,8 +265,13 @@ def test_a_routed_job_wakes_the_idle_worker(
     )
     time.sleep(1.0)  # past its first, empty claim
     assert storescu(node.port, studies[0], calling="GAMMA_CAM1").returncode == 0
-    _wait(lambda: pacs.files(), 60, "the SR at the PACS before the worker's poll ends", node)
-    assert pydicom.dcmread(pacs.files()[0], stop_before_pixels=True).Modality == "SR"
+    _wait(
+        lambda: len(pacs.files()) >= 2,
+        60,
+        "the SR and its key image at the PACS before the worker's poll ends",
+        node,
+    )
+    assert pacs.modalities() == ["OT", "SR"]
 
 
 def test_phases_versions_and_a_phase_that_never_comes(
@@ -285,8 +300,9 @@ def test_phases_versions_and_a_phase_that_never_comes(
     assert "waiting for the delayed phase" in reason
     # The delayed images come: the study is analysed as version 1.
     assert storescu(node.port, [delayed]).returncode == 0
-    _wait(lambda: len(pacs.files()) == 1, 60, "the first SR", node)
-    first = pydicom.dcmread(pacs.files()[0])
+    _wait(lambda: len(pacs.files()) == 2, 60, "the first SR and its key image", node)
+    assert pacs.modalities() == ["OT", "SR"]
+    [first] = pacs.received("SR")
     # The other study's delayed phase never arrives.
     _wait(
         lambda: ("FAILED",) in node.query("SELECT state FROM study"),
@@ -300,12 +316,9 @@ def test_phases_versions_and_a_phase_that_never_comes(
     changed = pydicom.dcmread(delayed)
     changed.ImageComments = "re-sent after correction"
     assert storescu(node.port, [write(changed, tmp_path / "changed.dcm")]).returncode == 0
-    _wait(lambda: len(pacs.files()) == 2, 60, "the second SR", node)
-    [second] = [
-        ds
-        for ds in (pydicom.dcmread(p) for p in pacs.files())
-        if ds.SOPInstanceUID != first.SOPInstanceUID
-    ]
+    _wait(lambda: len(pacs.files()) == 4, 60, "the second SR and its key image", node)
+    assert pacs.modalities() == ["OT", "OT", "SR", "SR"]
+    [second] = [ds for ds in pacs.received("SR") if ds.SOPInstanceUID != first.SOPInstanceUID]
     assert second.SeriesInstanceUID == first.SeriesInstanceUID
     assert second.InstanceNumber == 2
     predecessor = second.PredecessorDocumentsSequence[0].ReferencedSeriesSequence[0]
@@ -330,9 +343,9 @@ def test_pacs_down_then_back(
     assert pending["destination"] == f"PACS@127.0.0.1:{port}"
     pacs = StoreSCP(tmp_path / "pacs", port).start()
     try:
-        _wait(lambda: pacs.files(), 60, "the SR after the PACS came back", node)
+        _wait(lambda: len(pacs.files()) >= 2, 60, "the SR after the PACS came back", node)
         time.sleep(3.0)  # more retries would show up here as duplicates
-        assert len(pacs.files()) == 1
+        assert pacs.modalities() == ["OT", "SR"]
         assert node.query("SELECT state FROM delivery") == [("DONE",)]
     finally:
         pacs.stop()
@@ -365,9 +378,9 @@ def test_killed_worker_and_poison_study(
     assert storescu(node.port, studies[0]).returncode == 0
     job = _kill_worker_when_running(node, uid)
     # The node restarts the worker, the lease expires, the job runs again: one SR.
-    _wait(lambda: pacs.files(), 120, "the SR after the worker was killed", node)
+    _wait(lambda: len(pacs.files()) >= 2, 120, "the SR after the worker was killed", node)
     time.sleep(1.0)
-    assert len(pacs.files()) == 1
+    assert pacs.modalities() == ["OT", "SR"]  # one SR and its key image
     assert node.query(f"SELECT state, attempts FROM job WHERE id = {job}") == [("DONE", 2)]
     # A study the worker dies on every time fails after its attempts ...
     poison = str(pydicom.dcmread(studies[5][0], stop_before_pixels=True).StudyInstanceUID)
@@ -386,7 +399,8 @@ def test_killed_worker_and_poison_study(
     assert state == "FAILED" and "no attempts left" in error
     # ... while the next study still gets its SR, and reception never stopped.
     assert storescu(node.port, studies[1]).returncode == 0
-    _wait(lambda: len(pacs.files()) == 2, 120, "the SR of the study after the poison", node)
+    _wait(lambda: len(pacs.files()) == 4, 120, "the SR of the study after the poison", node)
+    assert pacs.modalities() == ["OT", "OT", "SR", "SR"]
 
 
 def test_sr_lands_in_orthanc_in_the_same_study(
@@ -400,11 +414,19 @@ def test_sr_lands_in_orthanc_in_the_same_study(
     node = _node(node_factory, tiny_bundle, orthanc_server.dicom_port, pacs_ae="ORTHANC")
     uid = str(pydicom.dcmread(studies[2][0], stop_before_pixels=True).StudyInstanceUID)
     assert storescu(node.port, studies[2]).returncode == 0
-    # The images go to the node only; the PACS gets the SR, filed under the same study.
-    _wait(lambda: orthanc_server.instances_of_study(uid), 90, "the SR in Orthanc", node)
-    [instance] = orthanc_server.instances_of_study(uid)
-    assert instance["Modality"] == "SR"
-    assert instance["SeriesDescription"] == "MIBI-NODE AI RESULT"
+    # The images go to the node only; the PACS gets the SR and the key image, filed under
+    # the same study.
+    _wait(
+        lambda: len(orthanc_server.instances_of_study(uid)) == 2,
+        90,
+        "the SR and the key image in Orthanc",
+        node,
+    )
+    instances = orthanc_server.instances_of_study(uid)
+    assert sorted((i["Modality"], i["SeriesDescription"]) for i in instances) == [
+        ("OT", "MIBI-NODE AI KEY IMAGE"),
+        ("SR", "MIBI-NODE AI RESULT"),
+    ]
     # Orthanc may show the instance a moment before the node has recorded the answer.
     _wait(
         lambda: node.query("SELECT state, last_status FROM delivery") == [("DONE", 0)],

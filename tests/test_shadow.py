@@ -523,10 +523,13 @@ def test_pacs_receives_only_the_current_bundles_sr_until_promotion(
             rows = node.query("SELECT state FROM job WHERE shadow")
             return len(rows) == 2 and all(state == "DONE" for (state,) in rows)
 
-        _wait(lambda: len(pacs.files()) >= 2 and shadows_done(), 120, "two SRs", node)
+        def srs() -> list[Path]:
+            return [p for p in pacs.files() if pydicom.dcmread(p).Modality == "SR"]
+
+        _wait(lambda: len(pacs.files()) >= 4 and shadows_done(), 120, "two SRs", node)
         time.sleep(1.0)
-        assert len(pacs.files()) == 2
-        assert [_algorithm_versions(p) for p in pacs.files()] == [{"0.0.1"}, {"0.0.1"}]
+        assert pacs.modalities() == ["OT", "OT", "SR", "SR"]  # each SR with its key image
+        assert [_algorithm_versions(p) for p in srs()] == [{"0.0.1"}, {"0.0.1"}]
         shadows = node.query("SELECT id, bundle FROM job WHERE shadow ORDER BY id")
         assert [bundle for _, bundle in shadows] == ["pipeline-candidate 0.0.2"] * 2
         ids = ", ".join(str(job) for job, _ in shadows)
@@ -539,9 +542,10 @@ def test_pacs_receives_only_the_current_bundles_sr_until_promotion(
         )  # fmt: skip
         assert promoted.exit_code == 0, promoted.output
         assert storescu(node.port, files[2], calling="GAMMA_CAM1").returncode == 0
-        _wait(lambda: len(pacs.files()) >= 3, 120, "the candidate's SR", node)
+        _wait(lambda: len(pacs.files()) >= 6, 120, "the candidate's SR", node)
         time.sleep(1.0)
-        newest = max(pacs.files(), key=lambda p: p.stat().st_mtime)
+        assert pacs.modalities() == ["OT"] * 3 + ["SR"] * 3
+        newest = max(srs(), key=lambda p: p.stat().st_mtime)
         assert _algorithm_versions(newest) == {"0.0.2"}
         assert str(pydicom.dcmread(newest).StudyInstanceUID) == str(studies[2][0].StudyInstanceUID)
         assert len(node.query("SELECT id FROM job WHERE shadow")) == 2  # none for the third

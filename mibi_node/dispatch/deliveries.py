@@ -12,6 +12,10 @@ UID as the same object, so the study never shows two copies).
 DONE means the PACS acknowledged every C-STORE. Where the destination asks for it
 (``commitment``), a DONE delivery's commitment becomes PENDING and the commitment sweep
 (:mod:`mibi_node.dispatch.commitment`) asks the PACS whether it keeps the files.
+
+A DICOMweb destination (``kind = "dicomweb"``) gets the same rows, retries and audit; its
+files go in one STOW-RS request (:mod:`mibi_node.dispatch.dicomweb`), and DONE means the
+response listed every file as stored, which is also its commitment (COMMITTED at once).
 """
 
 from __future__ import annotations
@@ -27,7 +31,13 @@ from sqlalchemy import or_, select
 
 from mibi_node import audit
 from mibi_node.config import DispatchConfig
-from mibi_node.dispatch.destinations import Destination
+from mibi_node.dispatch.destinations import (
+    AnyDestination,
+    Destination,
+    DicomwebDestination,
+    destination_from_row,
+)
+from mibi_node.dispatch.dicomweb import store_instances
 from mibi_node.dispatch.scu import SendResult, send_files
 from mibi_node.errors import MibiNodeError
 from mibi_node.storage.database import Database
@@ -69,7 +79,7 @@ def backoff_seconds(attempts: int, config: DispatchConfig) -> float:
 @dataclass(frozen=True)
 class _Claimed:
     id: int
-    destination: Destination
+    destination: AnyDestination
     files: tuple[str, ...]
 
 
@@ -111,7 +121,7 @@ def _claim(
             data: dict[str, Any] = dict(row.destination)
             files = tuple(str(f) for f in data.pop("files", ()))
             try:
-                destination = Destination.model_validate(data)
+                destination = destination_from_row(data)
             except ValueError as exc:
                 row.transition(DeliveryState.FAILED)
                 row.last_message = f"the recorded destination is not valid: {exc}"
@@ -194,8 +204,17 @@ def _await_commitment(row: Delivery) -> None:
     """A delivery just DONE: its commitment is due now, unless its destination asks none.
 
     A new Transaction UID is made at the next N-ACTION; ``commit_resends`` is kept (it
-    bounds the stores sent again because the PACS reported failures).
+    bounds the stores sent again because the PACS reported failures). A STOW-RS delivery is
+    DONE only when the response listed every file as stored: that is its commitment.
     """
+    if row.destination.get("kind") == "dicomweb":
+        row.commitment = CommitmentState.COMMITTED
+        row.committed_at = utcnow()
+        row.commit_message = "the STOW-RS response listed every instance as stored"
+        row.commit_transaction_uid = None
+        row.commit_attempts = 0
+        row.commit_due_at = None
+        return
     asked = row.destination.get("commitment", "none") != "none"
     row.commitment = CommitmentState.PENDING if asked else CommitmentState.NONE
     row.commit_transaction_uid = None
@@ -220,15 +239,20 @@ def deliver(
     Never raises for a network or peer problem: each is recorded on its delivery.
     """
     claimed = _claim(database, owner, delivery_ids, limit, config.timeout)
-    by_destination: dict[Destination, list[_Claimed]] = {}
+    by_destination: dict[AnyDestination, list[_Claimed]] = {}
     for item in claimed:
         by_destination.setdefault(item.destination, []).append(item)
     outcomes = []
     for destination, items in by_destination.items():
         paths = [results_dir / name for item in items for name in item.files]
-        sent = send_files(
-            paths, destination, calling_ae_title=calling_ae_title, timeout=config.timeout
-        )
+        if isinstance(destination, DicomwebDestination):
+            sent = store_instances(
+                paths, _with_secrets(destination, config), timeout=config.timeout
+            )
+        else:
+            sent = send_files(
+                paths, destination, calling_ae_title=calling_ae_title, timeout=config.timeout
+            )
         start = 0
         for item in items:
             mine = sent[start : start + len(item.files)]
@@ -237,6 +261,22 @@ def deliver(
             if outcome is not None:
                 outcomes.append(outcome)
     return outcomes
+
+
+def _with_secrets(destination: DicomwebDestination, config: DispatchConfig) -> DicomwebDestination:
+    """The configured destination that a delivery row names, with its token or password.
+
+    The rows never hold secrets (they are excluded from the dump); a destination that is no
+    longer configured is sent to without them, and its refusal is recorded on the row.
+    """
+    recorded = destination.model_dump(mode="json")
+    for configured in config.destinations:
+        if (
+            isinstance(configured, DicomwebDestination)
+            and configured.model_dump(mode="json") == recorded
+        ):
+            return configured
+    return destination
 
 
 def resend_study(

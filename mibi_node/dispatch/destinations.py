@@ -1,23 +1,39 @@
 """Where results go: the PACS destinations, from the TOML file or the command line.
 
 A destination is written ``[[dispatch.destinations]]`` in the configuration and
-``--destination AE@HOST:PORT`` on the command line; both become a :class:`Destination`.
+``--destination AE@HOST:PORT`` on the command line; both become a :class:`Destination`
+(C-STORE). ``kind = "dicomweb"`` makes a :class:`DicomwebDestination` (STOW-RS) instead.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    SecretStr,
+    Tag,
+    TypeAdapter,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from mibi_node.errors import ConfigError
 
 __all__ = [
+    "AnyDestination",
     "Commitment",
+    "DicomwebDestination",
     "Destination",
     "DestinationTLS",
     "check_ae_title",
+    "destination_from_row",
     "parse_destination",
 ]
 
@@ -29,6 +45,8 @@ __all__ = [
 Commitment = Literal["auto", "storage-commitment", "find", "none"]
 
 _AE_TITLE_MAX = 16
+#: Length of a delivery's label (``delivery.label``).
+_LABEL_MAX = 128
 _CLI_FORM = "expected AE@HOST:PORT, e.g. PACS@10.0.0.5:104 or PACS@[::1]:104"
 
 
@@ -81,6 +99,8 @@ class Destination(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
+    #: ``"dimse"`` (the default, may be left out) or ``"dicomweb"`` (:class:`DicomwebDestination`).
+    kind: Literal["dimse"] = "dimse"
     ae_title: str
     host: str
     port: int = Field(ge=1, le=65535)
@@ -117,6 +137,106 @@ class Destination(BaseModel):
     def label(self) -> str:
         """What logs and the status page call this destination: its name or ``AE@HOST:PORT``."""
         return self.name or f"{self.ae_title}@{self.address}"
+
+
+class DicomwebDestination(BaseModel):
+    """A DICOMweb origin server that the node sends its results to with STOW-RS (PS3.18 10.5).
+
+    ``url`` is the service root: the node POSTs to ``<url>/studies``. The secrets (``token``,
+    ``password``) are never written into the database with the delivery: they are taken from
+    the configuration when the delivery is sent (:func:`mibi_node.dispatch.deliveries.deliver`).
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    kind: Literal["dicomweb"]
+    url: str
+    name: str = ""
+    #: Sent as ``Authorization: Bearer <token>``.
+    token: SecretStr = Field(default=SecretStr(""), exclude=True)
+    #: HTTP Basic authentication (with ``password``), for servers without bearer tokens.
+    username: str = ""
+    password: SecretStr = Field(default=SecretStr(""), exclude=True)
+    #: PEM CAs trusted for an ``https`` server's certificate (none: the system's).
+    ca_certificates: Path | None = None
+    #: PEM client certificate and its key, for a server that demands one.
+    certificate: Path | None = None
+    private_key: Path | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _name_defaults_to_url(cls, data: Any) -> Any:
+        # The delivery rows are labelled by name (mibi_node.jobs.queue): give every
+        # destination of this kind one, its URL when the configuration names none.
+        if isinstance(data, dict) and not str(data.get("name") or "").strip():
+            return {**data, "name": str(data.get("url") or "").strip().rstrip("/")}
+        return data
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        url = value.strip().rstrip("/")
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(
+                "url is an http:// or https:// address, e.g. https://pacs:8042/dicom-web"
+            )
+        if parts.username is not None or parts.password is not None:
+            raise ValueError("url must not hold credentials: use token, or username and password")
+        if parts.query or parts.fragment:
+            raise ValueError("url is the service root, without query or fragment")
+        return url
+
+    @model_validator(mode="after")
+    def _credentials(self) -> DicomwebDestination:
+        if self.token.get_secret_value() and self.username:
+            raise ValueError("give token or username and password, not both")
+        if self.password.get_secret_value() and not self.username:
+            raise ValueError("password is given without username")
+        if self.private_key is not None and self.certificate is None:
+            raise ValueError("private_key is given without certificate")
+        if len(self.name) > _LABEL_MAX:
+            raise ValueError(f"name (by default the url) has at most {_LABEL_MAX} characters")
+        return self
+
+    @property
+    def commitment(self) -> Commitment:
+        """Always ``"none"``: the STOW-RS response itself names every instance stored."""
+        return "none"
+
+    @property
+    def label(self) -> str:
+        """What logs and the status page call this destination: its name (default its URL)."""
+        return self.name or self.url
+
+
+def _destination_kind(value: Any) -> str:
+    kind = value.get("kind", "dimse") if isinstance(value, dict) else getattr(value, "kind", "")
+    return str(kind)
+
+
+#: A destination of either kind, told apart by ``kind`` (``"dimse"`` when it is left out).
+AnyDestination = Annotated[
+    Annotated[Destination, Tag("dimse")] | Annotated[DicomwebDestination, Tag("dicomweb")],
+    Discriminator(
+        _destination_kind,
+        custom_error_type="destination_kind",
+        custom_error_message='kind is "dimse" (the default) or "dicomweb"',
+    ),
+]
+
+_ANY_DESTINATION: TypeAdapter[Destination | DicomwebDestination] = TypeAdapter(AnyDestination)
+
+
+def destination_from_row(data: dict[str, Any]) -> Destination | DicomwebDestination:
+    """The destination recorded on a delivery row (its ``files`` taken out).
+
+    Raises
+    ------
+    pydantic.ValidationError
+        The recorded destination is not a valid one of either kind.
+    """
+    return _ANY_DESTINATION.validate_python(data)
 
 
 def parse_destination(text: str) -> Destination:

@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import re
+import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
+from highdicom import ContributingEquipment
+from highdicom.coding_schemes import CodingSchemeIdentificationItem
 from highdicom.sr import (
+    CodedConcept,
     Comprehensive3DSR,
     ContainerContentItem,
     ContentSequence,
@@ -24,13 +29,19 @@ from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 from pydicom.sr.codedict import codes
+from pydicom.uid import UID
 
+import mibi_node
 from mibi_node.imaging.volume import Volume
 from mibi_node.inference.result import StudyResult
 from mibi_node.report import codes as mibi_codes
 
 __all__ = [
     "DEMONSTRATION_DISCLAIMER",
+    "IHE_CODING_SCHEME",
+    "PROCESSING_ALGORITHM",
+    "algorithm_device_uid",
+    "algorithm_equipment",
     "character_set",
     "check_document_arguments",
     "check_positive",
@@ -39,6 +50,7 @@ __all__ = [
     "check_sources",
     "check_uid",
     "check_volume_sources",
+    "coding_schemes",
     "comprehensive_3d_sr",
     "detach_person_names",
     "device_observer",
@@ -83,6 +95,18 @@ _POSITION_TOLERANCE_MM = 1e-3
 
 # PS3.5 9.1: dot-separated numbers without leading zeros, at most 64 characters.
 _UID = re.compile(r"(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*")
+
+#: Designator of IHE's coding scheme for codes a profile needs before DICOM has them.
+IHE_CODING_SCHEME = "99IHE"
+
+#: Purpose of Reference of the algorithm's Contributing Equipment item, as IHE AI Results
+#: (AIR) Rev 1.1, 6.5.3.1 asks: (Newcode1, 99IHE, "Processing Algorithm"). DICOM CID 7005
+#: (pydicom 3.0.2's PS3.16) has no such purpose yet; CID 7005 is extensible.
+PROCESSING_ALGORITHM = CodedConcept("Newcode1", IHE_CODING_SCHEME, "Processing Algorithm")
+
+# The namespace of the algorithms' Device UIDs: the UUID of the node's Implementation Class
+# UID (a 2.25 UID), so that no other product's name-based UUIDs can collide with them.
+_ALGORITHM_NAMESPACE = uuid.UUID(int=int(mibi_node.IMPLEMENTATION_CLASS_UID.split(".")[-1]))
 
 
 def intended_use_text(intended_use: str, clinical: str = _CLINICAL_USE) -> str:
@@ -476,6 +500,77 @@ def device_observer(
             serial_number=bundle_version,
         ),
     )
+
+
+def algorithm_device_uid(
+    name: str, version: str, manufacturer: str = mibi_codes.DEVICE_NAME
+) -> UID:
+    """The Device UID of one version of an algorithm (a bundle), the same wherever it runs.
+
+    A name-based UUID (RFC 4122 version 5, SHA-1) of the manufacturer, the bundle name and
+    the bundle version, written as a ``2.25`` UID (PS3.5 B.2): the same bundle version
+    always gets the same UID, any other version (or bundle) another one. (pydicom's
+    ``generate_uid(prefix=None, entropy_srcs=...)`` ignores its sources and draws a random
+    UUID, so it cannot serve.)
+
+    Parameters
+    ----------
+    name, version
+        The bundle's name and version, as its manifest gives them.
+    manufacturer
+        Who makes the algorithm: the node's project for every bundle it trains.
+    """
+    for argument, value in (("name", name), ("version", version), ("manufacturer", manufacturer)):
+        if not isinstance(value, str):
+            raise TypeError(f'Argument "{argument}" should be a string.')
+        if not value:
+            raise ValueError(f'Argument "{argument}" should be a non-empty string.')
+    identity = json.dumps([manufacturer, name, version], ensure_ascii=False)
+    return UID(f"2.25.{uuid.uuid5(_ALGORITHM_NAMESPACE, identity).int}")
+
+
+def algorithm_equipment(
+    name: str, version: str, manufacturer: str = mibi_codes.DEVICE_NAME
+) -> ContributingEquipment:
+    """The Contributing Equipment item that names the algorithm, as IHE AIR asks.
+
+    Purpose of Reference :data:`PROCESSING_ALGORITHM`, Manufacturer ``manufacturer``,
+    Manufacturer's Model Name the bundle name, Software Versions the bundle version and
+    Device UID :func:`algorithm_device_uid`. Every SR, SEG and key image the node writes
+    carries it; highdicom adds its own item (Processing Equipment) after it.
+
+    Parameters
+    ----------
+    name, version
+        The bundle's name and version.
+    manufacturer
+        Who makes the algorithm (the node's project).
+    """
+    uid = algorithm_device_uid(name, version, manufacturer)
+    # highdicom's class accepts only the DICOM purposes of CID 7005; its checks of the other
+    # values still apply, and the purpose is then replaced by AIR's.
+    item = ContributingEquipment(
+        manufacturer=manufacturer,
+        purpose_of_reference=codes.DCM.ProcessingEquipment,
+        manufacturer_model_name=name,
+        software_versions=version,
+        contribution_description="AI algorithm (model bundle) that computed the result",
+    )
+    item.PurposeOfReferenceCodeSequence = [PROCESSING_ALGORITHM]
+    item.DeviceUID = uid
+    return item
+
+
+def coding_schemes(*, local: bool = True) -> list[CodingSchemeIdentificationItem]:
+    """The Coding Scheme Identification items of a document: the node's local scheme
+    (``99MIBINODE``, unless ``local`` is false: a document without local codes) and IHE's
+    (``99IHE``, of the algorithm's Purpose of Reference, in every document)."""
+    ihe = CodingSchemeIdentificationItem(
+        designator=IHE_CODING_SCHEME,
+        name="IHE placeholder codes",
+        responsible_organization="IHE International",
+    )
+    return [mibi_codes.coding_scheme_identification(), ihe] if local else [ihe]
 
 
 def report_comments(predecessor: Dataset | None, warnings: Iterable[str]) -> list[str]:

@@ -341,16 +341,20 @@ def _ai_groups(content: Sequence[Dataset]) -> Iterator[_AIGroup]:
 
 
 def _match(groups: Sequence[_AIGroup], text: str) -> _AIGroup | None:
-    """The first group whose identifier has the words of ``text`` in a row."""
+    """The group whose identifier has the words of ``text`` in a row: the first such group
+    that holds the finding's probability (``... probability``) where there is one (the class
+    is what a verdict judges; the SR also has a focus group of the predicted class), else the
+    first such group."""
     wanted = _words(text)
     if not wanted:
         return None
     size = len(wanted)
-    for group in groups:
-        words = group.words
-        if any(words[i : i + size] == wanted for i in range(len(words) - size + 1)):
-            return group
-    return None
+    found = [
+        group
+        for group in groups
+        if any(group.words[i : i + size] == wanted for i in range(len(group.words) - size + 1))
+    ]
+    return next((g for g in found if "probability" in g.words), found[0] if found else None)
 
 
 def _procedures_reported(ai_sr: Dataset) -> list[CodedConcept]:

@@ -15,6 +15,7 @@ import textwrap
 from collections.abc import Sequence
 
 import numpy as np
+from highdicom import ContributingEquipment
 from highdicom.sc import SCImage
 from PIL import Image, ImageDraw, ImageFont
 from pydicom.dataset import Dataset
@@ -23,11 +24,13 @@ from pydicom.uid import generate_uid
 from mibi_node.inference.result import StudyResult
 from mibi_node.report import codes as mibi_codes
 from mibi_node.report._common import (
+    algorithm_equipment,
     character_set,
     check_positive,
     check_result,
     check_sources,
     check_uid,
+    coding_schemes,
     detach_person_names,
     intended_use_text,
 )
@@ -79,7 +82,8 @@ def build_key_image(
     series_number, instance_number
         Positive integers for the new series and instance.
     manufacturer
-        Manufacturer written in the Equipment module.
+        Manufacturer written in the Equipment module, and of the algorithm (its
+        Contributing Equipment item).
     series_instance_uid, sop_instance_uid
         UIDs to use; new ones by default.
     size
@@ -137,6 +141,7 @@ def build_key_image(
         source_images=[(image.sop_class_uid, image.sop_instance_uid, image.frame_number)],
         texts=lines,
         manufacturer=manufacturer,
+        algorithm=algorithm_equipment(result.bundle_name, result.bundle_version, manufacturer),
     )
     logger.debug("key image %s for study %s", sc.SOPInstanceUID, result.study_instance_uid)
     return sc
@@ -216,6 +221,7 @@ def secondary_capture(
     image_laterality: str,
     derivation_description: str,
     source_images: Sequence[tuple[str, str, int | None]],
+    algorithm: ContributingEquipment,
     texts: Sequence[str] = (),
     manufacturer: str = mibi_codes.DEVICE_NAME,
     institution_name: str | None = None,
@@ -235,6 +241,10 @@ def secondary_capture(
         What the image shows and how it lies.
     source_images
         ``(SOP Class UID, SOP Instance UID, frame number or None)`` of each image drawn.
+    algorithm
+        The algorithm's Contributing Equipment item
+        (:func:`~mibi_node.report._common.algorithm_equipment`), which IHE AI Results asks
+        of every result instance; highdicom's own item follows it.
     texts
         The burned-in lines, which the Specific Character Set must encode.
     """
@@ -261,8 +271,11 @@ def secondary_capture(
         referring_physician_name=header.ReferringPhysicianName,
         series_description=series_description,
         manufacturer_model_name=mibi_codes.DEVICE_NAME,
+        coding_schemes=coding_schemes(local=False),  # a key image writes no local code
+        contributing_equipment=[algorithm],
         specific_character_set=character_set(
-            header.get("SpecificCharacterSet"), [manufacturer, institution_name or "", *texts]
+            header.get("SpecificCharacterSet"),
+            [manufacturer, institution_name or "", *texts, *_equipment_texts(algorithm)],
         ),
     )
     sc.copy_patient_and_study_information(header)
@@ -284,6 +297,18 @@ def secondary_capture(
         references.append(source)
     sc.SourceImageSequence = references
     return sc
+
+
+def _equipment_texts(item: ContributingEquipment) -> list[str]:
+    """The text values of a Contributing Equipment item (the character set must hold them)."""
+    versions = item.get("SoftwareVersions") or ""
+    if not isinstance(versions, str):
+        versions = "".join(str(v) for v in versions)
+    return [
+        str(item.get("Manufacturer") or ""),
+        str(item.get("ManufacturerModelName") or ""),
+        versions,
+    ]
 
 
 def wrap_text(

@@ -7,14 +7,14 @@ DCMTK's ``dsr2html`` show each item with its concept name)::
       Language, Observer Context (device "mibi-node"), Procedure Reported
       Image Library (TID 1600): every source instance
       Imaging Measurements
+        Measurement Group (TID 1410), predicted non-normal class with a focus only, first:
+          Finding, Finding Site Parathyroid + Laterality + Superior/Inferior,
+          Algorithm Identification, Image Region (SCOORD on the delayed frame), Probability
         Measurement Group (TID 1501) x one per class
           Tracking Identifier/UID, Finding = class code, Finding Site = Parathyroid,
           Algorithm Identification, Source images,
           Probability (DCM 122157, UCUM "1")
           [predicted class: Ensemble member agreement, Normalised entropy]
-        Measurement Group (TID 1410), predicted non-normal class with a focus only:
-          Finding, Finding Site Parathyroid + Laterality + Superior/Inferior,
-          Algorithm Identification, Image Region (SCOORD on the delayed frame), Probability
       Qualitative Evaluations (TID 1500 row 12)
         Intended use (TEXT), Comment (TEXT) x supersession note and engine warnings
 
@@ -53,12 +53,14 @@ from mibi_node.inference.result import Focus, StudyResult
 from mibi_node.report import codes as mibi_codes
 from mibi_node.report._common import (
     DEMONSTRATION_DISCLAIMER,
+    algorithm_equipment,
     character_set,
     check_positive,
     check_predecessor,
     check_result,
     check_sources,
     check_uid,
+    coding_schemes,
     comprehensive_3d_sr,
     detach_person_names,
     device_observer,
@@ -99,7 +101,8 @@ def build_sr(
 
     The SR joins the original study in a new series ("MIBI-NODE AI RESULT"), copies the
     patient and study attributes from ``sources`` and lists every source instance in its
-    image library and evidence.
+    image library and evidence. Its Contributing Equipment names the bundle as IHE AI
+    Results asks (:func:`~mibi_node.report._common.algorithm_equipment`).
 
     Parameters
     ----------
@@ -113,7 +116,8 @@ def build_sr(
     series_number, instance_number
         Positive integers for the new series and instance.
     manufacturer
-        Manufacturer of the device (Equipment module and observer context).
+        Manufacturer of the device and of the algorithm (Equipment module, observer context
+        and the algorithm's Contributing Equipment item).
     series_instance_uid, sop_instance_uid
         UIDs to use (e.g. to keep them stable across retries); new ones by default.
     predecessor
@@ -173,7 +177,10 @@ def build_sr(
         series_description=mibi_codes.SERIES_DESCRIPTION,
         manufacturer_model_name=mibi_codes.DEVICE_NAME,
         software_versions=mibi_node.__version__,
-        coding_schemes=[mibi_codes.coding_scheme_identification()],
+        coding_schemes=coding_schemes(),
+        contributing_equipment=[
+            algorithm_equipment(result.bundle_name, result.bundle_version, manufacturer)
+        ],
         specific_character_set=charset,
     )
     detach_person_names(sr)
@@ -260,7 +267,9 @@ def _measurement_report(
         MeasurementsAndQualitativeEvaluations | PlanarROIMeasurementsAndQualitativeEvaluations
     ] = [_class_group(result, key, algorithm, site, source_images) for key in result.probabilities]
     if result.predicted != "normal" and result.focus is not None:
-        groups.append(_focus_group(result, result.focus, algorithm))
+        # First: OHIF's SR viewport opens on the first group and draws only groups with
+        # image coordinates (docs/viewers.md).
+        groups.insert(0, _focus_group(result, result.focus, algorithm))
     report = MeasurementReport(
         observation_context=ObservationContext(observer_device_context=observer),
         procedure_reported=mibi_codes.PROCEDURE_REPORTED,

@@ -77,10 +77,12 @@ from mibi_node.analyses.knee.seg import (
 )
 from mibi_node.report import codes as mibi_codes
 from mibi_node.report._common import (
+    algorithm_equipment,
     character_set,
     check_document_arguments,
     check_predecessor,
     check_uid,
+    coding_schemes,
     comprehensive_3d_sr,
     detach_person_names,
     device_observer,
@@ -323,7 +325,8 @@ def build_knee_sr(
         series_description=SERIES_DESCRIPTION,
         manufacturer_model_name=mibi_codes.DEVICE_NAME,
         software_versions=mibi_node.__version__,
-        coding_schemes=[mibi_codes.coding_scheme_identification()],
+        coding_schemes=coding_schemes(),
+        contributing_equipment=[algorithm_equipment(result.bundle_name, result.bundle_version)],
         specific_character_set=character_set(headers[0].get("SpecificCharacterSet"), texts),
     )
     detach_person_names(sr)

@@ -39,9 +39,11 @@ from mibi_node.analyses.lung.result import LesionFinding, LungResult
 from mibi_node.report import codes as mibi_codes
 from mibi_node.report._common import (
     DEMONSTRATION_DISCLAIMER,
+    algorithm_equipment,
     character_set,
     check_document_arguments,
     check_volume_sources,
+    coding_schemes,
     detach_person_names,
     intended_use_text,
 )
@@ -302,6 +304,8 @@ def build_lung_seg(
         omit_empty_frames=True,
         series_description=series_description,
         institution_name=institution_name,
+        coding_schemes=coding_schemes(local=False),
+        contributing_equipment=[algorithm_equipment(result.bundle_name, result.bundle_version)],
         specific_character_set=character_set(headers[0].get("SpecificCharacterSet"), texts),
     )
     # The full intended-use sentence (the disclaimer, exactly), where a long text fits.

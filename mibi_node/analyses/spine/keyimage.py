@@ -29,7 +29,7 @@ from mibi_node.analyses.spine.report import (
 )
 from mibi_node.analyses.spine.result import SpineResult
 from mibi_node.report import codes as mibi_codes
-from mibi_node.report._common import check_document_arguments
+from mibi_node.report._common import algorithm_equipment, check_document_arguments
 from mibi_node.report.keyimage import (
     panel_font,
     patient_orientation,
@@ -131,6 +131,7 @@ def build_spine_key_image(
             "sagittal slice with the vertebra and disc points and their classes"
         ),
         source_images=[(result.middle.sop_class_uid, result.middle.sop_instance_uid, None)],
+        algorithm=algorithm_equipment(result.bundle_name, result.bundle_version),
         texts=lines,
         institution_name=institution_name,
     )

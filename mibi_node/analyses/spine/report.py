@@ -23,6 +23,9 @@ column 0 at the *centre* of the first pixel; SCOORD graphic data (PS3.3 C.18.6.1
 (0, 0) at the top left *corner* of the first pixel, as (column, row). A point is therefore
 written as ``(col + 0.5, row + 0.5)`` and read back by subtracting 0.5.
 
+The header's Contributing Equipment names the bundle as IHE AI Results asks
+(:func:`~mibi_node.report._common.algorithm_equipment`).
+
 Codes: the levels are SNOMED CT concepts of DICOM CID 7603 (Vertebra) and CID 7604
 (Intervertebral Disc); "normal" is SCT 17621005 Normal; the procedure is LOINC 24968-0
 "MR Lumbar spine" (LOINC/RSNA Radiology Playbook, DICOM CID 102). The abnormal classes
@@ -68,11 +71,13 @@ from mibi_node.analyses.spine.levels import CLASSES, LEVEL_KIND, LEVELS
 from mibi_node.analyses.spine.result import SliceRef, SpinePoint, SpineResult
 from mibi_node.report import codes as mibi_codes
 from mibi_node.report._common import (
+    algorithm_equipment,
     character_set,
     check_document_arguments,
     check_predecessor,
     check_sources,
     check_uid,
+    coding_schemes,
     detach_person_names,
     device_observer,
     intended_use_text,
@@ -342,7 +347,8 @@ def build_spine_sr(
         series_description=SERIES_DESCRIPTION,
         manufacturer_model_name=mibi_codes.DEVICE_NAME,
         software_versions=mibi_node.__version__,
-        coding_schemes=[mibi_codes.coding_scheme_identification()],
+        coding_schemes=coding_schemes(),
+        contributing_equipment=[algorithm_equipment(result.bundle_name, result.bundle_version)],
         specific_character_set=character_set(headers[0].get("SpecificCharacterSet"), texts),
     )
     detach_person_names(sr)

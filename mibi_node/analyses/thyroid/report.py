@@ -3,8 +3,9 @@ the focal areas as image regions.
 
 Structure (highdicom ``Comprehensive3DSR``, same study, new series):
 
-- Measurement Report (TID 1500), device observer (TID 1004), procedure reported = nuclear
-  medicine procedure, image library referencing the anterior image.
+- Measurement Report (TID 1500), device observer (TID 1004), procedures reported = nuclear
+  medicine procedure (SCT 371572003) and the thyroid scan (LN 30695-1), image library
+  referencing the anterior image.
 - One Measurements group (TID 1501) per finding: Finding = the finding's code, Finding Site =
   Thyroid structure (SCT 69748006), Probability (DCM 122157, UCUM "1"); the reported ones
   also carry Finding = "reported" as a qualitative evaluation.
@@ -13,6 +14,9 @@ Structure (highdicom ``Comprehensive3DSR``, same study, new series):
   hot or cold area, laterality of its lobe.
 - Qualitative evaluations: the intended use (the demonstration-only sentence for phantom
   bundles) and the reader's remarks.
+
+The header's Contributing Equipment names the bundle as IHE AI Results asks
+(:func:`~mibi_node.report._common.algorithm_equipment`).
 
 Codes: SCT 69748006 Thyroid structure, SCT 17621005 Normal and SCT 353295004 Graves' disease;
 the other findings, the lobe share and the hot/cold areas are local codes of the node's
@@ -45,17 +49,21 @@ from highdicom.sr import (
     TrackingIdentifier,
 )
 from pydicom.dataset import Dataset
+from pydicom.sr.codedict import codes
+from pydicom.sr.coding import Code
 from pydicom.uid import generate_uid
 
 import mibi_node
 from mibi_node.analyses.thyroid.result import FINDINGS, ThyroidResult
 from mibi_node.report import codes as mibi_codes
 from mibi_node.report._common import (
+    algorithm_equipment,
     character_set,
     check_positive,
     check_predecessor,
     check_sources,
     check_uid,
+    coding_schemes,
     detach_person_names,
     device_observer,
     intended_use_text,
@@ -65,6 +73,7 @@ from mibi_node.report._common import (
 
 __all__ = [
     "FINDING_CODES",
+    "PROCEDURES_REPORTED",
     "ThyroidReport",
     "build_thyroid_sr",
     "read_thyroid_probabilities",
@@ -90,6 +99,14 @@ _REPORTED = CodedConcept("MNT013", _LOCAL, "Reported by the algorithm")
 _PERCENT = CodedConcept("%", "UCUM", "percent")
 _YES = CodedConcept("373066001", "SCT", "Yes")
 _SERIES_DESCRIPTION = "MIBI-NODE AI THYROID"
+
+#: The imaging procedure the SR reports on (TID 1500 Procedure reported, 1-n): SCT 371572003
+#: "Nuclear medicine procedure" (as the parathyroid SR) and LN 30695-1, the LOINC imaging
+#: code of the thyroid scan, with the meaning PS3.16 (CID 7000) gives it.
+PROCEDURES_REPORTED: tuple[Code, ...] = (
+    mibi_codes.PROCEDURE_REPORTED,
+    codes.LN.NuclearMedicineThyroidScanReport,
+)
 
 
 #: The intended-use sentence of a clinical thyroid bundle.
@@ -157,7 +174,7 @@ def build_thyroid_sr(
     groups += [_area_group(result, index) for index in range(len(result.nodules))]
     content = MeasurementReport(
         observation_context=ObservationContext(observer_device_context=observer),
-        procedure_reported=mibi_codes.PROCEDURE_REPORTED,
+        procedure_reported=list(PROCEDURES_REPORTED),
         imaging_measurements=groups,
         referenced_images=list(headers),
     )
@@ -179,7 +196,8 @@ def build_thyroid_sr(
         series_description=_SERIES_DESCRIPTION,
         manufacturer_model_name=mibi_codes.DEVICE_NAME,
         software_versions=mibi_node.__version__,
-        coding_schemes=[mibi_codes.coding_scheme_identification()],
+        coding_schemes=coding_schemes(),
+        contributing_equipment=[algorithm_equipment(result.bundle_name, result.bundle_version)],
         specific_character_set=character_set(headers[0].get("SpecificCharacterSet"), texts),
     )
     detach_person_names(sr)
