@@ -242,14 +242,15 @@ def test_the_key_image_follows_the_analysis_then_the_site(tmp_path: Path) -> Non
     config = load_config(None)
     assert config.key_image_for("spine") is True  # the spine analysis sends one by default
     assert config.key_image_for("lung") is True  # and so does the lung analysis
-    assert config.key_image_for("parathyroid") is False  # as report.key_image says
+    assert config.key_image_for("parathyroid") is True  # as report.key_image says (default)
     toml = tmp_path / "node.toml"
     toml.write_text(
-        "[report]\nkey_image = true\n[analyses.spine]\nkey_image = false\n[analyses.thyroid]\n"
+        "[report]\nkey_image = false\n[analyses.spine]\nkey_image = false\n[analyses.lung]\n"
+        "[analyses.thyroid]\nkey_image = true\n"
     )
     site = load_config(toml)
-    assert site.key_image_for("spine") is False
-    assert site.key_image_for("parathyroid") is True and site.key_image_for("thyroid") is True
+    assert site.key_image_for("spine") is False and site.key_image_for("lung") is True
+    assert site.key_image_for("parathyroid") is False and site.key_image_for("thyroid") is True
 
 
 def test_reception_accepts_what_the_enabled_analyses_read(tmp_path: Path) -> None:
