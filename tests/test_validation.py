@@ -558,3 +558,12 @@ def test_a_verdict_stands_on_a_later_version_only_while_the_model_says_the_same(
     assert case.verdicts == {} and case.reference is None
     record_verdict(database, changed, "diagnosis", "corrected", value="adenoma", reader="Dr Bo")
     assert _standing(database, changed)["diagnosis"] == ("corrected", "adenoma", changed)
+
+
+def test_a_truth_file_that_is_not_csv_is_refused_by_line(node, tmp_path) -> None:
+    big = tmp_path / "big.csv"
+    header = "study_instance_uid,accession_number,analysis,diagnosis,date,source\n"
+    big.write_text(header + "1.2.3,," + "x" * 200_000 + ",adenoma,2026-11-01,histology\n")
+    with pytest.raises(TruthImportError) as caught:
+        import_truth(node["database"], node["files"], big, imported_by="test")
+    assert caught.value.problems[0].startswith("line 2: not CSV: field larger than field limit")

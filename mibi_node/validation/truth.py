@@ -82,17 +82,23 @@ def read_truth_csv(source: Path | str) -> list[dict[str, str]]:
     else:
         text = source.lstrip("\ufeff")
     reader = csv.DictReader(io.StringIO(text))
-    header = [name.strip().lower() for name in reader.fieldnames or []]
+    try:
+        header = [name.strip().lower() for name in reader.fieldnames or []]
+    except csv.Error as exc:
+        raise TruthImportError([f"line 1: not CSV: {exc}"]) from None
     missing = [c for c in _REQUIRED if c not in header]
     if "study_instance_uid" not in header and "accession_number" not in header:
         missing.insert(0, "study_instance_uid or accession_number")
     if missing:
         raise TruthImportError([f"line 1: the header lacks {', '.join(missing)}"])
     reader.fieldnames = header
-    return [
-        {key: (value or "").strip() for key, value in row.items() if isinstance(key, str)}
-        for row in reader
-    ]
+    try:
+        return [
+            {key: (value or "").strip() for key, value in row.items() if isinstance(key, str)}
+            for row in reader
+        ]
+    except csv.Error as exc:  # e.g. a field over the csv module's limit
+        raise TruthImportError([f"line {reader.line_num + 1}: not CSV: {exc}"]) from None
 
 
 def import_truth(
